@@ -1,0 +1,236 @@
+"""The `kvforge` command line.
+
+Every command has --help and --json, exits 0 on success and 2 on bad input,
+and reports a user error as one line on stderr, never a traceback.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from kvforge import __version__
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.formats import KV_FORMATS
+from kvforge.models.checkpoint import resolve_model
+from kvforge.planner import DEFAULT_BLOCK_SIZE, compare_levers, plan_kv, resolve_weights
+from kvforge.presets import PRESETS, get_preset
+from kvforge.report import render_comparison, render_plan, render_table
+from kvforge.units import format_bytes, format_count, parse_bytes, parse_count
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def _arg_type(parse: Callable[[str], int], what: str) -> Callable[[str], int]:
+    """Wrap a parser so argparse reports its error as a usage error (exit 2)."""
+
+    def convert(text: str) -> int:
+        try:
+            return parse(text)
+        except KVForgeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = what
+    return convert
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise KVForgeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise KVForgeError(f"must be a positive whole number, got {value}")
+    return value
+
+
+positive_int = _arg_type(_positive_int, "positive integer")
+byte_size = _arg_type(parse_bytes, "memory size")
+param_count = _arg_type(parse_count, "parameter count")
+
+
+def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "plan",
+        help="what the KV cache costs for a model, and how much fits in memory",
+        description=(
+            "Exact KV cache memory math for a model: bytes per token, per block and per "
+            "request, and with --memory how many requests and tokens fit beside the weights."
+        ),
+        epilog="example: kvforge plan --model llama-3.1-8b --context 8192 --memory 24GiB --compare",
+    )
+    p.add_argument(
+        "--model",
+        help="a preset name (see --list-presets), a path to an HF config.json, "
+        "or a checkpoint directory",
+    )
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument(
+        "--context",
+        type=positive_int,
+        help="tokens per request, prompt plus output (default: the model's maximum)",
+    )
+    p.add_argument("--batch", type=positive_int, default=1, help="concurrent requests (default 1)")
+    p.add_argument(
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", *KV_FORMATS],
+        help="KV cache storage format (default auto: the model's dtype)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        help="tokens per KV block; a request holds ceil(tokens / block) "
+        f"(default {DEFAULT_BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--memory",
+        type=byte_size,
+        help="device memory budget for weights plus KV cache, e.g. 24GiB, 80GB",
+    )
+    p.add_argument(
+        "--reserve",
+        type=byte_size,
+        help="memory set aside for activations and runtime (subtracted from --memory)",
+    )
+    p.add_argument(
+        "--weights-dtype",
+        choices=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
+        help="precision of the weights (default: the checkpoint's or config's dtype)",
+    )
+    p.add_argument(
+        "--params",
+        type=param_count,
+        help="parameter count, for configs whose architecture we cannot count (e.g. 7B)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also show MHA vs GQA vs MQA, every KV dtype, and requests that fit at 1K-128K",
+    )
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def _presets_report(as_json: bool) -> str:
+    rows = []
+    for name, (hf_id, _) in PRESETS.items():
+        spec = get_preset(name)
+        rows.append(
+            {
+                "name": name,
+                "hf_id": hf_id,
+                "num_params": spec.parameter_count(),
+                "num_layers": spec.num_layers,
+                "num_attention_heads": spec.num_attention_heads,
+                "num_kv_heads": spec.num_kv_heads,
+                "head_dim": spec.head_dim,
+                "max_position_embeddings": spec.max_position_embeddings,
+                "sliding_window": spec.sliding_window,
+                "dtype": spec.dtype,
+            }
+        )
+    if as_json:
+        return json.dumps(rows, indent=2)
+    return render_table(
+        [
+            "preset",
+            "params",
+            "layers",
+            "heads",
+            "KV heads",
+            "head_dim",
+            "context",
+            "dtype",
+            "source",
+        ],
+        [
+            (
+                r["name"],
+                format_count(r["num_params"]),
+                r["num_layers"],
+                r["num_attention_heads"],
+                r["num_kv_heads"],
+                r["head_dim"],
+                f"{r['max_position_embeddings']:,}",
+                r["dtype"],
+                r["hf_id"],
+            )
+            for r in rows
+        ],
+        align="lrrrrrrll",
+    )
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    if args.list_presets:
+        print(_presets_report(args.json))
+        return EXIT_OK
+    if not args.model:
+        raise KVForgeError(f"--model is required; presets: {', '.join(PRESETS)}")
+    source = resolve_model(args.model)
+    spec = source.spec
+    checkpoint = source.checkpoint
+    weights = resolve_weights(
+        spec,
+        weights_dtype=args.weights_dtype,
+        num_params=args.params if args.params else (checkpoint.num_params if checkpoint else None),
+        checkpoint_bytes=checkpoint.num_bytes if checkpoint else None,
+    )
+    plan = plan_kv(
+        spec,
+        context=args.context,
+        batch=args.batch,
+        kv_dtype=args.kv_dtype,
+        block_size=args.block_size,
+        memory_bytes=args.memory,
+        reserve_bytes=args.reserve or 0,
+        weights=weights,
+    )
+    comparison = compare_levers(spec, plan) if args.compare else None
+    if args.json:
+        out = {"source": source.kind, **plan.to_dict()}
+        if comparison is not None:
+            out["compare"] = comparison
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    title = f"{spec.name} ({source.kind}"
+    if source.kind == "preset":
+        title += f", {PRESETS[spec.name][0]}"
+    if checkpoint is not None:
+        title += (
+            f", {len(checkpoint.files)} safetensors file(s), {format_bytes(checkpoint.num_bytes)}"
+        )
+    print(render_plan(plan, title + ")"))
+    if comparison is not None:
+        print()
+        print(render_comparison(comparison, plan))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvforge",
+        description="kvforge: an LLM inference engine built around its KV cache.",
+    )
+    parser.add_argument("--version", action="version", version=f"kvforge {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    _add_plan_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KVForgeError as exc:
+        print(f"kvforge {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK  # `kvforge plan ... | head` closed the pipe

@@ -1,0 +1,1 @@
+"""The KV cache: formats, blocks, tables, prefix cache, store, tiers."""

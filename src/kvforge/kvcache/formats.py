@@ -1,0 +1,129 @@
+"""Byte layouts of the KV formats: the single source of truth for what a cached token costs.
+
+A format says how one attention head's K or V vector of `head_dim` values is
+stored, and which quantization parameters sit beside it. The planner counts
+bytes from these layouts and the store (with its codecs) must allocate exactly
+the same bytes, so `kvforge plan` and the measured tensors agree to the byte.
+
+Layouts (per layer, per KV head; K and V alike unless stated):
+
+    fp32 / fp16 / bf16   head_dim values of 4 / 2 / 2 bytes, nothing else.
+    fp8   (e4m3)         head_dim bytes + one fp16 scale per token.
+    int8  (symmetric)    head_dim bytes + one fp16 scale per token.
+    int4  (asymmetric)   head_dim / 2 bytes (two values a byte) + an fp16 scale and an
+                         fp16 zero point per group of 64 channels of a token.
+    int2  (KIVI-style)   head_dim / 4 bytes (four values a byte);
+                         K: an fp16 scale and zero point per channel per block
+                            (keys are quantized along tokens, the KIVI per-channel rule),
+                         V: an fp16 scale and zero point per group of 64 channels of a token;
+                         plus, per request, the 32 most recent tokens in full precision.
+
+A group that does not divide head_dim leaves a shorter last group. Packed
+values round up to whole bytes per token and head.
+"""
+
+from dataclasses import dataclass
+from math import ceil
+
+from kvforge.errors import KVForgeError
+
+PARAM_BYTES = 2  # scales and zero points are stored as fp16
+INT4_GROUP_SIZE = 64
+INT2_GROUP_SIZE = 64
+INT2_RESIDUAL_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class QuantGroups:
+    """Where the quantization parameters of one K or V head live.
+
+    along="channels": each token's head_dim values are cut into groups of
+    `group_size` channels (None: the whole head is one group), each group storing
+    `params_per_group` fp16 numbers (1: scale; 2: scale and zero point).
+    along="tokens": each channel is one group over the tokens of a block, so
+    the parameters are stored once per block, not per token.
+    """
+
+    along: str
+    params_per_group: int
+    group_size: int | None = None
+
+    def bytes_per_block(self, head_dim: int, block_size: int) -> int:
+        if self.along == "tokens":
+            return head_dim * self.params_per_group * PARAM_BYTES
+        groups = 1 if self.group_size is None else ceil(head_dim / self.group_size)
+        return block_size * groups * self.params_per_group * PARAM_BYTES
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How cached K and V values are stored: bits per value plus quantization parameters."""
+
+    name: str
+    value_bits: int
+    key_groups: QuantGroups | None = None
+    value_groups: QuantGroups | None = None
+    residual_tokens: int = 0  # most recent tokens per request kept in full precision
+    summary: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_groups is not None
+
+    def head_bytes_per_block(self, head_dim: int, block_size: int) -> int:
+        """Bytes of K plus V for one head of one layer over one block of tokens."""
+        packed = block_size * ceil(head_dim * self.value_bits / 8)
+        total = 2 * packed
+        for groups in (self.key_groups, self.value_groups):
+            if groups is not None:
+                total += groups.bytes_per_block(head_dim, block_size)
+        return total
+
+
+_PER_TOKEN_SCALE = QuantGroups(along="channels", params_per_group=1)
+
+KV_FORMATS: dict[str, KVFormat] = {
+    "fp32": KVFormat("fp32", 32, summary="4 B a value"),
+    "fp16": KVFormat("fp16", 16, summary="2 B a value"),
+    "bf16": KVFormat("bf16", 16, summary="2 B a value"),
+    "fp8": KVFormat(
+        "fp8",
+        8,
+        _PER_TOKEN_SCALE,
+        _PER_TOKEN_SCALE,
+        summary="e4m3, 1 B a value + fp16 scale per token per head",
+    ),
+    "int8": KVFormat(
+        "int8",
+        8,
+        _PER_TOKEN_SCALE,
+        _PER_TOKEN_SCALE,
+        summary="symmetric, 1 B a value + fp16 scale per token per head",
+    ),
+    "int4": KVFormat(
+        "int4",
+        4,
+        QuantGroups("channels", 2, INT4_GROUP_SIZE),
+        QuantGroups("channels", 2, INT4_GROUP_SIZE),
+        summary=f"2 values a byte + fp16 scale and zero per {INT4_GROUP_SIZE} channels",
+    ),
+    "int2": KVFormat(
+        "int2",
+        2,
+        QuantGroups("tokens", 2),
+        QuantGroups("channels", 2, INT2_GROUP_SIZE),
+        residual_tokens=INT2_RESIDUAL_TOKENS,
+        summary=(
+            "4 values a byte; K scale+zero per channel per block, V per "
+            f"{INT2_GROUP_SIZE} channels; last {INT2_RESIDUAL_TOKENS} tokens full precision"
+        ),
+    ),
+}
+
+
+def get_kv_format(name: str) -> KVFormat:
+    if name not in KV_FORMATS:
+        raise KVForgeError(
+            f"unknown KV dtype {name!r}; choose one of: auto, {', '.join(KV_FORMATS)}"
+        )
+    return KV_FORMATS[name]

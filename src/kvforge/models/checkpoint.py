@@ -1,0 +1,157 @@
+"""Reading what a checkpoint holds without loading its weights.
+
+A safetensors file starts with an 8-byte little-endian header length and a
+JSON header mapping tensor names to dtype, shape and byte offsets. Reading
+only that gives the exact parameter count and weight bytes of a checkpoint of
+any size in milliseconds.
+"""
+
+import json
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+from kvforge.config import ModelSpec, load_hf_config, normalize_dtype, spec_from_hf_config
+from kvforge.errors import ConfigError
+from kvforge.presets import PRESETS, find_preset
+
+SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    num_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Tensor names, dtypes, shapes and sizes of one file; ConfigError if it is not safetensors."""
+    try:
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ConfigError(f"{path}: too short to be a safetensors file")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise ConfigError(f"{path}: header length {header_len} is not a safetensors header")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{path}: safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{path}: safetensors header is not a JSON object")
+    tensors = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            itemsize = SAFETENSORS_DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{path}: malformed header entry for tensor {name!r}") from None
+        if end - begin != prod(shape) * itemsize:
+            raise ConfigError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+        tensors.append(TensorInfo(name, dtype, shape, end - begin))
+    return tensors
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """Totals over every safetensors file of a checkpoint directory."""
+
+    files: tuple[Path, ...]
+    num_params: int
+    num_bytes: int
+    dtype: str | None  # the dtype holding the most parameters, in our short names
+
+
+def scan_checkpoint(directory: Path) -> CheckpointInfo | None:
+    """Parameter count and bytes from the headers; None when there are no safetensors files.
+
+    Sharded checkpoints list their files in model.safetensors.index.json;
+    otherwise every *.safetensors file in the directory counts. A tensor name
+    seen twice is counted once.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = load_hf_config(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index}: no weight_map")
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ConfigError(f"{directory}: shards listed in the index are missing: {missing}")
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    seen: dict[str, TensorInfo] = {}
+    for path in files:
+        for tensor in read_safetensors_header(path):
+            seen.setdefault(tensor.name, tensor)
+    params_by_dtype: Counter[str] = Counter()
+    for tensor in seen.values():
+        params_by_dtype[tensor.dtype] += tensor.numel
+    dtype = None
+    if params_by_dtype:
+        main_dtype = params_by_dtype.most_common(1)[0][0]
+        try:
+            dtype = normalize_dtype(main_dtype)
+        except ConfigError:
+            dtype = None  # e.g. packed U8 weights: bytes are exact, the dtype has no short name
+    return CheckpointInfo(
+        files=tuple(files),
+        num_params=sum(params_by_dtype.values()),
+        num_bytes=sum(t.num_bytes for t in seen.values()),
+        dtype=dtype,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A `--model` argument resolved: its spec, where it came from, and its checkpoint if any."""
+
+    spec: ModelSpec
+    kind: str  # "preset" | "config" | "checkpoint"
+    checkpoint: CheckpointInfo | None = None
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """A preset name, a path to a config.json, or a checkpoint directory."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.exists():
+            raise ConfigError(f"{path}: a checkpoint directory needs a config.json")
+        spec = spec_from_hf_config(load_hf_config(config_path), path.name, str(config_path))
+        return ModelSource(spec, "checkpoint", scan_checkpoint(path))
+    if path.is_file():
+        spec = spec_from_hf_config(load_hf_config(path), path.parent.name or path.stem, str(path))
+        return ModelSource(spec, "config")
+    spec = find_preset(name_or_path)
+    if spec is None and (path.suffix == ".json" or "/" in name_or_path):
+        raise ConfigError(f"{name_or_path}: no such config file or checkpoint directory")
+    if spec is None:
+        raise ConfigError(
+            f"unknown model {name_or_path!r}: not a preset, a config.json or a checkpoint "
+            f"directory; presets: {', '.join(PRESETS)}"
+        )
+    return ModelSource(spec, "preset")

@@ -1,0 +1,340 @@
+"""The KV memory math: what a cache costs, and how much of it fits.
+
+Pure functions over a `ModelSpec` and a `KVFormat`; used by `kvforge plan` and,
+later, to size the block pool, so the plan and the allocation cannot disagree.
+
+    bytes per block   = num_layers × num_kv_heads × (K + V bytes of one head over block_size tokens)
+    bytes per token   = bytes per block / block_size
+                      = 2 × num_layers × num_kv_heads × head_dim × bytes per value (+ scales)
+    blocks a request  = ceil(cached tokens / block_size)     (paged rounding)
+    cached tokens     = context, or the sliding window when the model has one
+    bytes a request   = blocks × bytes per block (+ int2's full-precision recent tokens)
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import ceil
+
+from kvforge.config import DTYPE_BITS, ModelSpec, normalize_dtype
+from kvforge.errors import PlanError
+from kvforge.kvcache.formats import KV_FORMATS, KVFormat, get_kv_format
+
+DEFAULT_BLOCK_SIZE = 16
+COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
+
+
+def resolve_kv_format(spec: ModelSpec, kv_dtype: str) -> KVFormat:
+    """'auto' means the model's own precision."""
+    return get_kv_format(spec.dtype if kv_dtype == "auto" else kv_dtype)
+
+
+def bytes_per_block(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
+    """K and V of all layers and KV heads for one block of tokens, scales included."""
+    return spec.num_layers * spec.num_kv_heads * fmt.head_bytes_per_block(spec.head_dim, block_size)
+
+
+def bytes_per_token(spec: ModelSpec, fmt: KVFormat, block_size: int) -> Fraction:
+    """Exact; a whole number for every format but int2 with odd block sizes."""
+    return Fraction(bytes_per_block(spec, fmt, block_size), block_size)
+
+
+def cached_tokens(spec: ModelSpec, context: int) -> int:
+    """Tokens whose K/V a request must keep: all of them, or the sliding window."""
+    return context if spec.sliding_window is None else min(context, spec.sliding_window)
+
+
+def blocks_per_request(spec: ModelSpec, context: int, block_size: int) -> int:
+    """Blocks one request of `context` tokens holds.
+
+    Without a window: ceil(context / block_size). With a window of W tokens the
+    W most recent tokens start anywhere inside a block, so they can span
+    ceil((W - 1) / block_size) + 1 blocks; the plan reserves that worst case.
+    """
+    blocks = ceil(context / block_size)
+    window = spec.sliding_window
+    if window is not None and context > window:
+        blocks = min(blocks, ceil((window - 1) / block_size) + 1)
+    return blocks
+
+
+def residual_bytes(spec: ModelSpec, fmt: KVFormat, context: int) -> int:
+    """Full-precision recent tokens a request keeps beside its packed blocks (int2)."""
+    tokens = min(fmt.residual_tokens, cached_tokens(spec, context))
+    full_bytes = DTYPE_BITS[spec.dtype] // 8
+    return tokens * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * full_bytes
+
+
+def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
+    return blocks_per_request(spec, context, block_size) * bytes_per_block(
+        spec, fmt, block_size
+    ) + residual_bytes(spec, fmt, context)
+
+
+def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: int) -> int:
+    """Longest context (up to max_position_embeddings) whose cache fits in `budget_bytes`."""
+    limit = spec.max_position_embeddings
+    if bytes_per_request(spec, fmt, block_size, limit) <= budget_bytes:
+        return limit
+    low, high = 0, limit  # bytes(low) fits (0 tokens cost nothing), bytes(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        if bytes_per_request(spec, fmt, block_size, mid) <= budget_bytes:
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def weights_bytes_for(num_params: int, dtype: str) -> int:
+    """Parameters at `dtype`; quantized weights count only their packed values."""
+    return ceil(num_params * DTYPE_BITS[dtype] / 8)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What the weights cost: a count and dtype, or exact bytes read from a checkpoint."""
+
+    num_params: int | None
+    dtype: str
+    num_bytes: int | None
+
+
+def resolve_weights(
+    spec: ModelSpec,
+    *,
+    weights_dtype: str | None = None,
+    num_params: int | None = None,
+    checkpoint_bytes: int | None = None,
+) -> Weights:
+    """Checkpoint bytes when the checkpoint's own dtype is meant, else params × dtype size."""
+    num_params = num_params if num_params is not None else spec.parameter_count()
+    if weights_dtype is None and checkpoint_bytes is not None:
+        return Weights(num_params, spec.dtype, checkpoint_bytes)
+    dtype = normalize_dtype(weights_dtype) if weights_dtype else spec.dtype
+    if dtype == "int2":
+        raise PlanError(
+            "weights dtype int2 is not supported; use fp32, fp16, bf16, fp8, int8, int4"
+        )
+    num_bytes = None if num_params is None else weights_bytes_for(num_params, dtype)
+    return Weights(num_params, dtype, num_bytes)
+
+
+def _positive(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PlanError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(value: Fraction) -> int | float:
+    return int(value) if value.denominator == 1 else float(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The answer to "what will the cache cost, and how much fits?" for one setting."""
+
+    model: str
+    attention: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sliding_window: int | None
+    max_position_embeddings: int
+    kv_dtype: str
+    kv_layout: str
+    block_size: int
+    context: int
+    batch: int
+    bytes_per_token: int | float
+    bytes_per_block: int
+    tokens_cached_per_request: int
+    blocks_per_request: int
+    residual_bytes_per_request: int
+    bytes_per_request: int
+    kv_bytes_batch: int
+    num_params: int | None
+    weights_dtype: str
+    weights_bytes: int | None
+    memory_bytes: int | None
+    reserve_bytes: int
+    memory_required_bytes: int | None
+    kv_bytes_total: int
+    kv_capacity_blocks: int | None
+    kv_capacity_tokens: int | None
+    max_concurrent_requests: int | None
+    max_context_single_request: int | None
+    fits: bool | None
+    gqa_saving_factor: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def plan_kv(
+    spec: ModelSpec,
+    *,
+    context: int | None = None,
+    batch: int = 1,
+    kv_dtype: str = "auto",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    memory_bytes: int | None = None,
+    reserve_bytes: int = 0,
+    weights: Weights | None = None,
+) -> Plan:
+    """Plan `batch` requests of `context` tokens (default: the model's maximum).
+
+    With `memory_bytes` (the device budget) the KV pool gets what the weights
+    and `reserve_bytes` leave over; without it the pool is sized to the batch.
+    """
+    context = spec.max_position_embeddings if context is None else _positive("context", context)
+    _positive("batch", batch)
+    _positive("block size", block_size)
+    if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
+        raise PlanError(f"reserve must be a non-negative number of bytes, got {reserve_bytes!r}")
+    fmt = resolve_kv_format(spec, kv_dtype)
+    weights = weights or resolve_weights(spec)
+    warnings = []
+    if context > spec.max_position_embeddings:
+        warnings.append(
+            f"context {context} exceeds the model's max_position_embeddings "
+            f"{spec.max_position_embeddings}"
+        )
+
+    block_bytes = bytes_per_block(spec, fmt, block_size)
+    request_bytes = bytes_per_request(spec, fmt, block_size, context)
+    kv_bytes_batch = batch * request_bytes
+    memory_required = None
+    if weights.num_bytes is not None:
+        memory_required = weights.num_bytes + reserve_bytes + kv_bytes_batch
+
+    capacity_blocks = capacity_tokens = max_requests = longest = fits = None
+    kv_bytes_total = kv_bytes_batch
+    if memory_bytes is not None:
+        _positive("memory", memory_bytes)
+        if weights.num_bytes is None:
+            raise PlanError(
+                f"cannot count the parameters of {spec.name} (architecture "
+                f"{spec.architecture!r}) from its config: give --params or a checkpoint directory"
+            )
+        kv_bytes_total = memory_bytes - weights.num_bytes - reserve_bytes
+        if kv_bytes_total <= 0:
+            raise PlanError(
+                f"weights ({weights.num_bytes:,} B at {weights.dtype}) plus reserve "
+                f"({reserve_bytes:,} B) need more than the memory budget ({memory_bytes:,} B)"
+            )
+        capacity_blocks = kv_bytes_total // block_bytes
+        capacity_tokens = capacity_blocks * block_size
+        max_requests = kv_bytes_total // request_bytes
+        longest = max_context(spec, fmt, block_size, kv_bytes_total)
+        fits = batch <= max_requests
+        if not fits:
+            warnings.append(
+                f"{batch} requests of {context} tokens need {kv_bytes_batch:,} B of KV cache; "
+                f"the budget leaves {kv_bytes_total:,} B ({max_requests} requests fit)"
+            )
+
+    return Plan(
+        model=spec.name,
+        attention=spec.attention_kind,
+        num_layers=spec.num_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        sliding_window=spec.sliding_window,
+        max_position_embeddings=spec.max_position_embeddings,
+        kv_dtype=fmt.name,
+        kv_layout=fmt.summary,
+        block_size=block_size,
+        context=context,
+        batch=batch,
+        bytes_per_token=_number(bytes_per_token(spec, fmt, block_size)),
+        bytes_per_block=block_bytes,
+        tokens_cached_per_request=cached_tokens(spec, context),
+        blocks_per_request=blocks_per_request(spec, context, block_size),
+        residual_bytes_per_request=residual_bytes(spec, fmt, context),
+        bytes_per_request=request_bytes,
+        kv_bytes_batch=kv_bytes_batch,
+        num_params=weights.num_params,
+        weights_dtype=weights.dtype,
+        weights_bytes=weights.num_bytes,
+        memory_bytes=memory_bytes,
+        reserve_bytes=reserve_bytes,
+        memory_required_bytes=memory_required,
+        kv_bytes_total=kv_bytes_total,
+        kv_capacity_blocks=capacity_blocks,
+        kv_capacity_tokens=capacity_tokens,
+        max_concurrent_requests=max_requests,
+        max_context_single_request=longest,
+        fits=fits,
+        gqa_saving_factor=spec.gqa_saving_factor,
+        warnings=warnings,
+    )
+
+
+def compare_levers(spec: ModelSpec, base: Plan) -> dict:
+    """The seeds' levers side by side, each under the budget of `base`.
+
+    attention: MHA vs the model's own GQA vs MQA (same weights budget, only
+    the number of stored KV heads changes); kv_dtypes: every format;
+    contexts: how many requests fit at 1K ... 128K tokens.
+    """
+    budget = base.kv_bytes_total if base.memory_bytes is not None else None
+    fmt = get_kv_format(base.kv_dtype)
+    block_size, context = base.block_size, base.context
+
+    def fit(request_bytes: int) -> int | None:
+        return None if budget is None else budget // request_bytes
+
+    attention = []
+    head_counts = dict.fromkeys([spec.num_attention_heads, spec.num_kv_heads, 1])
+    mha = dataclasses.replace(spec, num_kv_heads=spec.num_attention_heads)
+    mha_block = bytes_per_block(mha, fmt, block_size)
+    for num_kv_heads in head_counts:
+        variant = dataclasses.replace(spec, num_kv_heads=num_kv_heads)
+        request_bytes = bytes_per_request(variant, fmt, block_size, context)
+        attention.append(
+            {
+                "attention": variant.attention_kind,
+                "num_kv_heads": num_kv_heads,
+                "is_model": num_kv_heads == spec.num_kv_heads,
+                "bytes_per_token": _number(bytes_per_token(variant, fmt, block_size)),
+                "bytes_per_request": request_bytes,
+                "saving_vs_mha": mha_block / bytes_per_block(variant, fmt, block_size),
+                "max_concurrent_requests": fit(request_bytes),
+            }
+        )
+
+    kv_dtypes = []
+    fp16_block = bytes_per_block(spec, KV_FORMATS["fp16"], block_size)
+    for other in KV_FORMATS.values():
+        request_bytes = bytes_per_request(spec, other, block_size, context)
+        block_bytes = bytes_per_block(spec, other, block_size)
+        kv_dtypes.append(
+            {
+                "kv_dtype": other.name,
+                "layout": other.summary,
+                "bytes_per_token": _number(bytes_per_token(spec, other, block_size)),
+                "bytes_per_request": request_bytes,
+                "tokens_vs_fp16": fp16_block / block_bytes,
+                "kv_capacity_tokens": None
+                if budget is None
+                else budget // block_bytes * block_size,
+                "max_concurrent_requests": fit(request_bytes),
+            }
+        )
+
+    contexts = []
+    for tokens in COMPARE_CONTEXTS:
+        request_bytes = bytes_per_request(spec, fmt, block_size, tokens)
+        contexts.append(
+            {
+                "context": tokens,
+                "within_model_limit": tokens <= spec.max_position_embeddings,
+                "bytes_per_request": request_bytes,
+                "max_concurrent_requests": fit(request_bytes),
+            }
+        )
+    return {"attention": attention, "kv_dtypes": kv_dtypes, "contexts": contexts}

@@ -1,0 +1,244 @@
+"""`kvforge plan` end to end: exact JSON, readable tables, and every user error → exit 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvforge.cli import main
+from kvforge.presets import PRESETS
+
+GiB = 2**30
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse usage errors and --help
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def plan_json(capsys, *args: str) -> dict:
+    code, out, err = run(capsys, "plan", *args, "--json")
+    assert (code, err) == (0, "")
+    return json.loads(out)
+
+
+def test_done_criterion_as_a_user_runs_it():
+    """The console script and `python -m kvforge` print the seed's figures."""
+    args = ["plan", "--model", "llama-2-7b", "--context", "4096", "--kv-dtype", "fp16", "--json"]
+    script = Path(sys.executable).parent / "kvforge"
+    for command in ([str(script)], [sys.executable, "-m", "kvforge"]):
+        result = subprocess.run([*command, *args], capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        assert '"bytes_per_token": 524288' in result.stdout
+        assert '"bytes_per_request": 2147483648' in result.stdout
+
+
+def test_json_has_the_promised_fields(capsys):
+    data = plan_json(capsys, "--model", "llama-3-70b", "--context", "8192")
+    assert data["source"] == "preset"
+    assert data["bytes_per_token"] == 327_680
+    assert data["bytes_per_request"] == 2_684_354_560
+    assert data["kv_bytes_total"] == 2_684_354_560  # no budget: the batch's cache
+    assert data["weights_bytes"] == 70_553_706_496 * 2
+    assert data["gqa_saving_factor"] == 8
+    assert data["max_concurrent_requests"] is None
+    assert data["max_context_single_request"] is None
+    # 141 GB of bf16 weights leave nothing in 80 GiB; int4 weights do fit
+    data = plan_json(
+        capsys, "--model", "llama-3-70b", "--context", "8192", "--memory", "80GiB",
+        "--weights-dtype", "int4",
+    )  # fmt: skip
+    pool = 80 * GiB - 70_553_706_496 // 2
+    assert data["weights_bytes"] == 70_553_706_496 // 2
+    assert data["kv_bytes_total"] == pool
+    assert data["max_concurrent_requests"] == pool // 2_684_354_560 == 18
+    assert data["max_context_single_request"] == 8192
+    assert data["kv_capacity_tokens"] == pool // (16 * 327_680) * 16
+
+
+def test_json_with_compare(capsys):
+    data = plan_json(
+        capsys, "--model", "llama-3.1-8b", "--context", "8192", "--memory", "24GiB", "--compare"
+    )
+    assert [r["attention"] for r in data["compare"]["attention"]] == ["MHA", "GQA", "MQA"]
+    assert len(data["compare"]["kv_dtypes"]) == 7
+    assert [r["context"] for r in data["compare"]["contexts"]] == [1024, 4096, 8192, 32768, 131072]
+
+
+def test_readable_table(capsys):
+    code, out, err = run(
+        capsys,
+        "plan",
+        "--model",
+        "llama-2-7b",
+        "--context",
+        "4096",
+        "--memory",
+        "16GiB",
+        "--compare",
+    )
+    assert (code, err) == (0, "")
+    assert "2 × 32 layers × 32 KV heads × 128 head_dim × 2 B = 524,288 B (512.00 KiB)" in out
+    assert "4,096 tokens → 256 blocks = 2,147,483,648 B (2.00 GiB)" in out
+    assert "6.74B parameters at fp16 = 13,476,831,232 B (12.55 GiB)" in out
+    assert "1 concurrent request of 4,096 tokens; one request up to 4,096 tokens" in out
+    assert "Attention layout (fp16, 4,096-token requests):" in out
+    assert "MHA (this model)" in out
+    assert "8,192 (> model max)" in out
+
+
+def test_sliding_window_table(capsys):
+    code, out, _ = run(capsys, "plan", "--model", "mistral-7b", "--context", "32768")
+    assert code == 0
+    assert "sliding window 4,096" in out
+    assert "32,768 tokens (window keeps 4,096) → 257 blocks" in out
+
+
+def test_list_presets(capsys):
+    code, out, _ = run(capsys, "plan", "--list-presets")
+    assert code == 0
+    for name in PRESETS:
+        assert name in out
+    data = json.loads(run(capsys, "plan", "--list-presets", "--json")[1])
+    assert data[0]["name"] == "llama-2-7b" and data[0]["num_params"] == 6_738_415_616
+
+
+def test_config_file_with_params(capsys, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps(
+            {
+                "model_type": "falcon",
+                "num_hidden_layers": 32,
+                "num_attention_heads": 71,
+                "num_key_value_heads": 1,
+                "hidden_size": 4544,
+                "max_position_embeddings": 2048,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
+    data = plan_json(capsys, "--model", str(config), "--memory", "24GiB", "--params", "7B")
+    assert data["source"] == "config"
+    assert data["attention"] == "MQA"
+    assert data["bytes_per_token"] == 2 * 32 * 1 * 64 * 2
+    assert data["weights_bytes"] == 14 * 10**9
+    assert data["kv_bytes_total"] == 24 * GiB - 14 * 10**9
+
+
+def test_help_for_every_command(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and "plan" in out
+    code, out, _ = run(capsys, "plan", "--help")
+    assert code == 0 and "--kv-dtype" in out and "--compare" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "llama-9"], "unknown model 'llama-9': not a preset, a config.json or a "
+                                 "checkpoint directory; presets: llama-2-7b, llama-2-13b"),
+        (["--model", "./no/such/config.json"], "no such config file or checkpoint directory"),
+        ([], "--model is required; presets: llama-2-7b"),
+        (["--model", "llama-2-7b", "--memory", "8GiB"],
+         "weights (13,476,831,232 B at fp16) plus reserve (0 B) need more than the memory budget"),
+        (["--model", "llama-2-7b", "--memory", "20GiB", "--reserve", "8GiB"],
+         "plus reserve (8,589,934,592 B) need more than the memory budget"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_exit_2(capsys, args, message):
+    code, out, err = run(capsys, "plan", *args)
+    assert code == 2
+    assert out == ""
+    assert err.startswith("kvforge plan: error: ")
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--context", "0"], "argument --context: must be a positive whole number, got 0"),
+        (["--context", "-5"], "argument --context: must be a positive whole number, got -5"),
+        (["--batch", "two"], "argument --batch: 'two' is not a whole number"),
+        (["--block-size", "0"], "argument --block-size: must be a positive whole number, got 0"),
+        (["--memory", "lots"], "argument --memory: cannot read 'lots' as a memory size"),
+        (["--memory", "0GiB"], "argument --memory: memory size '0GiB' must be at least 1 byte"),
+        (["--kv-dtype", "int3"], "argument --kv-dtype: invalid choice: 'int3'"),
+        (["--weights-dtype", "int2"], "argument --weights-dtype: invalid choice: 'int2'"),
+        (["--params", "many"], "argument --params: cannot read 'many' as a count"),
+    ],
+)
+def test_bad_flags_are_usage_errors(capsys, args, message):
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", *args)
+    assert code == 2
+    assert out == ""
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "a config must be a JSON object, got list"),
+        ('{"num_attention_heads": 8, "hidden_size": 64, "max_position_embeddings": 64}',
+         "missing required field 'num_hidden_layers'"),
+        ('{"num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 3, '
+         '"hidden_size": 64, "max_position_embeddings": 64}', "must be a multiple of"),
+        ('{"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 64, '
+         '"max_position_embeddings": 64, "torch_dtype": "float64"}', "unknown dtype 'float64'"),
+        ('{"model_type": "falcon", "num_hidden_layers": 2, "num_attention_heads": 8, '
+         '"hidden_size": 64, "max_position_embeddings": 64}',
+         "cannot count the parameters of cfg (architecture 'falcon') from its config: "
+         "give --params or a checkpoint directory"),
+    ],
+)  # fmt: skip
+def test_bad_config_files(capsys, tmp_path, content, message):
+    path = tmp_path / "cfg" / "config.json"
+    path.parent.mkdir()
+    path.write_text(content)
+    code, out, err = run(capsys, "plan", "--model", str(path), "--memory", "1GiB")
+    assert (code, out) == (2, "")
+    assert err.startswith("kvforge plan: error: ") and message in err
+
+
+def test_bad_checkpoint_directory(capsys, tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"num_hidden_layers": 2, "num_attention_heads": 8, "hidden_size": 64, '
+        '"max_position_embeddings": 64}'
+    )
+    (tmp_path / "model.safetensors").write_bytes(b"\x05")
+    code, _, err = run(capsys, "plan", "--model", str(tmp_path))
+    assert code == 2 and "too short to be a safetensors file" in err
+
+
+def test_user_error_in_a_real_process_has_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvforge", "plan", "--model", "nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("kvforge plan: error: unknown model 'nope'")
+    assert "Traceback" not in result.stderr
+
+
+def test_render_table_alignment():
+    from kvforge.report import render_table
+
+    table = render_table(["name", "n", "note"], [("a", 1, "x"), ("bbb", 22, None)], align="lrl")
+    assert table.splitlines() == [
+        "name   n  note",
+        "----  --  ----",
+        "a      1  x",
+        "bbb   22  -",
+    ]
