@@ -242,3 +242,45 @@ def test_render_table_alignment():
         "a      1  x",
         "bbb   22  -",
     ]
+
+
+def test_no_command_and_version(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "the following arguments are required: COMMAND" in err
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("kvforge 0.1.0")
+
+
+def test_checkpoint_directory_plan(capsys, tmp_path):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        hidden_size=64,
+        intermediate_size=96,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    capsys.readouterr()  # transformers' own progress bar
+    params = sum(p.numel() for p in model.parameters())
+    data = plan_json(capsys, "--model", str(tmp_path), "--context", "100", "--memory", "1MiB")
+    assert data["source"] == "checkpoint"
+    assert (data["num_params"], data["weights_bytes"], data["weights_dtype"]) == (
+        params,
+        params * 2,
+        "bf16",
+    )
+    assert data["bytes_per_token"] == 2 * 2 * 1 * 16 * 2
+    assert data["kv_bytes_total"] == 2**20 - params * 2
+    # --params replaces the checkpoint's count; --weights-dtype its precision
+    data = plan_json(
+        capsys, "--model", str(tmp_path), "--params", "1000", "--weights-dtype", "fp32"
+    )
+    assert (data["num_params"], data["weights_bytes"]) == (1000, 4000)
+    data = plan_json(capsys, "--model", str(tmp_path), "--weights-dtype", "int8")
+    assert data["weights_bytes"] == params

@@ -173,11 +173,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     spec = source.spec
     checkpoint = source.checkpoint
+    # A checkpoint's header bytes are exact; --params or --weights-dtype ask for another count.
+    use_checkpoint = checkpoint is not None and args.params is None
     weights = resolve_weights(
         spec,
         weights_dtype=args.weights_dtype,
-        num_params=args.params if args.params else (checkpoint.num_params if checkpoint else None),
-        checkpoint_bytes=checkpoint.num_bytes if checkpoint else None,
+        num_params=args.params or (checkpoint.num_params if use_checkpoint else None),
+        checkpoint_bytes=checkpoint.num_bytes if use_checkpoint else None,
     )
     plan = plan_kv(
         spec,

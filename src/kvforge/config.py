@@ -180,8 +180,9 @@ def spec_from_hf_config(config: Any, name: str, source: str | None = None) -> Mo
 
     Reads num_hidden_layers, num_attention_heads, num_key_value_heads (absent:
     MHA), head_dim (absent: hidden_size / heads), sliding_window (ignored when
-    use_sliding_window is false), max_position_embeddings and torch_dtype (or
-    `dtype`, its newer name). Multimodal configs are read from `text_config`.
+    use_sliding_window is false, or when some layers attend to everything),
+    max_position_embeddings and torch_dtype (or `dtype`, its newer name; absent:
+    fp16). Multimodal configs are read from `text_config`.
     """
     source = source or name
     if not isinstance(config, dict):

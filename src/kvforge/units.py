@@ -30,8 +30,9 @@ _BYTE_UNITS = {
 _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
-def _split_number(text: str) -> tuple[Decimal, str] | None:
-    text = text.strip().replace("_", "").replace(",", "")
+def _scaled(text: str, units: dict[str, int]) -> int | None:
+    """'1.5GiB' with binary units -> 1610612736 (rounded down); None if unreadable."""
+    text = str(text).strip().replace("_", "").replace(",", "")
     end = len(text)
     while end > 0 and text[end - 1].isalpha():
         end -= 1
@@ -40,21 +41,19 @@ def _split_number(text: str) -> tuple[Decimal, str] | None:
         value = Decimal(number)
     except InvalidOperation:
         return None
-    if not value.is_finite():
+    if not value.is_finite() or unit not in units:
         return None
-    return value, unit
+    return int(value * units[unit])
 
 
 def parse_bytes(text: str) -> int:
     """'80GiB' -> 85899345920; a positive whole number of bytes, or KVForgeError."""
-    parsed = _split_number(str(text))
-    if parsed is None or parsed[1] not in _BYTE_UNITS:
+    num_bytes = _scaled(text, _BYTE_UNITS)
+    if num_bytes is None:
         raise KVForgeError(
             f"cannot read {text!r} as a memory size: use a number of bytes or a unit "
             "such as 512MiB, 24GiB, 80GB (K/M/G/T are binary, KB/MB/GB/TB decimal)"
         )
-    value, unit = parsed
-    num_bytes = int(value * _BYTE_UNITS[unit])
     if num_bytes <= 0:
         raise KVForgeError(f"memory size {text!r} must be at least 1 byte")
     return num_bytes
@@ -62,14 +61,12 @@ def parse_bytes(text: str) -> int:
 
 def parse_count(text: str) -> int:
     """'7B' -> 7_000_000_000, '6738415616' -> itself; decimal suffixes K, M, B (or G), T."""
-    parsed = _split_number(str(text))
-    if parsed is None or parsed[1] not in _COUNT_UNITS:
+    count = _scaled(text, _COUNT_UNITS)
+    if count is None:
         raise KVForgeError(
             f"cannot read {text!r} as a count: use a whole number or a suffix K, M, B, T "
             "(e.g. 7B, 6738415616)"
         )
-    value, unit = parsed
-    count = int(value * _COUNT_UNITS[unit])
     if count <= 0:
         raise KVForgeError(f"count {text!r} must be positive")
     return count
