@@ -1,0 +1,32 @@
+"""The layout of one forward pass, shared by every attention layer of that pass."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each sequence's new tokens sit in the flat batch, and where its K/V live.
+
+    The batch is flat: the new tokens of sequence i are rows
+    query_start_loc[i] : query_start_loc[i + 1]. Each sequence's cache holds
+    seq_lens[i] tokens after this step's write (cached context + new tokens),
+    so its new tokens have positions seq_lens[i] - query_len .. seq_lens[i] - 1.
+
+        sequence i:  | cached context ........ | new tokens (query) |
+                     0                  seq_len - query_len      seq_len
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    query_start_loc: tuple[int, ...]  # [B + 1]
+    seq_lens: tuple[int, ...]  # [B]
+    block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with block 0
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    def query_len(self, i: int) -> int:
+        return self.query_start_loc[i + 1] - self.query_start_loc[i]

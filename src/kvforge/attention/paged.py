@@ -1,0 +1,109 @@
+"""Paged attention: read each sequence's K/V from its blocks, a tile of blocks at a time.
+
+Keys and values are gathered TILE_TOKENS at a time and folded into a running
+(online) softmax, FlashAttention-style, so the score matrix never holds more
+than one tile of keys however long the context is. Decode tokens of all
+sequences are processed together; each prefill chunk on its own. Query heads
+are grouped onto their KV head (GQA/MQA) without copying K/V per query head.
+"""
+
+import torch
+
+from kvforge.attention.metadata import AttentionMetadata
+
+TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_TOKENS]
+
+
+def _attend(
+    q: torch.Tensor,  # [B, kv_heads, M, D] float32, already scaled; M rows per KV head
+    q_pos: torch.Tensor,  # [B, M] position of each query row
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    first_block: int,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [B, kv_heads, M, D] float32
+    block_size = k_cache.shape[1]
+    tile_blocks = max(1, TILE_TOKENS // block_size)
+    num_blocks = block_tables.shape[1]
+    m = denom = acc = None  # running max, softmax denominator, weighted sum of V
+    for start in range(first_block, num_blocks, tile_blocks):
+        ids = block_tables[:, start : start + tile_blocks]  # [B, nb]
+        k = k_cache[ids].flatten(1, 2)  # [B, L, kv_heads, D]
+        v = v_cache[ids].flatten(1, 2)
+        k_pos = torch.arange(start * block_size, start * block_size + k.shape[1], device=q.device)
+        visible = k_pos <= q_pos[..., None]  # [B, M, L]; also hides padding past seq_len
+        if sliding_window is not None:
+            visible &= k_pos > q_pos[..., None] - sliding_window
+        scores = q @ k.permute(0, 2, 3, 1).float()  # [B, kv_heads, M, L]
+        scores.masked_fill_(~visible[:, None], float("-inf"))
+        tile_max = scores.amax(-1)  # [B, kv_heads, M]
+        m_new = tile_max if m is None else torch.maximum(m, tile_max)
+        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
+        p = torch.exp(scores - m_safe[..., None])
+        pv = p @ v.transpose(1, 2).float()  # [B, kv_heads, M, D]
+        if m is None:
+            denom, acc = p.sum(-1), pv
+        else:
+            correction = torch.exp(m - m_safe)
+            denom = denom * correction + p.sum(-1)
+            acc = acc * correction[..., None] + pv
+        m = m_new
+    return acc / denom[..., None]
+
+
+def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) -> int:
+    """Blocks wholly before every query's window are never read."""
+    if sliding_window is None:
+        return 0
+    return max(0, min_q_pos - sliding_window + 1) // block_size
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:  # [T, H, D]
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+    decode = [i for i in range(meta.num_seqs) if meta.query_len(i) == 1]
+    prefill = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
+
+    if decode:
+        rows = [meta.query_start_loc[i] for i in decode]
+        all_rows = len(rows) == num_tokens
+        q_dec = (q if all_rows else q[rows]).float().view(len(rows), kv_heads, group, head_dim)
+        pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=q.device)
+        tables = meta.block_tables if len(decode) == meta.num_seqs else meta.block_tables[decode]
+        first = _first_block(int(pos.min()), sliding_window, meta.block_size)
+        o = _attend(
+            q_dec * scale, pos[:, None].expand(-1, group), k_cache, v_cache, tables, first,
+            sliding_window,
+        )  # fmt: skip
+        o = o.reshape(len(rows), num_heads, head_dim).to(q.dtype)
+        if all_rows:
+            out = o
+        else:
+            out[rows] = o
+
+    for i in prefill:
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        query_len, seq_len = end - start, meta.seq_lens[i]
+        # [Lq, H, D] -> [1, kv_heads, group * Lq, D]: rows of one KV head are (query head, token)
+        q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        q_i = q_i.reshape(1, kv_heads, group * query_len, head_dim)
+        pos = torch.arange(seq_len - query_len, seq_len, device=q.device).repeat(group)[None]
+        num_blocks = -(-seq_len // meta.block_size)
+        first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
+        o = _attend(
+            q_i * scale, pos, k_cache, v_cache, meta.block_tables[i : i + 1, :num_blocks], first,
+            sliding_window,
+        )  # fmt: skip
+        o = o.view(kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
+        out[start:end] = o.reshape(query_len, num_heads, head_dim).to(q.dtype)
+    return out

@@ -1,0 +1,67 @@
+"""The physical KV cache: per layer, K and V tensors cut into fixed blocks of tokens.
+
+Allocated once at start and never grown. Only num_kv_heads are stored, so
+GQA/MQA savings are real bytes, and the store's bytes per token equal the
+planner's (`planner.bytes_per_block`), which sized it.
+"""
+
+import torch
+
+from kvforge.config import ModelSpec
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.formats import KVFormat
+from kvforge.planner import bytes_per_block
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class KVStore:
+    """K and V of every layer: [num_blocks, block_size, num_kv_heads, head_dim] each.
+
+    A token's K/V is written once, at its slot (block_id * block_size + offset),
+    and read by attention through the request's block table.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        fmt: KVFormat,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if fmt.name not in TORCH_DTYPES:
+            raise KVForgeError(
+                f"kv_dtype {fmt.name!r} is not supported by the KV store yet; "
+                f"supported: auto, {', '.join(TORCH_DTYPES)}"
+            )
+        self.spec, self.format = spec, fmt
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.dtype = TORCH_DTYPES[fmt.name]
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [
+            torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        self.v = [
+            torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(spec.num_layers)
+        ]
+        if self.bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
+            raise AssertionError("store layout disagrees with the planner")  # a bug, not input
+
+    def write(
+        self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Store the new tokens' K/V ([T, kv_heads, D]) at their slots ([T])."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(self.dtype))
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(self.dtype))
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer], self.v[layer]
+
+    @property
+    def bytes_allocated(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_allocated // (self.num_blocks * self.block_size)
