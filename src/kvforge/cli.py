@@ -212,6 +212,111 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """Model and KV cache options shared by the commands that run the engine."""
+    p.add_argument(
+        "--model",
+        help="an HF checkpoint directory (default: the built-in untrained model)",
+    )
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument(
+        "--kv-memory",
+        type=byte_size,
+        help="bytes for the KV cache, e.g. 2GiB (default 512MiB on CPU)",
+    )
+    p.add_argument(
+        "--kv-dtype", default="auto", choices=["auto", *KV_FORMATS], help="KV cache format"
+    )
+    p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
+
+
+def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "generate",
+        help="generate text from a prompt, streaming it to the terminal",
+        description="Generate from one prompt, streaming tokens as they come, then a summary "
+        "of speed and KV cache use.",
+        epilog='example: kvforge generate --prompt "The cat sat" --max-tokens 16',
+    )
+    _add_engine_options(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvforge.engine.sampling import SamplingParams
+    from kvforge.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_memory=args.kv_memory,
+        kv_dtype=args.kv_dtype,
+    )
+    if args.model is None and not args.json:
+        print(f"[{llm.model_name}: random weights, the text is noise]", file=sys.stderr)
+    peak, out = llm.kv_stats(), None
+    for event in llm.stream([args.prompt], params):
+        stats = llm.kv_stats()
+        if stats["blocks_used"] >= peak["blocks_used"]:
+            peak = stats
+        if not args.json:
+            print(event.text, end="", flush=True)
+        out = event.output or out
+    if out.error:
+        raise KVForgeError(out.error)
+    m = out.metrics
+    decode_s = (m.finish_s - m.first_token_s) if m.completion_tokens > 1 else 0.0
+    summary = {
+        "model": llm.model_name,
+        "text": out.text,
+        "prompt_token_ids": out.prompt_token_ids,
+        "token_ids": out.token_ids,
+        "finish_reason": out.finish_reason,
+        "metrics": {
+            "ttft_s": m.ttft_s,
+            "tpot_s": m.tpot_s,
+            "prompt_tokens": m.prompt_tokens,
+            "completion_tokens": m.completion_tokens,
+            "cached_tokens": m.cached_tokens,
+            "decode_tokens_per_s": (m.completion_tokens - 1) / decode_s if decode_s else None,
+        },
+        "kv_peak": peak,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    rate = summary["metrics"]["decode_tokens_per_s"]
+    print()
+    print(
+        f"\n[{out.finish_reason}] TTFT {m.ttft_s * 1000:.1f} ms · {m.completion_tokens} tokens"
+        + (f" · {rate:.1f} tokens/s decode" if rate else "")
+        + f" · KV {peak['tokens_stored'] * peak['bytes_per_token']:,} B in use of "
+        f"{peak['kv_bytes_allocated']:,} B allocated · {peak['blocks_used']} of "
+        f"{peak['blocks_total']} blocks at peak",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvforge",
@@ -221,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     _add_plan_parser(commands)
+    _add_generate_parser(commands)
     return parser
 
 

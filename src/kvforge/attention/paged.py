@@ -80,7 +80,9 @@ def paged_attention(
         q_dec = (q if all_rows else q[rows]).float().view(len(rows), kv_heads, group, head_dim)
         pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=q.device)
         tables = meta.block_tables if len(decode) == meta.num_seqs else meta.block_tables[decode]
-        first = _first_block(int(pos.min()), sliding_window, meta.block_size)
+        first = _first_block(
+            min(meta.seq_lens[i] for i in decode) - 1, sliding_window, meta.block_size
+        )
         o = _attend(
             q_dec * scale, pos[:, None].expand(-1, group), k_cache, v_cache, tables, first,
             sliding_window,

@@ -1,0 +1,1 @@
+"""The serving loop: requests, scheduler, runner, sampler, engine."""

@@ -1,0 +1,208 @@
+"""The engine: requests in, tokens out, one scheduler step at a time.
+
+    def step(self):
+        batch = self.scheduler.schedule()
+        token_ids = self.runner.run(batch)
+        return self._update(batch, token_ids)
+
+Requests that can never fit are refused at `add_request` with an error that
+names the limit; everything already admitted keeps running.
+"""
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.engine.request import Request, RequestMetrics, Status
+from kvforge.engine.runner import ModelRunner
+from kvforge.engine.sampling import SamplingParams
+from kvforge.engine.scheduler import Scheduler, SchedulerConfig
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.block_pool import BlockPool
+from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.store import KVStore
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One request's progress in one step: its new token (None mid-prefill)."""
+
+    request: Request
+    token_id: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.request.status is Status.FINISHED
+
+
+class LLMEngine:
+    """Owns the tokenizer, the block pool, the scheduler and the model runner."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        store: KVStore,
+        scheduler_config: SchedulerConfig,
+        max_model_len: int,
+        vocab_size: int,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.store = store
+        self.pool = BlockPool(store.num_blocks)
+        self.scheduler = Scheduler(self.pool, scheduler_config)
+        self.runner = ModelRunner(model, store, device)
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(seed)
+        self.device = device
+
+    # --- requests -------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate and queue a request; KVForgeError (naming the limit) if it can never run."""
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        if not token_ids:
+            raise KVForgeError("the prompt is empty")
+        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
+        bad += [t for t in token_ids if isinstance(t, int) and not 0 <= t < self.vocab_size]
+        if bad:
+            raise KVForgeError(
+                f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})"
+            )
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise KVForgeError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds the model's context of {self.max_model_len} tokens"
+            )
+        block_size = self.store.block_size
+        blocks = -(-total // block_size)
+        if blocks > self.pool.num_blocks:
+            raise KVForgeError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
+                f"{blocks} KV blocks of {block_size} tokens; the pool has {self.pool.num_blocks} "
+                f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise KVForgeError(f"request id {request_id!r} is already in use")
+        generator = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            block_table=BlockTable(block_size),
+            metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
+            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
+            generator=generator,
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks; unknown or finished ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is not None and request.status is not Status.FINISHED:
+            self._finish(request, "abort")
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --- the loop -------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        token_ids = self.runner.run(batch)
+        return self._update(batch, token_ids)
+
+    def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:
+        now = time.perf_counter()
+        events = []
+        for item, token in zip(batch, token_ids, strict=True):
+            r = item.request
+            r.num_computed_tokens += item.num_new_tokens
+            if token is not None:
+                self._append_token(r, token, now)
+            events.append(StepEvent(r, token))
+        return events
+
+    def _append_token(self, r: Request, token: int, now: float) -> None:
+        r.output_token_ids.append(token)
+        r.metrics.completion_tokens = len(r.output_token_ids)
+        if r.metrics.first_token_s is None:
+            r.metrics.first_token_s = now
+        stops = r.params.stop_token_ids or ()
+        if token in r.eos_token_ids or token in stops:
+            self._finish(r, "stop", drop_last=True)
+            return
+        if r.params.stop_strings and self._hit_stop_string(r):
+            self._finish(r, "stop", keep_text=True)
+            return
+        if len(r.output_token_ids) >= r.params.max_tokens:
+            self._finish(r, "length")
+
+    def _hit_stop_string(self, r: Request) -> bool:
+        r.text = self.tokenizer.decode(r.output_token_ids)
+        hits = [i for i in (r.text.find(s) for s in r.params.stop_strings) if i >= 0]
+        if hits:
+            r.text = r.text[: min(hits)]
+        return bool(hits)
+
+    def _finish(
+        self, r: Request, reason: str, drop_last: bool = False, keep_text: bool = False
+    ) -> None:
+        self.scheduler.finish(r, reason)
+        if not keep_text:
+            visible = r.output_token_ids[:-1] if drop_last else r.output_token_ids
+            r.text = self.tokenizer.decode(visible)
+        r.metrics.finish_s = time.perf_counter()
+        self.requests.pop(r.request_id, None)
+
+    def decode_text(self, r: Request) -> str:
+        """The request's text so far (for streaming)."""
+        if r.status is Status.FINISHED:
+            return r.text
+        return self.tokenizer.decode(r.output_token_ids)
+
+    # --- the cache ------------------------------------------------------------------
+
+    def kv_stats(self) -> dict:
+        block_size = self.store.block_size
+        tokens_stored = sum(r.block_table.num_tokens for r in self.scheduler.running)
+        used = self.pool.num_used
+        return {
+            "block_size": block_size,
+            "blocks_total": self.pool.num_blocks,
+            "blocks_free": self.pool.num_free,
+            "blocks_used": used,
+            "bytes_per_token": self.store.bytes_per_token,
+            "kv_bytes_allocated": self.store.bytes_allocated,
+            "tokens_stored": tokens_stored,
+            "waste_ratio": 0.0 if used == 0 else 1 - tokens_stored / (used * block_size),
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

@@ -1,0 +1,102 @@
+"""A request's state as it moves through the engine, and what the user gets back."""
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from kvforge.engine.sampling import SamplingParams
+from kvforge.kvcache.block_table import BlockTable
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Times in seconds; token counts of the finished request."""
+
+    arrival_s: float
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    preemptions: int = 0
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Time to first token: arrival until the first output token exists."""
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first."""
+        if self.finish_s is None or self.first_token_s is None or self.completion_tokens < 2:
+            return None
+        return (self.finish_s - self.first_token_s) / (self.completion_tokens - 1)
+
+
+@dataclass
+class RequestOutput:
+    """The result of one prompt (`finish_reason` is "stop", "length" or "abort")."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    metrics: RequestMetrics
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    """Engine-side state. Tokens 0 .. num_computed_tokens-1 have their K/V in the cache.
+
+    all_token_ids: | prompt ............ | output ...... |
+                   |<- num_computed ->|<- to compute ->|
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    block_table: BlockTable
+    metrics: RequestMetrics
+    eos_token_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            text=self.text,
+            finish_reason=self.finish_reason,
+            metrics=self.metrics,
+        )

@@ -1,0 +1,122 @@
+"""Continuous batching with chunked prefill and preemption by recompute.
+
+Every step has a token budget (max_num_batched_tokens). Running requests go
+first, in admission order: a decoding request takes 1 token, a request still
+prefilling takes the rest of its prompt or what is left of the budget (chunked
+prefill). Waiting requests are admitted in arrival order while the budget, the
+sequence limit and free blocks allow. Prefill chunks and decode tokens of
+different requests share one forward pass.
+
+When a running request needs a block and none is free, the most recently
+admitted running request is preempted: its blocks go back to the pool and it
+waits at the head of the queue, to be recomputed (prompt + output so far)
+when it is admitted again. A request that could never fit alone is refused
+at `add`, so one request can always make progress: no deadlock.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from kvforge.engine.request import Request, Status
+from kvforge.kvcache.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    slot_mapping: list[int]
+
+    @property
+    def samples(self) -> bool:
+        """True when this step computes the request's last known token: a new one follows."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+class Scheduler:
+    """Decides which tokens of which requests run in each step; owns the block pool."""
+
+    def __init__(self, pool: BlockPool, config: SchedulerConfig) -> None:
+        self.pool = pool
+        self.config = config
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledRequest]:
+        budget = self.config.max_num_batched_tokens
+        batch: list[ScheduledRequest] = []
+        preempted = False
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while request.block_table.blocks_needed(num_new) > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if request.status is not Status.RUNNING:
+                continue
+            batch.append(self._reserve(request, num_new))
+            budget -= num_new
+
+        # Admitting while requests are being preempted would only thrash.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.block_table.blocks_needed(num_new) > self.pool.num_free:
+                break
+            self.waiting.popleft()
+            request.status = Status.RUNNING
+            self.running.append(request)
+            batch.append(self._reserve(request, num_new))
+            budget -= num_new
+        return batch
+
+    def _reserve(self, request: Request, num_new: int) -> ScheduledRequest:
+        table = request.block_table
+        new_blocks = self.pool.allocate(table.blocks_needed(num_new))
+        slots = table.append_tokens(num_new, new_blocks)
+        return ScheduledRequest(request, num_new, slots)
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        request.block_table.release(self.pool)
+        request.num_computed_tokens = 0
+        request.status = Status.WAITING
+        request.metrics.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """End a request (running or waiting) and return its blocks to the pool."""
+        if request.status is Status.RUNNING:
+            self.running.remove(request)
+        elif request.status is Status.WAITING and request in self.waiting:
+            self.waiting.remove(request)
+        request.block_table.release(self.pool)
+        request.status = Status.FINISHED
+        request.finish_reason = reason

@@ -1,0 +1,255 @@
+"""The Python API: `LLM(...).generate(prompts, SamplingParams(...))`.
+
+Builds the model (a checkpoint directory, or the built-in untrained model when
+`model` is None), sizes the paged KV store with the planner, and drives the
+engine until every request has finished.
+"""
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvforge.engine.engine import LLMEngine
+from kvforge.engine.request import Request, RequestMetrics, RequestOutput
+from kvforge.engine.sampling import SamplingParams
+from kvforge.engine.scheduler import SchedulerConfig
+from kvforge.errors import ConfigError, KVForgeError
+from kvforge.kvcache.store import TORCH_DTYPES, KVStore
+from kvforge.planner import bytes_per_block, resolve_kv_format
+from kvforge.units import parse_bytes
+
+DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
+CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
+KV_POLICIES: tuple[str, ...] = ()  # eviction policies arrive with their own issue
+
+Prompt = str | list[int]
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A new token of prompt number `index`, with the text it added.
+
+    The last event of a prompt carries its `output`. A refused prompt gets one
+    event with no token, finish_reason "abort" and the reason in output.error.
+    """
+
+    index: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+    output: RequestOutput | None = None
+
+
+class TokenIdsOnly:
+    """Stands in for a missing tokenizer: prompts must be token ids, text stays empty."""
+
+    def __init__(self, reason: str, eos_token_ids: frozenset[int]) -> None:
+        self.reason = reason
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        raise KVForgeError(f"{self.reason}: give prompts as lists of token ids")
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise KVForgeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise KVForgeError("device 'cuda' asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    for p in prompts:
+        if not isinstance(p, str | list):
+            raise KVForgeError(
+                f"a prompt must be a string or a list of token ids, got {type(p).__name__}"
+            )
+    return prompts
+
+
+class LLM:
+    """An engine over one model and one paged KV cache (see DESIGN.md for the contract)."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = 16,
+        kv_memory: int | str | None = None,
+        num_blocks: int | None = None,
+        kv_dtype: str = "auto",
+        enable_prefix_caching: bool = True,
+        kv_policy: str | None = None,
+        kv_budget: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        seed: int = 0,
+    ) -> None:
+        from kvforge.models.builtin import BUILTIN_NAME, builtin_model
+        from kvforge.models.loader import load_model, load_tokenizer
+
+        if kv_policy is not None or kv_budget is not None:
+            raise KVForgeError(
+                f"kv_policy {kv_policy!r} is not available in this version; "
+                "every token's K/V is kept (kv_policy=None)"
+            )
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_num_seqs", max_num_seqs),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
+        self.device = _resolve_device(device)
+        if model is None:
+            self.model_name = BUILTIN_NAME
+            net, tokenizer = builtin_model(self.device)
+        else:
+            self.model_name = str(model)
+            net = load_model(model, dtype=dtype, device=self.device)
+            try:
+                tokenizer = load_tokenizer(model)
+            except ConfigError as exc:
+                tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
+        self.enable_prefix_caching = enable_prefix_caching
+        config = net.config
+        spec = config.spec
+        weights_dtype = next(net.parameters()).dtype
+        model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
+        fmt = resolve_kv_format(spec, model_dtype if kv_dtype == "auto" else kv_dtype)
+        block_bytes = bytes_per_block(spec, fmt, block_size)
+        num_blocks = self._num_blocks(
+            num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
+        )
+        store = KVStore(spec, fmt, num_blocks, block_size, self.device)
+        self.engine = LLMEngine(
+            net,
+            tokenizer,
+            store,
+            SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            max_model_len=spec.max_position_embeddings,
+            vocab_size=config.vocab_size,
+            device=self.device,
+            seed=seed,
+        )
+        self.tokenizer = tokenizer
+
+    def _num_blocks(
+        self, num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
+    ) -> int:
+        if num_blocks is not None:
+            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+                raise KVForgeError(f"num_blocks must be a positive integer, got {num_blocks!r}")
+            return num_blocks
+        if kv_memory is not None:
+            kv_bytes = parse_bytes(kv_memory) if isinstance(kv_memory, str) else kv_memory
+            if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 1:
+                raise KVForgeError(
+                    f"kv_memory must be a positive number of bytes, got {kv_memory!r}"
+                )
+            if kv_bytes < block_bytes:
+                raise KVForgeError(
+                    f"kv_memory {kv_bytes:,} B holds no KV block: one block of {block_size} "
+                    f"tokens takes {block_bytes:,} B"
+                )
+            return kv_bytes // block_bytes
+        # Default: never more than max_num_seqs full-length requests could use.
+        most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
+        if self.device.type == "cuda":
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, min(most_useful, int(free_bytes * CUDA_MEMORY_FRACTION) // block_bytes))
+        return max(1, min(most_useful, DEFAULT_CPU_KV_BYTES // block_bytes))
+
+    # --- generation -----------------------------------------------------------------
+
+    def _submit(
+        self, prompts: Prompt | Sequence[Prompt], sampling_params
+    ) -> list[Request | RequestOutput]:
+        prompts = _normalize_prompts(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise KVForgeError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        submitted: list[Request | RequestOutput] = []
+        for prompt, p in zip(prompts, params, strict=True):
+            try:
+                submitted.append(self.engine.add_request(prompt, p))
+            except KVForgeError as exc:  # refuse this one; the others still run
+                submitted.append(_refused(prompt, str(exc)))
+        return submitted
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order.
+
+        A prompt that can never run (too long for the context or the pool) comes
+        back with finish_reason "abort" and `error` naming the limit.
+        """
+        submitted = self._submit(prompts, sampling_params)
+        while self.engine.has_unfinished:
+            self.engine.step()
+        return [s if isinstance(s, RequestOutput) else s.output() for s in submitted]
+
+    def stream(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yield each new token as it is produced, for all prompts interleaved."""
+        submitted = self._submit(prompts, sampling_params)
+        index = {id(s): i for i, s in enumerate(submitted)}
+        shown = {id(s): "" for s in submitted}
+        try:
+            for i, s in enumerate(submitted):
+                if isinstance(s, RequestOutput):
+                    yield StreamEvent(i, None, "", "abort", s)
+            while self.engine.has_unfinished:
+                for event in self.engine.step():
+                    if event.token_id is None:
+                        continue
+                    r = event.request
+                    text = self.engine.decode_text(r)
+                    delta, shown[id(r)] = text[len(shown[id(r)]) :], text
+                    output = r.output() if event.finished else None
+                    yield StreamEvent(index[id(r)], event.token_id, delta, r.finish_reason, output)
+        finally:  # a consumer that stops early must not leave requests holding blocks
+            for s in submitted:
+                if isinstance(s, Request):
+                    self.engine.abort(s.request_id)
+
+    def kv_stats(self) -> dict:
+        return self.engine.kv_stats()
+
+
+def _refused(prompt: Prompt, error: str) -> RequestOutput:
+    return RequestOutput(
+        request_id="",
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_token_ids=[] if isinstance(prompt, str) else list(prompt),
+        token_ids=[],
+        text="",
+        finish_reason="abort",
+        metrics=RequestMetrics(arrival_s=0.0),
+        error=error,
+    )

@@ -1,0 +1,351 @@
+"""The Llama-family decoder in plain PyTorch, keeping its K/V in the paged store.
+
+One class covers LlamaForCausalLM (Llama 2, 3, 3.1, 3.2), MistralForCausalLM
+(sliding window), Qwen2ForCausalLM (q/k/v bias) and Qwen3ForCausalLM (RMSNorm
+on q and k over head_dim): they differ only in flags on `ModelConfig`.
+Parameter names are Hugging Face's, so safetensors checkpoints load by name,
+and the arithmetic follows transformers step for step (RMSNorm in float32,
+RoPE in the rotate_half convention); the tests hold the logits to theirs.
+
+A forward pass takes a flat batch of new tokens from several sequences (no
+batch dimension). Each layer writes its new K/V into the `KVStore` and reads
+the whole context back through `paged_attention`; no layer keeps any state
+between passes.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvforge.attention import AttentionMetadata, paged_attention
+from kvforge.config import ModelSpec, spec_from_hf_config
+from kvforge.errors import ConfigError
+from kvforge.kvcache.store import KVStore
+
+LLAMA_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+ROPE_TYPES = ("default", "llama3")
+DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_RMS_NORM_EPS = 1e-6  # transformers' LlamaConfig default
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE scaling: wavelengths longer than the original context are
+    stretched by `factor`, short ones kept, and the band between interpolated."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build and run a Llama-family model: the shape (`spec`),
+    RoPE and norm constants, and the special token ids.
+
+    Shape flags (vocab size, biases, q/k norm, sliding window...) live on `spec`
+    and are exposed here as properties, so there is one source for each number.
+    """
+
+    spec: ModelSpec
+    architecture: str = "LlamaForCausalLM"  # HF class name; spec.architecture is model_type
+    rope_theta: float = DEFAULT_ROPE_THETA
+    rope_scaling: Llama3RopeScaling | None = None
+    rms_norm_eps: float = DEFAULT_RMS_NORM_EPS
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        name = self.spec.name
+        if self.architecture not in LLAMA_ARCHITECTURES:
+            raise ConfigError(
+                f"{name}: architecture {self.architecture!r} is not supported; "
+                f"supported: {', '.join(LLAMA_ARCHITECTURES)}"
+            )
+        for field in ("vocab_size", "intermediate_size"):
+            if getattr(self.spec, field) is None:
+                raise ConfigError(f"{name}: missing required field {field!r}")
+        if self.spec.mlp_bias:
+            raise ConfigError(f"{name}: mlp_bias is not supported")
+        if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
+            raise ConfigError(f"{name}: rope_theta and rms_norm_eps must be positive")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size  # type: ignore[return-value]  # checked in __post_init__
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.spec.intermediate_size  # type: ignore[return-value]
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return self.spec.tie_word_embeddings
+
+    @property
+    def qkv_bias(self) -> bool:
+        return self.spec.qkv_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.spec.o_bias
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.spec.qk_norm
+
+    @property
+    def sliding_window(self) -> int | None:
+        return self.spec.sliding_window
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], name: str) -> "ModelConfig":
+        """Read a parsed HF config.json; RoPE settings may be in `rope_parameters`
+        (transformers 5) or in `rope_theta` + `rope_scaling` (earlier)."""
+        spec = spec_from_hf_config(config, name)
+        architectures = config.get("architectures") or [None]
+        if config.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{name}: hidden_act {config['hidden_act']!r} is not supported")
+        eos = config.get("eos_token_id")
+        eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        theta, scaling = _rope_settings(config, name)
+        return cls(
+            spec=spec,
+            architecture=architectures[0],
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=float(config.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS)),
+            bos_token_id=config.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+def _rope_settings(config: dict[str, Any], name: str) -> tuple[float, Llama3RopeScaling | None]:
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA)))
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{name}: partial_rotary_factor is not supported")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"{name}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    try:
+        return theta, Llama3RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise ConfigError(f"{name}: llama3 rope scaling needs {exc.args[0]!r}") from None
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: Llama3RopeScaling | None
+) -> torch.Tensor:  # [head_dim / 2] float32
+    """Rotation frequency of each channel pair, computed as transformers does."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq
+    old_context = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context / scaling.low_freq_factor
+    high_freq_wavelen = old_context / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin of every position up to max_position_embeddings, in float32.
+
+    The tables are built on the CPU even when the module is built on the meta
+    device (so loading need not recompute them); `.to(device)` moves them.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        spec = config.spec
+        inv_freq = rope_inv_freq(spec.head_dim, config.rope_theta, config.rope_scaling)
+        positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32, device="cpu")
+        freqs = positions[:, None] * inv_freq  # [P, D/2]
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # [T, D/2] each
+
+
+def apply_rope(
+    x: torch.Tensor,  # [T, H, D]
+    cos: torch.Tensor,  # [T, D/2] float32
+    sin: torch.Tensor,
+) -> torch.Tensor:  # [T, H, D]
+    # x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), written on the halves:
+    # the same products and sums as transformers, so the same rounding.
+    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, D/2]
+    x1, x2 = x.chunk(2, dim=-1)  # [T, H, D/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back before the weight (as HF)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        spec = config.spec
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.scale = self.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, D/2]
+        sin: torch.Tensor,
+        kv: KVStore,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kvH, D]
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv.write(self.layer_idx, meta.slot_mapping, k, v)
+        k_cache, v_cache = kv.layer(self.layer_idx)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, inter = config.spec.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        hidden = config.spec.hidden_size
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv: KVStore,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        spec = config.spec
+        self.embed_tokens = nn.Embedding(config.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv: KVStore,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self.rotary_emb(positions)  # [T, D/2] each
+        for layer in self.layers:
+            x = layer(x, cos, sin, kv, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM over a flat batch of new tokens, its K/V in a `KVStore`.
+
+    `forward` returns the final hidden states of every new token; callers pick
+    the rows they sample from and pass only those to `compute_logits`, so a
+    long prefill never builds a [T, vocab] matrix. Positions must be below
+    `max_position_embeddings` (the RoPE tables end there); the engine checks
+    prompt lengths before they reach the model.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.spec.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with lm_head when the config ties them
+        (again after loading, which replaces the embedding parameter)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        kv: KVStore,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        return self.model(input_ids, positions, kv, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
+        return self.lm_head(hidden).float()

@@ -1,0 +1,200 @@
+"""The LLM API on the built-in model: sampling, stops, limits, streaming, KV stats."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvforge import LLM, RequestOutput, SamplingParams
+from kvforge.errors import KVForgeError
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(device="cpu", kv_memory="8MiB")
+
+
+def assert_pool_whole(llm):
+    llm.engine.pool.check_integrity()
+    stats = llm.kv_stats()
+    assert stats["blocks_free"] == stats["blocks_total"] and stats["blocks_used"] == 0
+
+
+def test_outputs_and_metrics(llm):
+    out = llm.generate(["The cat sat"], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert isinstance(out, RequestOutput)
+    assert out.prompt_token_ids == [256, *b"The cat sat"]  # BOS + bytes
+    assert len(out.token_ids) == 8 and out.finish_reason == "length"
+    m = out.metrics
+    assert (m.prompt_tokens, m.completion_tokens, m.cached_tokens) == (12, 8, 0)
+    assert m.ttft_s > 0 and m.tpot_s > 0
+    assert_pool_whole(llm)
+
+
+def test_kv_stats_fields(llm):
+    stats = llm.kv_stats()
+    # built-in model: 4 layers × 2 KV heads × 32 head_dim × 2 (K, V) × 4 B (fp32)
+    assert stats["bytes_per_token"] == 4 * 2 * 32 * 2 * 4 == 2048
+    assert stats["kv_bytes_allocated"] == 8 * 2**20
+    assert stats["blocks_total"] == 8 * 2**20 // (16 * 2048)
+    assert set(stats) >= {
+        "block_size", "blocks_total", "blocks_free", "blocks_used", "bytes_per_token",
+        "kv_bytes_allocated", "tokens_stored", "waste_ratio",
+    }  # fmt: skip
+
+
+def test_kv_stats_while_running(llm):
+    engine = llm.engine
+    engine.add_request([256, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17],
+                       SamplingParams(max_tokens=3, ignore_eos=True))  # fmt: skip
+    engine.step()  # prefill of 18 tokens + first sample
+    stats = llm.kv_stats()
+    assert (stats["blocks_used"], stats["tokens_stored"]) == (2, 18)
+    assert stats["waste_ratio"] == pytest.approx(1 - 18 / 32)
+    while engine.has_unfinished:
+        engine.step()
+    assert_pool_whole(llm)
+
+
+def test_same_seed_same_tokens_alone_or_batched(llm):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=7,
+                            ignore_eos=True)  # fmt: skip
+    alone = llm.generate(["hello"], params)[0].token_ids
+    batched = llm.generate(["other prompt", "hello", "x"], params)[1].token_ids
+    assert alone == batched
+    other_seed = SamplingParams(max_tokens=12, temperature=1.0, seed=8, ignore_eos=True)
+    assert llm.generate(["hello"], other_seed)[0].token_ids != alone
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = llm.generate(["abc"], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    top1 = llm.generate(["abc"], SamplingParams(max_tokens=10, temperature=0.7, top_k=1,
+                                                 seed=3, ignore_eos=True))[0]  # fmt: skip
+    assert top1.token_ids == greedy.token_ids
+
+
+def test_stop_token_ids_and_stop_strings(llm):
+    free = llm.generate(["abc"], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = llm.generate(["abc"], SamplingParams(max_tokens=20, stop_token_ids=[stop_id],
+                                                ignore_eos=True))[0]  # fmt: skip
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[: first + 1]
+    # a stop string: text cut before it
+    text = free.text
+    stop = text[3:5] if len(text) >= 5 else text[-1]
+    cut = llm.generate(["abc"], SamplingParams(max_tokens=20, stop=stop, ignore_eos=True))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.find(stop)]
+    assert_pool_whole(llm)
+
+
+def test_eos_stops_unless_ignored(llm):
+    eos = 257
+    free = llm.generate(["abc"], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert llm.engine.tokenizer.eos_token_ids == frozenset({eos})
+    params = SamplingParams(max_tokens=20, stop_token_ids=[free.token_ids[0]])
+    out = llm.generate(["abc"], params)[0]
+    assert out.token_ids == free.token_ids[:1] and out.text == ""
+
+
+def test_too_long_requests_are_refused_while_others_run(llm):
+    ok = SamplingParams(max_tokens=4, ignore_eos=True)
+    outs = llm.generate(["fine", "x" * 5000, "also fine"], ok)
+    assert [o.finish_reason for o in outs] == ["length", "abort", "length"]
+    assert "exceeds the model's context of 4096 tokens" in outs[1].error
+    assert_pool_whole(llm)
+    small = LLM(device="cpu", num_blocks=100)
+    big = SamplingParams(max_tokens=4000, ignore_eos=True)
+    outs = small.generate(["fine", "y"], [ok, big])
+    assert outs[0].finish_reason == "length"
+    assert outs[1].error == (
+        "prompt (2 tokens) + max_tokens (4000) needs 251 KV blocks of 16 tokens; the pool has "
+        "100 (1600 tokens): raise kv_memory or num_blocks"
+    )
+    assert_pool_whole(small)
+
+
+def test_bad_sampling_params_name_the_limit():
+    with pytest.raises(KVForgeError, match="max_tokens must be at least 1, got 0"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(KVForgeError, match="temperature must be >= 0"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(KVForgeError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=0)
+    with pytest.raises(KVForgeError, match="top_k must be a non-negative integer"):
+        SamplingParams(top_k=-1)
+
+
+def test_bad_engine_options():
+    with pytest.raises(KVForgeError, match="kv_memory 100 B holds no KV block"):
+        LLM(device="cpu", kv_memory=100)
+    with pytest.raises(KVForgeError, match="num_blocks must be a positive integer"):
+        LLM(device="cpu", num_blocks=0)
+    with pytest.raises(KVForgeError, match="kv_dtype 'int8' is not supported by the KV store yet"):
+        LLM(device="cpu", num_blocks=4, kv_dtype="int8")
+
+
+def test_token_id_prompts_and_vocabulary_check(llm):
+    out = llm.generate([[256, 72, 105]], SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    assert out.prompt_token_ids == [256, 72, 105] and len(out.token_ids) == 2
+    bad = llm.generate([[256, 9999]], SamplingParams(max_tokens=2))[0]
+    assert bad.finish_reason == "abort" and "outside the vocabulary [0, 258)" in bad.error
+
+
+def test_stream_yields_tokens_as_they_come(llm):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    events = list(llm.stream(["ab", "cd"], params))
+    for index in (0, 1):
+        mine = [e for e in events if e.index == index]
+        assert len(mine) == 6
+        final = mine[-1].output
+        assert final.finish_reason == "length"
+        assert [e.token_id for e in mine] == final.token_ids
+        assert "".join(e.text for e in mine) == final.text
+    assert final.token_ids == llm.generate(["cd"], params)[0].token_ids
+    assert_pool_whole(llm)
+
+
+def test_stream_abandoned_early_frees_blocks(llm):
+    stream = llm.stream(["abcdef"], SamplingParams(max_tokens=50, ignore_eos=True))
+    next(stream)
+    assert llm.kv_stats()["blocks_used"] == 1
+    stream.close()
+    assert_pool_whole(llm)
+
+
+def test_generate_cli_with_no_model():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvforge", "generate", "--prompt", "The cat sat",
+         "--max-tokens", "16", "--json", "--ignore-eos"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["model"] == "kvforge-builtin-untrained"
+    assert len(data["token_ids"]) == 16 and data["finish_reason"] == "length"
+    assert data["metrics"]["prompt_tokens"] == 12
+    assert data["kv_peak"]["blocks_used"] == 2  # 12 + 16 tokens in blocks of 16
+    expected = LLM(device="cpu", kv_memory="8MiB").generate(
+        ["The cat sat"], SamplingParams(max_tokens=16, ignore_eos=True)
+    )[0]
+    assert data["token_ids"] == expected.token_ids
+
+
+def test_generate_cli_streams_and_refuses_bad_input():
+    result = subprocess.run(
+        [sys.executable, "-m", "kvforge", "generate", "--prompt", "hi", "--max-tokens", "4"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "random weights" in result.stderr and "TTFT" in result.stderr
+    too_long = subprocess.run(
+        [sys.executable, "-m", "kvforge", "generate", "--prompt", "x" * 5000],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert too_long.returncode == 2
+    assert "kvforge generate: error: prompt (5001 tokens) + max_tokens (64)" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
