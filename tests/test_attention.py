@@ -13,8 +13,8 @@ SEQS = [(1, 37), (5, 20), (1, 3), (9, 9), (1, 50)]
 
 def batch(block_size: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(NUM_BLOCKS, block_size, KV_HEADS, HEAD_DIM, generator=gen)
-    v_cache = torch.randn(NUM_BLOCKS, block_size, KV_HEADS, HEAD_DIM, generator=gen)
+    k_cache = torch.randn(KV_HEADS, NUM_BLOCKS, block_size, HEAD_DIM, generator=gen)
+    v_cache = torch.randn(KV_HEADS, NUM_BLOCKS, block_size, HEAD_DIM, generator=gen)
     free = torch.randperm(NUM_BLOCKS, generator=gen).tolist()  # scattered block ids
     tables, starts, lens = [], [0], []
     for query_len, seq_len in SEQS:
@@ -48,8 +48,8 @@ def test_reference_matches_a_dense_computation():
     """One sequence, one block per token: the reference equals attention written out."""
     q, k_cache, v_cache, meta = batch(1)
     start, end = meta.query_start_loc[1], meta.query_start_loc[2]  # 5 queries over 20 keys
-    keys = k_cache[meta.block_tables[1, :20]].squeeze(1)  # [20, kv_heads, D]
-    values = v_cache[meta.block_tables[1, :20]].squeeze(1)
+    keys = k_cache[:, meta.block_tables[1, :20]].squeeze(2).transpose(0, 1)  # [20, kv_heads, D]
+    values = v_cache[:, meta.block_tables[1, :20]].squeeze(2).transpose(0, 1)
     out = reference_attention(q, k_cache, v_cache, meta, 0.25)[start:end]
     for t in range(5):
         pos = 15 + t
@@ -58,3 +58,21 @@ def test_reference_matches_a_dense_computation():
             scores = (keys[: pos + 1, kv] @ q[start + t, h]) * 0.25
             expected = torch.softmax(scores, 0) @ values[: pos + 1, kv]
             torch.testing.assert_close(out[t, h], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 4, 64])
+def test_fresh_prefill_from_new_kv_equals_reading_the_cache(window):
+    """A sequence with nothing cached attends over this pass's K/V via fused SDPA."""
+    q, k_cache, v_cache, meta = batch(4)
+    tokens = meta.query_start_loc[-1]
+    blocks, offsets = [], []
+    for i in range(meta.num_seqs):  # where the new tokens sit in the cache
+        for p in range(meta.seq_lens[i] - meta.query_len(i), meta.seq_lens[i]):
+            blocks.append(int(meta.block_tables[i, p // 4]))
+            offsets.append(p % 4)
+    k_new = k_cache[:, blocks, offsets].transpose(0, 1)  # [T, kv_heads, D]
+    v_new = v_cache[:, blocks, offsets].transpose(0, 1)
+    assert k_new.shape == (tokens, KV_HEADS, HEAD_DIM)
+    ours = paged_attention(q, k_cache, v_cache, meta, 0.25, window, k_new, v_new)
+    ref = reference_attention(q, k_cache, v_cache, meta, 0.25, window)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

@@ -126,6 +126,7 @@ class LLM:
                 tokenizer = load_tokenizer(model)
             except ConfigError as exc:
                 tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
+        net.fuse_projections()
         self.enable_prefix_caching = enable_prefix_caching
         config = net.config
         spec = config.spec

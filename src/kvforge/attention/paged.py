@@ -5,9 +5,14 @@ Keys and values are gathered TILE_TOKENS at a time and folded into a running
 than one tile of keys however long the context is. Decode tokens of all
 sequences are processed together; each prefill chunk on its own. Query heads
 are grouped onto their KV head (GQA/MQA) without copying K/V per query head.
+
+A prefill with nothing cached before it (the whole sequence is new) needs no
+read at all: its K/V are the ones just computed, and PyTorch's fused causal
+SDPA (tiled, GQA-aware) attends over them directly.
 """
 
 import torch
+import torch.nn.functional as F
 
 from kvforge.attention.metadata import AttentionMetadata
 
@@ -15,33 +20,38 @@ TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_T
 
 
 def _attend(
-    q: torch.Tensor,  # [B, kv_heads, M, D] float32, already scaled; M rows per KV head
+    q: torch.Tensor,  # [kv_heads, B, M, D] float32, already scaled; M rows per KV head
     q_pos: torch.Tensor,  # [B, M] position of each query row
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks]
     first_block: int,
     sliding_window: int | None,
-) -> torch.Tensor:  # [B, kv_heads, M, D] float32
-    block_size = k_cache.shape[1]
+) -> torch.Tensor:  # [kv_heads, B, M, D] float32
+    kv_heads, batch = q.shape[0], q.shape[1]
+    block_size = k_cache.shape[2]
     tile_blocks = max(1, TILE_TOKENS // block_size)
     num_blocks = block_tables.shape[1]
     m = denom = acc = None  # running max, softmax denominator, weighted sum of V
     for start in range(first_block, num_blocks, tile_blocks):
         ids = block_tables[:, start : start + tile_blocks]  # [B, nb]
-        k = k_cache[ids].flatten(1, 2)  # [B, L, kv_heads, D]
-        v = v_cache[ids].flatten(1, 2)
-        k_pos = torch.arange(start * block_size, start * block_size + k.shape[1], device=q.device)
+        length = ids.shape[1] * block_size
+        # index_select, not k_cache[:, ids]: advanced indexing is ~8x slower on CPU.
+        # Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
+        flat = ids.reshape(-1)
+        k = k_cache.index_select(1, flat).view(kv_heads, batch, length, -1).float()
+        v = v_cache.index_select(1, flat).view(kv_heads, batch, length, -1).float()
+        k_pos = torch.arange(start * block_size, start * block_size + length, device=q.device)
         visible = k_pos <= q_pos[..., None]  # [B, M, L]; also hides padding past seq_len
         if sliding_window is not None:
             visible &= k_pos > q_pos[..., None] - sliding_window
-        scores = q @ k.permute(0, 2, 3, 1).float()  # [B, kv_heads, M, L]
-        scores.masked_fill_(~visible[:, None], float("-inf"))
-        tile_max = scores.amax(-1)  # [B, kv_heads, M]
+        scores = q @ k.transpose(-1, -2)  # [kv_heads, B, M, L]
+        scores.masked_fill_(~visible, float("-inf"))
+        tile_max = scores.amax(-1)  # [kv_heads, B, M]
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
         p = torch.exp(scores - m_safe[..., None])
-        pv = p @ v.transpose(1, 2).float()  # [B, kv_heads, M, D]
+        pv = p @ v  # [kv_heads, B, M, D]
         if m is None:
             denom, acc = p.sum(-1), pv
         else:
@@ -61,14 +71,16 @@ def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) ->
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k_new: torch.Tensor | None = None,  # [T, kv_heads, D]: this pass's K, V (optional)
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     num_tokens, num_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
+    kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
     decode = [i for i in range(meta.num_seqs) if meta.query_len(i) == 1]
@@ -78,6 +90,7 @@ def paged_attention(
         rows = [meta.query_start_loc[i] for i in decode]
         all_rows = len(rows) == num_tokens
         q_dec = (q if all_rows else q[rows]).float().view(len(rows), kv_heads, group, head_dim)
+        q_dec = q_dec.transpose(0, 1)  # [kv_heads, B, group, D]
         pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=q.device)
         tables = meta.block_tables if len(decode) == meta.num_seqs else meta.block_tables[decode]
         first = _first_block(
@@ -87,7 +100,7 @@ def paged_attention(
             q_dec * scale, pos[:, None].expand(-1, group), k_cache, v_cache, tables, first,
             sliding_window,
         )  # fmt: skip
-        o = o.reshape(len(rows), num_heads, head_dim).to(q.dtype)
+        o = o.transpose(0, 1).reshape(len(rows), num_heads, head_dim).to(q.dtype)
         if all_rows:
             out = o
         else:
@@ -96,9 +109,21 @@ def paged_attention(
     for i in prefill:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         query_len, seq_len = end - start, meta.seq_lens[i]
-        # [Lq, H, D] -> [1, kv_heads, group * Lq, D]: rows of one KV head are (query head, token)
+        fresh = query_len == seq_len and (sliding_window is None or seq_len <= sliding_window)
+        if fresh and k_new is not None and v_new is not None:
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),  # [H, L, D]
+                k_new[start:end].transpose(0, 1).to(q.dtype),  # [kv_heads, L, D]
+                v_new[start:end].transpose(0, 1).to(q.dtype),
+                is_causal=True,
+                scale=scale,
+                enable_gqa=True,
+            )
+            out[start:end] = o.transpose(0, 1)
+            continue
+        # [Lq, H, D] -> [kv_heads, 1, group * Lq, D]: rows of one KV head are (query head, token)
         q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
-        q_i = q_i.reshape(1, kv_heads, group * query_len, head_dim)
+        q_i = q_i.reshape(kv_heads, 1, group * query_len, head_dim)
         pos = torch.arange(seq_len - query_len, seq_len, device=q.device).repeat(group)[None]
         num_blocks = -(-seq_len // meta.block_size)
         first = _first_block(seq_len - query_len, sliding_window, meta.block_size)

@@ -11,10 +11,12 @@ from kvforge.attention.metadata import AttentionMetadata
 
 
 def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
+    block_table: torch.Tensor,
+    seq_len: int,
 ) -> torch.Tensor:  # [seq_len, kv_heads, D]
-    num_blocks = -(-seq_len // cache.shape[1])
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:seq_len]
+    num_blocks = -(-seq_len // cache.shape[2])
+    return cache[:, block_table[:num_blocks]].flatten(1, 2)[:, :seq_len].transpose(0, 1)
 
 
 def causal_mask(
@@ -30,14 +32,14 @@ def causal_mask(
 
 def reference_attention(
     q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, D]
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:  # [T, H, D]
     out = torch.empty_like(q)
-    group = q.shape[1] // k_cache.shape[2]
+    group = q.shape[1] // k_cache.shape[0]
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         seq_len = meta.seq_lens[i]

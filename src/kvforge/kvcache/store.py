@@ -16,10 +16,12 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 
 
 class KVStore:
-    """K and V of every layer: [num_blocks, block_size, num_kv_heads, head_dim] each.
+    """K and V of every layer: [num_kv_heads, num_blocks, block_size, head_dim] each.
 
     A token's K/V is written once, at its slot (block_id * block_size + offset),
-    and read by attention through the request's block table.
+    and read by attention through the request's block table. The head comes
+    first so that gathering a sequence's blocks for one head yields one
+    contiguous [tokens, head_dim] matrix, multiplied without a copy.
     """
 
     def __init__(
@@ -38,7 +40,7 @@ class KVStore:
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
         self.dtype = TORCH_DTYPES[fmt.name]
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
         self.k = [
             torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(spec.num_layers)
         ]
@@ -52,8 +54,11 @@ class KVStore:
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Store the new tokens' K/V ([T, kv_heads, D]) at their slots ([T])."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k.to(self.dtype))
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v.to(self.dtype))
+        heads, dim = k.shape[1], k.shape[2]
+        k_slots = self.k[layer].view(heads, -1, dim)  # [kv_heads, num_blocks * block_size, D]
+        v_slots = self.v[layer].view(heads, -1, dim)
+        k_slots.index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.dtype))
+        v_slots.index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.dtype))
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]

@@ -237,6 +237,34 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
+        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace q/k/v_proj by one matmul (fewer, larger GEMMs); weights move, not copy twice."""
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+                          bias=parts[0].bias is not None)  # fmt: skip
+        fused = fused.to(device=parts[0].weight.device, dtype=parts[0].weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        fused.requires_grad_(False)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_tokens = x.shape[0]
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        return (
+            q.reshape(num_tokens, self.num_heads, self.head_dim),  # [T, H, D]
+            k.reshape(num_tokens, self.num_kv_heads, self.head_dim),  # [T, kvH, D]
+            v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+        )
 
     def forward(
         self,
@@ -247,15 +275,13 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, kvH, D]
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self._project(x)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         kv.write(self.layer_idx, meta.slot_mapping, k, v)
         k_cache, v_cache = kv.layer(self.layer_idx)
-        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k, v)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -266,9 +292,24 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Replace gate_proj and up_proj by one matmul."""
+        gate, up = self.gate_proj, self.up_proj
+        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=False)
+        fused = fused.to(device=gate.weight.device, dtype=gate.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
+        fused.requires_grad_(False)
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -346,6 +387,12 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         return self.model(input_ids, positions, kv, meta)
+
+    def fuse_projections(self) -> None:
+        """Serve with fused q/k/v and gate/up matmuls; parameter names stop matching HF's."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         return self.lm_head(hidden).float()
