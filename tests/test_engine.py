@@ -134,3 +134,13 @@ def test_store_bytes_per_token_equal_the_planner(checkpoint):
         spec = llm.engine.store.spec
         assert store.bytes_per_token == bytes_per_token(spec, store.format, 16)
         assert llm.kv_stats()["kv_bytes_allocated"] == 10 * 16 * store.bytes_per_token
+
+
+def test_half_precision_engine_runs_and_halves_the_cache(checkpoint):
+    path, _ = checkpoint
+    fp32 = LLM(model=str(path), device="cpu", num_blocks=16)
+    bf16 = LLM(model=str(path), device="cpu", num_blocks=16, dtype="bf16")
+    assert bf16.kv_stats()["bytes_per_token"] * 2 == fp32.kv_stats()["bytes_per_token"]
+    outs = run(bf16, PROMPTS[:2], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [len(o) for o in outs] == [8, 8]
+    assert all(0 <= t < TINY["vocab_size"] for o in outs for t in o)
