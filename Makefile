@@ -16,7 +16,7 @@ $(BIN)/kvforge: pyproject.toml
 	touch $@
 
 demo: $(BIN)/kvforge
-	$(BIN)/kvforge plan --model llama-3.1-8b --context 8192 --memory 24GiB --compare
+	$(BIN)/kvforge generate --prompt "The cat sat" --max-tokens 32
 
 test: $(BIN)/kvforge
 	$(BIN)/ruff check .

@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each engine")
+    parser.add_argument("--only", help="run just this engine (kvforge, generate, generate_batch)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -104,6 +105,8 @@ def main() -> None:
                 model, prompts, args.new_tokens
             ),
         }
+        if args.only:
+            engines = {n: fn for n, fn in engines.items() if n.endswith(args.only)}
         outputs = {}
         for _ in range(args.repeats):  # interleaved, so drift hits every engine alike
             for name, fn in engines.items():
@@ -124,13 +127,14 @@ def main() -> None:
     peers = [
         r["tokens_per_s"] for n, r in results.items() if n != "kvforge" and "tokens_per_s" in r
     ]
+    ours_per_s = results.get("kvforge", {}).get("tokens_per_s")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     summary = {
         "machine": machine,
         "workload": {"requests": args.requests, "prompt_tokens": "32-256",
                      "new_tokens": args.new_tokens, "model": CONFIG, "dtype": "float32"},
         "results": results,
-        "kvforge_vs_best_peer": results["kvforge"]["tokens_per_s"] / max(peers) if peers else None,
+        "kvforge_vs_best_peer": ours_per_s / max(peers) if peers and ours_per_s else None,
     }  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))

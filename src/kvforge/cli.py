@@ -310,8 +310,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"\n[{out.finish_reason}] TTFT {m.ttft_s * 1000:.1f} ms · {m.completion_tokens} tokens"
         + (f" · {rate:.1f} tokens/s decode" if rate else "")
         + f" · KV {peak['tokens_stored'] * peak['bytes_per_token']:,} B in use of "
-        f"{peak['kv_bytes_allocated']:,} B allocated · {peak['blocks_used']} of "
-        f"{peak['blocks_total']} blocks at peak",
+        f"{peak['kv_bytes_allocated']:,} B allocated · {peak['blocks_used']:,} of "
+        f"{peak['blocks_total']:,} blocks at peak",
         file=sys.stderr,
     )
     return EXIT_OK
