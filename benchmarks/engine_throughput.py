@@ -4,8 +4,9 @@ Workload (seeded): a Llama config with hidden 512, 8 layers, 8 heads, 2 KV
 heads, vocab 32,000, random float32 weights; 32 requests with prompts of
 32-256 tokens and 64 new tokens each (greedy, EOS ignored). Peers on the same
 weights: transformers `generate` on the left-padded batch, and transformers
-`generate_batch` (its continuous batching). Reports output tokens/s and the
-ratio of kvforge to the better peer.
+`generate_batch` (its continuous batching). Reports output tokens/s, the
+ratio of kvforge to the better peer, and the matmul floor: the time this
+machine needs for the workload's matrix multiplications alone.
 
     .venv/bin/python benchmarks/engine_throughput.py [--requests 32] [--repeats 2]
 """
@@ -22,6 +23,7 @@ import transformers
 
 from kvforge import LLM, SamplingParams
 
+FLOOR = "matmul floor (no engine beats it)"
 CONFIG = {
     "hidden_size": 512,
     "num_hidden_layers": 8,
@@ -38,6 +40,47 @@ def workload(num_requests: int, seed: int = 0) -> list[list[int]]:
     return [
         [rng.randrange(3, 32000) for _ in range(rng.randint(32, 256))] for _ in range(num_requests)
     ]
+
+
+def _best_time(fn, repeats: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_floor_s(prompts: list[list[int]], new_tokens: int, chunk: int = 2048) -> float:
+    """Seconds this machine needs for the workload's matmuls alone, nothing else.
+
+    Prefill: every prompt token through every layer's projections, timed at
+    M = `chunk` rows (the engine's prefill chunk). Decode: one step per new
+    token after the first, all requests together (M = number of requests),
+    layers plus the LM head. Attention, norms and sampling are not counted, so
+    no engine can beat this.
+    """
+    h, inter, vocab = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
+    head_dim = h // CONFIG["num_attention_heads"]
+    qkv = h + 2 * CONFIG["num_key_value_heads"] * head_dim
+    layer_shapes = [(h, qkv), (h, h), (h, 2 * inter), (inter, h)]  # (in, out) per matmul
+
+    def stack_s(rows: int) -> float:
+        weights = [torch.randn(n_out, n_in) for n_in, n_out in layer_shapes]
+        inputs = [torch.randn(rows, n_in) for n_in, _ in layer_shapes]
+
+        def run() -> None:
+            for x, w in zip(inputs, weights, strict=True):
+                torch.nn.functional.linear(x, w)
+
+        return CONFIG["num_hidden_layers"] * _best_time(run)
+
+    batch = len(prompts)
+    head = torch.randn(vocab, h)
+    head_s = _best_time(lambda: torch.nn.functional.linear(torch.randn(batch, h), head))
+    prefill_s = sum(map(len, prompts)) / chunk * stack_s(chunk) + head_s
+    return prefill_s + (new_tokens - 1) * (stack_s(batch) + head_s)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -119,13 +162,20 @@ def main() -> None:
                 if seconds < best:
                     results[name] = {"seconds": seconds, "tokens_per_s": output_tokens / seconds}
                 outputs[name] = tokens
+    floor_s = gemm_floor_s(prompts, args.new_tokens)
+    results[FLOOR] = {
+        "seconds": floor_s,
+        "tokens_per_s": output_tokens / floor_s,
+    }
     ours = outputs.get("kvforge")
     for name, tokens in outputs.items():
         if name != "kvforge" and ours is not None:
             same = sum(a == b for a, b in zip(ours, tokens, strict=False))
             results[name]["identical_greedy_outputs"] = f"{same}/{len(ours)}"
     peers = [
-        r["tokens_per_s"] for n, r in results.items() if n != "kvforge" and "tokens_per_s" in r
+        r["tokens_per_s"]
+        for n, r in results.items()
+        if n.startswith("transformers") and "tokens_per_s" in r
     ]
     ours_per_s = results.get("kvforge", {}).get("tokens_per_s")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
@@ -135,6 +185,7 @@ def main() -> None:
                      "new_tokens": args.new_tokens, "model": CONFIG, "dtype": "float32"},
         "results": results,
         "kvforge_vs_best_peer": ours_per_s / max(peers) if peers and ours_per_s else None,
+        "kvforge_vs_floor": ours_per_s / results[FLOOR]["tokens_per_s"] if ours_per_s else None,
     }  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -152,6 +203,8 @@ def main() -> None:
             print(f"{name:32s} {r['tokens_per_s']:8.1f} tokens/s ({r['seconds']:.2f} s){extra}")
     if summary["kvforge_vs_best_peer"]:
         print(f"kvforge / best peer: {summary['kvforge_vs_best_peer']:.2f}x")
+    if summary["kvforge_vs_floor"]:
+        print(f"kvforge / matmul floor: {summary['kvforge_vs_floor']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,10 @@ def _attend(
             visible &= k_pos > q_pos[..., None] - sliding_window
         scores = q @ k.transpose(-1, -2)  # [kv_heads, B, M, L]
         scores.masked_fill_(~visible, float("-inf"))
+        if start == first_block and start + tile_blocks >= num_blocks:
+            # One tile holds every key (the common case): a plain softmax. Each row sees
+            # at least its own position, so no row is all -inf.
+            return torch.softmax(scores, dim=-1) @ v
         tile_max = scores.amax(-1)  # [kv_heads, B, M]
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
