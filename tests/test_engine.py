@@ -113,7 +113,9 @@ def test_batched_equals_alone(checkpoint, block_size):
 def test_small_prefill_chunks_equal_alone(checkpoint):
     path, _ = checkpoint
     reference = run(LLM(model=str(path), device="cpu", num_blocks=64), PROMPTS)
-    chunked = LLM(model=str(path), device="cpu", num_blocks=64, max_num_batched_tokens=5)
+    chunked = LLM(
+        model=str(path), device="cpu", num_blocks=64, max_num_batched_tokens=5, max_num_seqs=4
+    )
     assert run(chunked, PROMPTS) == reference
 
 

@@ -120,7 +120,7 @@ def test_too_long_requests_are_refused_while_others_run(llm):
 def test_bad_sampling_params_name_the_limit():
     with pytest.raises(KVForgeError, match="max_tokens must be at least 1, got 0"):
         SamplingParams(max_tokens=0)
-    with pytest.raises(KVForgeError, match="temperature must be >= 0"):
+    with pytest.raises(KVForgeError, match="temperature must be a finite number >= 0, got -1"):
         SamplingParams(temperature=-1)
     with pytest.raises(KVForgeError, match=r"top_p must be in \(0, 1\]"):
         SamplingParams(top_p=0)
@@ -198,3 +198,77 @@ def test_generate_cli_streams_and_refuses_bad_input():
     assert too_long.returncode == 2
     assert "kvforge generate: error: prompt (5001 tokens) + max_tokens (64)" in too_long.stderr
     assert "Traceback" not in too_long.stderr
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+        ({"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+        ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        ({"top_p": float("nan")}, r"top_p must be in \(0, 1\]"),
+    ],
+)
+def test_non_finite_and_out_of_range_sampling_params(kwargs, message):
+    with pytest.raises(KVForgeError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_top_k_and_top_p_keep_exactly_the_best_on_ties():
+    import torch
+
+    from kvforge.engine.sampling import _filter_top_k_top_p
+
+    logits = torch.tensor([1.0, 3.0, 3.0, 0.0])
+    kept = _filter_top_k_top_p(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(kept).tolist() == [False, True, True, False]
+    nucleus = _filter_top_k_top_p(logits, top_k=0, top_p=1e-6)
+    assert torch.isfinite(nucleus).tolist() == [False, True, False, False]  # first of the tie
+    assert SamplingParams(temperature=0.9, top_k=1).greedy
+    assert SamplingParams(temperature=1e-7).greedy
+
+
+def test_stream_holds_back_text_that_may_still_change():
+    from kvforge.engine.request import Request, RequestMetrics
+    from kvforge.kvcache.block_table import BlockTable
+    from kvforge.llm import _stable_text
+
+    r = Request("r", None, [1], SamplingParams(stop=["END"]), BlockTable(16),
+                RequestMetrics(arrival_s=0.0), frozenset())  # fmt: skip
+    assert _stable_text(r, "caf\ufffd") == "caf"  # half of "é"
+    assert _stable_text(r, "café") == "café"
+    assert _stable_text(r, "the EN") == "the "  # may become "END"
+    assert _stable_text(r, "the ENx") == "the ENx"
+    r.finish_reason, r.text = "stop", "the "
+    assert _stable_text(r, "the END") == "the "
+
+
+def test_a_failing_forward_pass_aborts_its_requests_and_frees_blocks(llm, monkeypatch):
+    def broken(batch):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(llm.engine.runner, "run", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate(["abc", "defg"], SamplingParams(max_tokens=4))
+    assert_pool_whole(llm)
+    assert not llm.engine.has_unfinished
+    monkeypatch.undo()
+    out = llm.generate(["abc"], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+
+
+def test_scheduler_limits_and_devices_are_checked():
+    with pytest.raises(KVForgeError, match=r"max_num_batched_tokens \(8\) must be at least "
+                                           r"max_num_seqs \(16\)"):  # fmt: skip
+        LLM(device="cpu", num_blocks=4, max_num_batched_tokens=8, max_num_seqs=16)
+    with pytest.raises(KVForgeError, match="unknown device 'tpu'; use auto, cpu or cuda"):
+        LLM(device="tpu", num_blocks=4)
+    with pytest.raises(KVForgeError, match="device 'mps' is not supported"):
+        LLM(device="mps", num_blocks=4)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(KVForgeError, match="device 'cuda' asked for, but torch sees no CUDA"):
+            LLM(device="cuda", num_blocks=4)
+    with pytest.raises(KVForgeError, match=r"the KV cache needs .* B but this machine has"):
+        LLM(device="cpu", kv_memory="100TiB")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 from kvforge import __version__
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.formats import KV_FORMATS
+from kvforge.kvcache.formats import KV_FORMATS, UNQUANTIZED_FORMATS
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import DEFAULT_BLOCK_SIZE, compare_levers, plan_kv, resolve_weights
 from kvforge.presets import PRESETS, get_preset
@@ -218,7 +218,7 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         "--model",
         help="an HF checkpoint directory (default: the built-in untrained model)",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", *UNQUANTIZED_FORMATS])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument(
         "--kv-memory",
@@ -226,7 +226,10 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="bytes for the KV cache, e.g. 2GiB (default 512MiB on CPU)",
     )
     p.add_argument(
-        "--kv-dtype", default="auto", choices=["auto", *KV_FORMATS], help="KV cache format"
+        "--kv-dtype",
+        default="auto",
+        choices=["auto", *UNQUANTIZED_FORMATS],
+        help="KV cache format (quantized formats arrive with their own issue)",
     )
     p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
 

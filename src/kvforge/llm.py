@@ -5,6 +5,7 @@ Builds the model (a checkpoint directory, or the built-in untrained model when
 engine until every request has finished.
 """
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,25 @@ class TokenIdsOnly:
         return ""
 
 
+def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device) -> KVStore:
+    """The KV store, or an error naming the bytes asked for and what the device has."""
+    kv_bytes = num_blocks * bytes_per_block(spec, fmt, block_size)
+    if device.type == "cpu":
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        if kv_bytes > available:
+            raise KVForgeError(
+                f"the KV cache needs {kv_bytes:,} B but this machine has {available:,} B of "
+                "free memory: lower kv_memory or num_blocks"
+            )
+    try:
+        return KVStore(spec, fmt, num_blocks, block_size, device)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        raise KVForgeError(
+            f"cannot allocate the KV cache ({kv_bytes:,} B) on {device}: {exc}; "
+            "lower kv_memory or num_blocks"
+        ) from None
+
+
 def _resolve_device(device: str | torch.device) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,8 +82,16 @@ def _resolve_device(device: str | torch.device) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise KVForgeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise KVForgeError("device 'cuda' asked for, but torch sees no CUDA device")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KVForgeError("device 'cuda' asked for, but torch sees no CUDA device")
+        if resolved.index is not None and resolved.index >= count:
+            raise KVForgeError(
+                f"device {device!r} does not exist: torch sees {count} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise KVForgeError(f"device {device!r} is not supported; use auto, cpu or cuda")
     return resolved
 
 
@@ -137,7 +165,7 @@ class LLM:
         num_blocks = self._num_blocks(
             num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
         )
-        store = KVStore(spec, fmt, num_blocks, block_size, self.device)
+        store = _allocate_store(spec, fmt, num_blocks, block_size, self.device)
         self.engine = LLMEngine(
             net,
             tokenizer,
@@ -208,9 +236,17 @@ class LLM:
         back with finish_reason "abort" and `error` naming the limit.
         """
         submitted = self._submit(prompts, sampling_params)
-        while self.engine.has_unfinished:
-            self.engine.step()
+        try:
+            while any(isinstance(s, Request) and s.finish_reason is None for s in submitted):
+                self.engine.step()
+        finally:  # an error or an interrupt must not leave requests holding blocks
+            self._abort_unfinished(submitted)
         return [s if isinstance(s, RequestOutput) else s.output() for s in submitted]
+
+    def _abort_unfinished(self, submitted: list[Request | RequestOutput]) -> None:
+        for s in submitted:
+            if isinstance(s, Request):
+                self.engine.abort(s.request_id)
 
     def stream(
         self,
@@ -225,22 +261,37 @@ class LLM:
             for i, s in enumerate(submitted):
                 if isinstance(s, RequestOutput):
                     yield StreamEvent(i, None, "", "abort", s)
-            while self.engine.has_unfinished:
+            while any(isinstance(s, Request) and s.finish_reason is None for s in submitted):
                 for event in self.engine.step():
-                    if event.token_id is None:
-                        continue
                     r = event.request
-                    text = self.engine.decode_text(r)
+                    if event.token_id is None or id(r) not in index:
+                        continue  # mid-prefill, or another caller's request
+                    text = _stable_text(r, self.engine.decode_text(r))
                     delta, shown[id(r)] = text[len(shown[id(r)]) :], text
                     output = r.output() if event.finished else None
                     yield StreamEvent(index[id(r)], event.token_id, delta, r.finish_reason, output)
         finally:  # a consumer that stops early must not leave requests holding blocks
-            for s in submitted:
-                if isinstance(s, Request):
-                    self.engine.abort(s.request_id)
+            self._abort_unfinished(submitted)
 
     def kv_stats(self) -> dict:
         return self.engine.kv_stats()
+
+
+def _stable_text(r: Request, text: str) -> str:
+    """The part of a running request's text that later tokens cannot change.
+
+    Held back: a trailing U+FFFD (a multi-byte character cut between tokens)
+    and any tail that could be the start of a stop string (cut if it completes).
+    """
+    if r.finish_reason is not None:
+        return r.text
+    text = text.rstrip("\ufffd")
+    for stop in r.params.stop_strings:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                text = text[:-k]
+                break
+    return text
 
 
 def _refused(prompt: Prompt, error: str) -> RequestOutput:

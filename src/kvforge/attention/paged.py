@@ -114,16 +114,19 @@ def paged_attention(
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         query_len, seq_len = end - start, meta.seq_lens[i]
         fresh = query_len == seq_len and (sliding_window is None or seq_len <= sliding_window)
-        if fresh and k_new is not None and v_new is not None:
+        # Only when the store keeps K/V exactly as computed, so that reading them back
+        # later (decode, chunked prefill, recompute) sees the same values.
+        exact = k_new is not None and v_new is not None and k_new.dtype == k_cache.dtype
+        if fresh and exact:
             o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),  # [H, L, D]
-                k_new[start:end].transpose(0, 1).to(q.dtype),  # [kv_heads, L, D]
-                v_new[start:end].transpose(0, 1).to(q.dtype),
+                q[start:end].transpose(0, 1).float(),  # [H, L, D], fp32 like the paged path
+                k_new[start:end].transpose(0, 1).float(),  # [kv_heads, L, D]
+                v_new[start:end].transpose(0, 1).float(),
                 is_causal=True,
                 scale=scale,
                 enable_gqa=True,
             )
-            out[start:end] = o.transpose(0, 1)
+            out[start:end] = o.transpose(0, 1).to(q.dtype)
             continue
         # [Lq, H, D] -> [kv_heads, 1, group * Lq, D]: rows of one KV head are (query head, token)
         q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)

@@ -98,7 +98,7 @@ class LLMEngine:
                 f"{blocks} KV blocks of {block_size} tokens; the pool has {self.pool.num_blocks} "
                 f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
             )
-        request_id = request_id if request_id is not None else str(next(self._ids))
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise KVForgeError(f"request id {request_id!r} is already in use")
         generator = None
@@ -137,7 +137,15 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        token_ids = self.runner.run(batch)
+        try:
+            token_ids = self.runner.run(batch)
+        except BaseException as exc:
+            # Slots were reserved for tokens that were never computed: end these requests
+            # (blocks back to the pool) rather than leave their tables out of step.
+            for item in batch:
+                item.request.error = f"the forward pass failed: {type(exc).__name__}: {exc}"
+                self._finish(item.request, "abort")
+            raise
         return self._update(batch, token_ids)
 
     def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:

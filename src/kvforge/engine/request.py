@@ -79,6 +79,7 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     text: str = ""
+    error: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -99,4 +100,5 @@ class Request:
             text=self.text,
             finish_reason=self.finish_reason,
             metrics=self.metrics,
+            error=self.error,
         )

@@ -5,11 +5,14 @@ request's own torch.Generator, so a seed gives the same tokens whether the
 request runs alone or batched with others.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from kvforge.errors import KVForgeError
+
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -31,8 +34,15 @@ class SamplingParams:
             raise KVForgeError(f"max_tokens must be an integer, got {self.max_tokens!r}")
         if self.max_tokens < 1:
             raise KVForgeError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not isinstance(self.temperature, int | float) or self.temperature < 0:
-            raise KVForgeError(f"temperature must be >= 0, got {self.temperature!r}")
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, int | float)
+            or not math.isfinite(self.temperature)
+            or self.temperature < 0
+        ):
+            raise KVForgeError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise KVForgeError(
                 f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}"
@@ -40,9 +50,11 @@ class SamplingParams:
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
             raise KVForgeError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not -(2**63) <= self.seed < 2**64
         ):
-            raise KVForgeError(f"seed must be an integer, got {self.seed!r}")
+            raise KVForgeError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not isinstance(s, str) or not s for s in stop):
             raise KVForgeError(f"stop must be non-empty strings, got {self.stop!r}")
@@ -53,16 +65,20 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below MIN_TEMPERATURE dividing the logits overflows, and top_k=1 keeps only
+        # the best token: both are argmax (first of equal logits, as greedy picks).
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top k and outside the top-p nucleus ([V])."""
     if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        keep = torch.topk(logits, top_k).indices  # exactly k tokens, even with ties
+        kept = torch.full_like(logits, float("-inf"))
+        kept[keep] = logits[keep]
+        logits = kept
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_logits, order = torch.sort(logits, descending=True, stable=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens before it already reach top_p; the first always stays
         drop = (probs.cumsum(-1) - probs) >= top_p
@@ -81,6 +97,8 @@ def sample(
         if p.greedy:
             continue
         scaled = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(scaled, dim=-1)
+        # on the CPU: each request's generator lives there, so a seed gives the same
+        # tokens on every device, alone or batched
+        probs = torch.softmax(scaled, dim=-1).cpu()
         tokens[row] = int(torch.multinomial(probs, 1, generator=gen))
     return tokens

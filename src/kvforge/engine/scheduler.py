@@ -18,13 +18,28 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvforge.engine.request import Request, Status
+from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """Per-step limits. Every running request must get its decode token each step,
+    so the token budget is at least the number of sequences."""
+
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise KVForgeError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_num_seqs ({self.max_num_seqs}), or running requests would starve"
+            )
 
 
 @dataclass

@@ -28,6 +28,7 @@ from math import ceil
 from kvforge.errors import KVForgeError
 
 PARAM_BYTES = 2  # scales and zero points are stored as fp16
+UNQUANTIZED_FORMATS = ("fp32", "fp16", "bf16")
 INT4_GROUP_SIZE = 64
 INT2_GROUP_SIZE = 64
 INT2_RESIDUAL_TOKENS = 32
