@@ -110,7 +110,11 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    """An engine over one model and one paged KV cache (see DESIGN.md for the contract)."""
+    """An engine over one model and one paged KV cache (see DESIGN.md for the contract).
+
+    `enable_prefix_caching` and `cache_salt` are part of the contract already but
+    have no effect yet: every request computes its whole prompt (cached_tokens 0).
+    """
 
     def __init__(
         self,

@@ -1,0 +1,22 @@
+"""CUDA paths (run with `pytest -m gpu` on a machine with a GPU)."""
+
+import pytest
+
+from kvforge import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+def test_builtin_model_on_cuda_matches_cpu_greedy_and_samples_reproducibly():
+    cpu = LLM(device="cpu", kv_memory="8MiB")
+    gpu = LLM(device="cuda", kv_memory="8MiB")
+    assert gpu.engine.store.k[0].device.type == "cuda"
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert gpu.generate(["The cat sat"], greedy)[0].token_ids == (
+        cpu.generate(["The cat sat"], greedy)[0].token_ids
+    )
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=3, ignore_eos=True)
+    first = gpu.generate(["hello"], seeded)[0].token_ids
+    assert gpu.generate(["x", "hello"], seeded)[1].token_ids == first
+    gpu.engine.pool.check_integrity()
+    assert gpu.kv_stats()["blocks_used"] == 0
