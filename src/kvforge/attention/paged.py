@@ -118,15 +118,18 @@ def paged_attention(
         # later (decode, chunked prefill, recompute) sees the same values.
         exact = k_new is not None and v_new is not None and k_new.dtype == k_cache.dtype
         if fresh and exact:
+            # 4-D inputs with K/V repeated per query head take PyTorch's fused (flash)
+            # CPU kernel; enable_gqa or 3-D inputs fall back to the unfused math path.
             o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1).float(),  # [H, L, D], fp32 like the paged path
-                k_new[start:end].transpose(0, 1).float(),  # [kv_heads, L, D]
-                v_new[start:end].transpose(0, 1).float(),
+                q[start:end]
+                .transpose(0, 1)[None]
+                .float(),  # [1, H, L, D], fp32 like the paged path
+                k_new[start:end].transpose(0, 1).repeat_interleave(group, 0)[None].float(),
+                v_new[start:end].transpose(0, 1).repeat_interleave(group, 0)[None].float(),
                 is_causal=True,
                 scale=scale,
-                enable_gqa=True,
             )
-            out[start:end] = o.transpose(0, 1).to(q.dtype)
+            out[start:end] = o[0].transpose(0, 1).to(q.dtype)
             continue
         # [Lq, H, D] -> [kv_heads, 1, group * Lq, D]: rows of one KV head are (query head, token)
         q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
