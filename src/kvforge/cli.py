@@ -320,6 +320,46 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    from kvforge.bench import SCENARIOS
+
+    p = commands.add_parser(
+        "bench",
+        help="benchmark kvforge against its peers side by side",
+        description="Run one benchmark scenario: kvforge and its peers on the same weights and "
+        "workload in one run. Writes SCENARIO.json, SCENARIO.md and PNG plots to --out.",
+        epilog="example: kvforge bench throughput --quick --json",
+    )
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--model", help="an HF checkpoint directory (default: a random-init Llama)")
+    p.add_argument("--quick", action="store_true", help="smoke size, under a minute")
+    p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvforge.bench import run_scenario
+    from kvforge.bench.context import BenchContext
+    from kvforge.bench.report import markdown, save
+
+    model_dir = None
+    if args.model is not None:
+        model_dir = Path(args.model).expanduser()
+        if not (model_dir / "config.json").is_file():
+            raise KVForgeError(f"{model_dir}: not a checkpoint directory (no config.json)")
+    report = run_scenario(args.scenario, BenchContext(quick=args.quick, model_dir=model_dir))
+    paths = save(report, Path(args.out))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(markdown(report))
+        print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvforge",
@@ -330,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_plan_parser(commands)
     _add_generate_parser(commands)
+    _add_bench_parser(commands)
     return parser
 
 

@@ -1,0 +1,136 @@
+"""The engines a scenario compares, behind one call: greedy tokens for a list of requests.
+
+Every engine returns exactly `max_tokens` tokens per request (EOS ignored), so
+output tokens count the same everywhere. transformers' padded `generate` and
+`generate_batch` take one length for the whole batch: they generate the longest
+request's length for every request (the cost of that method) and the extra
+tokens are cut off, not counted.
+"""
+
+from pathlib import Path
+
+import torch
+
+from kvforge.bench.workloads import Request
+
+
+class KVForgeEngine:
+    name = "kvforge"
+
+    def __init__(self, model_dir: Path, max_num_seqs: int, kv_memory: str = "1GiB") -> None:
+        from kvforge import LLM
+
+        self.llm = LLM(
+            model=str(model_dir),
+            device="cpu",
+            kv_memory=kv_memory,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max(2048, max_num_seqs),
+        )
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        from kvforge import SamplingParams
+
+        params = [SamplingParams(max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+        outs = self.llm.generate([r.prompt_token_ids for r in requests], params)
+        return [o.token_ids for o in outs]
+
+
+class HFGenerateEngine:
+    """transformers `generate` on one left-padded batch."""
+
+    name = "transformers generate"
+
+    def __init__(self, model_dir: Path) -> None:
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        width = max(len(r.prompt_token_ids) for r in requests)
+        new_tokens = max(r.max_tokens for r in requests)
+        ids = torch.tensor(
+            [[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in requests]
+        )
+        mask = (
+            torch.arange(width)[None]
+            >= (width - torch.tensor([len(r.prompt_token_ids) for r in requests]))[:, None]
+        ).long()
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        return [
+            row[width : width + r.max_tokens].tolist() for row, r in zip(out, requests, strict=True)
+        ]
+
+
+class HFGenerateBatchEngine:
+    """transformers `generate_batch`: its own continuous batching."""
+
+    name = "transformers generate_batch"
+
+    def __init__(self, model_dir: Path) -> None:
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        import transformers
+
+        config = transformers.GenerationConfig(
+            max_new_tokens=max(r.max_tokens for r in requests),
+            do_sample=False,
+            eos_token_id=-1,
+            pad_token_id=0,
+        )
+        out = self.model.generate_batch(
+            inputs=[r.prompt_token_ids for r in requests], generation_config=config
+        )
+        order = sorted(out, key=lambda k: int(str(k).rsplit("_", 1)[-1]))
+        return [
+            out[k].generated_tokens[: r.max_tokens] for k, r in zip(order, requests, strict=True)
+        ]
+
+
+def transformers_engines(model_dir: Path) -> list:
+    return [HFGenerateEngine(model_dir), HFGenerateBatchEngine(model_dir)]
+
+
+def llamacpp_peer(model_dir: Path):
+    """The llama.cpp engine on the same weights, or the line saying how to install it."""
+    try:
+        from kvforge.bench.llamacpp import LlamaCppEngine, llamacpp_available
+    except ImportError:
+        return "llama.cpp peer skipped: pip install 'kvforge[peers]'"
+    missing = llamacpp_available()
+    if missing:
+        return missing
+    return LlamaCppPeer(model_dir, LlamaCppEngine)
+
+
+class LlamaCppPeer:
+    """llama.cpp through llama-cpp-python on a GGUF written by kvforge's own converter."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model_dir: Path, engine_class) -> None:
+        import json
+        import tempfile
+
+        from kvforge.models.gguf_export import export_gguf
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        gguf = Path(tempfile.mkdtemp(prefix="kvforge-gguf-")) / "model-f32.gguf"
+        export_gguf(model_dir, gguf, dtype="f32")
+        self.engine = engine_class(gguf, n_ctx=config["max_position_embeddings"])
+
+    def generate(self, requests: list[Request]) -> list[list[int]]:
+        # llama-cpp-python serves one sequence at a time: requests run one after another
+        return [self.engine.generate_greedy(r.prompt_token_ids, r.max_tokens) for r in requests]

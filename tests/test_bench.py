@@ -1,0 +1,81 @@
+"""`kvforge bench`: the quick sizes of each scenario, their files, and their exact counts."""
+
+import json
+
+import pytest
+
+from kvforge.bench.report import Plot, Report, markdown
+from kvforge.cli import main
+
+
+def bench(capsys, tmp_path, scenario: str) -> dict:
+    code = main(["bench", scenario, "--quick", "--json", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    return json.loads(out)
+
+
+def test_throughput_quick_json(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "throughput")
+    engines = {r["engine"] for r in data["results"]}
+    assert {"kvforge", "transformers generate", "transformers generate_batch"} <= engines
+    for row in data["results"]:
+        assert row["concurrency"] in (1, 4)
+        assert row["output_tokens_per_s"] == pytest.approx(row["output_tokens"] / row["seconds"])
+    assert set(data["ratios"]["kvforge_vs_transformers"]) == {"1", "4"}
+    same = data["ratios"]["greedy_tokens_equal_to_kvforge"]
+    assert same["transformers generate"] == [True, True]
+    assert same["transformers generate_batch"] == [True, True]
+    if "llama.cpp" not in engines:
+        assert any("pip install 'kvforge[peers]'" in n for n in data["notes"])
+    assert {"cpu", "cores", "torch", "torch_threads"} <= set(data["machine"])
+    for name in ("throughput.json", "throughput.md", "throughput.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_cache_quick_counts_the_triangle(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "cache")
+    for row in data["results"]:
+        n = row["n"]
+        assert row["kv_rows_cached"] == n
+        assert row["kv_rows_recompute"] == n * (n + 1) // 2
+        assert row["same_tokens"] is True
+    assert (tmp_path / "cache_per_step.png").exists() and (tmp_path / "cache_total.png").exists()
+
+
+def test_memory_quick_store_equals_planner(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "memory")
+    for row in data["results"]:
+        # tiny model: 2 layers × 2 KV heads × 32 head_dim × 2 (K, V) × 4 B
+        assert row["bytes_per_token_store"] == row["bytes_per_token_planner"] == 1024
+        assert row["kv_bytes_allocated"] == 256 * 2**20
+        assert 0 <= row["waste_pct"] < 100
+        assert row["peak_kv_bytes_of_live_tokens"] <= row["peak_kv_bytes_in_blocks"]
+    assert data["ratios"]["store_equals_planner"] is True
+
+
+def test_markdown_report():
+    report = Report(
+        scenario="demo",
+        machine={"cpu": "x"},
+        settings={"n": 2},
+        results=[{"engine": "a", "tokens_per_s": 1234.5}, {"engine": "b", "tokens_per_s": 0.5}],
+        ratios={"a_vs_b": 2469.0},
+        plots=[Plot("demo.png", "Demo", "x", "y", {"a": ([1], [2])})],
+    )
+    assert markdown(report).splitlines()[:5] == [
+        "# kvforge bench demo",
+        "",
+        "| engine | tokens_per_s |",
+        "|---|---|",
+        "| a | 1,234 |",
+    ]
+
+
+def test_bench_bad_input(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "nonsense"])
+    assert exc.value.code == 2
+    code = main(["bench", "memory", "--quick", "--model", str(tmp_path / "none")])
+    assert code == 2
+    assert "not a checkpoint directory (no config.json)" in capsys.readouterr().err
