@@ -79,3 +79,29 @@ def test_bench_bad_input(capsys, tmp_path):
     code = main(["bench", "memory", "--quick", "--model", str(tmp_path / "none")])
     assert code == 2
     assert "not a checkpoint directory (no config.json)" in capsys.readouterr().err
+
+
+def test_latency_quick(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "latency")
+    prefill = [r for r in data["results"] if r["phase"] == "prefill"]
+    decode = [r for r in data["results"] if r["phase"] == "decode"]
+    assert sorted({r["prompt_tokens"] for r in prefill}) == [8, 32]
+    assert sorted({r["context_tokens"] for r in decode}) == [16, 48]
+    for row in data["results"]:
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert {r["samples"] for r in prefill} == {2}
+    assert {r["samples"] for r in decode} == {2 * 5}  # 6 tokens: 5 gaps, 2 repeats
+    assert set(data["ratios"]["transformers_over_kvforge_ttft_p50"]) == {"8", "32"}
+    assert (tmp_path / "latency_ttft.png").exists() and (tmp_path / "latency_tpot.png").exists()
+
+
+def test_roofline_quick(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "roofline")
+    values = {r["measure"]: r["value"] for r in data["results"]}
+    assert values["memory bandwidth (copy)"] > 0 and values["matmul rate (fp32 GEMM 2048^3)"] > 0
+    # tiny model, untied: every weight but the embedding table is read per token
+    params = data["settings"]["parameters"]
+    assert values["weights read per token"] == 4 * (params - 1000 * 128)
+    assert values["KV read per token at 32 tokens"] == 32 * 1024
+    for key in ("batch1_decode_vs_bandwidth_floor", "batched_decode_vs_compute_floor"):
+        assert data["ratios"][key] > 0

@@ -2,7 +2,7 @@
 
 import importlib
 
-SCENARIOS = ("throughput", "memory", "cache")
+SCENARIOS = ("cache", "throughput", "latency", "memory", "roofline")
 
 
 def run_scenario(name: str, ctx):

@@ -1,0 +1,153 @@
+"""Latency: time to first token against prompt length, time per output token against context.
+
+Each engine answers one request at a time. TTFT is the time to produce the first
+token (prefill + one sample). Per-token times are taken at every decode step —
+kvforge from its engine steps, transformers from a logits processor called once
+per generated token — and summarised as p50 and p99.
+"""
+
+import itertools
+import json
+import statistics
+import time
+
+import torch
+
+from kvforge.bench.context import BenchContext
+from kvforge.bench.machine import describe_machine
+from kvforge.bench.report import Plot, Report
+from kvforge.bench.workloads import mixed_workload
+
+FULL = {
+    "prompt_lengths": [32, 128, 512, 1024],
+    "contexts": [64, 256, 1024],
+    "repeats": 5,
+    "decode_tokens": 32,
+}
+QUICK = {"prompt_lengths": [8, 32], "contexts": [16, 48], "repeats": 2, "decode_tokens": 6}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class _KVForge:
+    name = "kvforge"
+
+    def __init__(self, model_dir) -> None:
+        from kvforge import LLM
+
+        self.llm = LLM(model=str(model_dir), device="cpu", kv_memory="256MiB")
+
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        """Seconds to the first token, then between consecutive tokens."""
+        from kvforge import SamplingParams
+
+        engine = self.llm.engine
+        engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+        times, start = [], time.perf_counter()
+        while engine.has_unfinished:
+            if any(e.token_id is not None for e in engine.step()):
+                now = time.perf_counter()
+                times.append(now - start)
+                start = now
+        return times
+
+
+class _Transformers:
+    name = "transformers generate"
+
+    def __init__(self, model_dir) -> None:
+        import transformers
+
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        stamps: list[float] = []
+
+        def stamp(input_ids, scores):  # called once per generated token, before sampling
+            stamps.append(time.perf_counter())
+            return scores
+
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                logits_processor=[stamp],
+            )
+        marks = [start, *stamps]
+        return [b - a for a, b in itertools.pairwise(marks)]
+
+
+def run(ctx: BenchContext) -> Report:
+    sizes = QUICK if ctx.quick else FULL
+    model_dir = ctx.checkpoint()
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    engines = [_KVForge(model_dir), _Transformers(model_dir)]
+    for engine in engines:
+        engine.token_times([5, 6, 7], 2)  # warm-up
+    rows, ttft_series, tpot_series = [], {}, {}
+    work = [(e, "prefill", length) for e in engines for length in sizes["prompt_lengths"]]
+    work += [(e, "decode", length) for e in engines for length in sizes["contexts"]]
+    for engine, phase, length in ctx.progress(work, "latency"):
+        samples = []
+        for repeat in range(sizes["repeats"]):
+            prompt = mixed_workload(1, vocab_size, (length, length), (1, 1), seed=repeat)[0]
+            if phase == "prefill":
+                samples.append(engine.token_times(prompt.prompt_token_ids, 1)[0])
+            else:
+                samples += engine.token_times(prompt.prompt_token_ids, sizes["decode_tokens"])[1:]
+        row = {
+            "engine": engine.name,
+            "phase": phase,
+            "prompt_tokens" if phase == "prefill" else "context_tokens": length,
+            "p50_ms": 1000 * statistics.median(samples),
+            "p99_ms": 1000 * _percentile(samples, 0.99),
+            "samples": len(samples),
+        }
+        rows.append(row)
+        series = ttft_series if phase == "prefill" else tpot_series
+        xs, ys = series.setdefault(engine.name, ([], []))
+        xs.append(length)
+        ys.append(row["p50_ms"])
+    ratios = {}
+    for phase, key in (("prefill", "ttft"), ("decode", "tpot")):
+        ours = [r for r in rows if r["phase"] == phase and r["engine"] == "kvforge"]
+        peer = [r for r in rows if r["phase"] == phase and r["engine"] != "kvforge"]
+        ratios[f"transformers_over_kvforge_{key}_p50"] = {
+            str(o.get("prompt_tokens", o.get("context_tokens"))): p["p50_ms"] / o["p50_ms"]
+            for o, p in zip(ours, peer, strict=True)
+        }
+    return Report(
+        scenario="latency",
+        machine=describe_machine(),
+        settings={"model": str(model_dir), "dtype": "float32", **sizes},
+        results=rows,
+        ratios=ratios,
+        notes=["p99 of a few samples is close to their maximum"],
+        plots=[
+            Plot(
+                "latency_ttft.png",
+                "Time to first token (p50)",
+                "prompt tokens",
+                "ms",
+                ttft_series,
+                logx=True,
+                logy=True,
+            ),
+            Plot(
+                "latency_tpot.png",
+                "Time per output token (p50)",
+                "context tokens",
+                "ms",
+                tpot_series,
+                logx=True,
+            ),
+        ],
+    )

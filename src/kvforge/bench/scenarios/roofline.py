@@ -1,0 +1,129 @@
+"""kvforge against the physical limits of this machine.
+
+Measures memory bandwidth (a large copy) and the matmul rate (a large fp32
+GEMM), then compares decode steps with their floors:
+- batch 1: every weight and every cached K/V byte is read once per token, so a
+  step takes at least (weight bytes + KV bytes) / bandwidth;
+- batched: the matmuls of B tokens take at least their FLOPs / matmul rate.
+Ratios are floor / measured: 1.0 would be at the limit.
+"""
+
+import statistics
+import time
+
+import torch
+
+from kvforge.bench.context import BenchContext
+from kvforge.bench.machine import describe_machine
+from kvforge.bench.report import Report
+from kvforge.bench.workloads import MEDIUM_LLAMA, TINY_LLAMA, mixed_workload
+
+FULL = {"model": MEDIUM_LLAMA, "context": 256, "batch": 32, "steps": 16, "copy_bytes": 2**29}
+QUICK = {"model": TINY_LLAMA, "context": 32, "batch": 4, "steps": 4, "copy_bytes": 2**25}
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def memory_bandwidth(num_bytes: int) -> float:
+    """Bytes per second of a large copy (each byte read once and written once)."""
+    src = torch.ones(num_bytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / _best(lambda: dst.copy_(src))
+
+
+def matmul_rate(size: int = 2048) -> float:
+    """FLOP/s of one fp32 GEMM of size x size x size."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / _best(lambda: a @ b)
+
+
+def _decode_step_s(llm, batch: int, context: int, steps: int, vocab_size: int) -> float:
+    """Median seconds of a decode step with `batch` requests at about `context` tokens."""
+    from kvforge import SamplingParams
+
+    engine = llm.engine
+    for r in mixed_workload(batch, vocab_size, (context, context), (1, 1), seed=7):
+        engine.add_request(
+            r.prompt_token_ids, SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        )
+    engine.step()  # prefill (all prompts fit one step's budget)
+    times = []
+    while engine.has_unfinished:
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(ctx: BenchContext) -> Report:
+    from kvforge import LLM
+
+    sizes = QUICK if ctx.quick else FULL
+    config = sizes["model"]
+    model_dir = ctx.checkpoint(config)
+    llm = LLM(
+        model=str(model_dir),
+        device="cpu",
+        kv_memory="512MiB",
+        max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
+    )
+    net = llm.engine.runner.model
+    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    embedding = net.model.embed_tokens.weight
+    # the embedding table is not read whole per token (one row is), unless tied to the head
+    read_bytes = weight_bytes - (
+        0
+        if llm.engine.runner.model.config.tie_word_embeddings
+        else embedding.numel() * embedding.element_size()
+    )
+    matmul_params = sum(
+        p.numel() for n, p in net.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
+    )
+    kv_bytes_per_token = llm.engine.store.bytes_per_token
+    bandwidth = memory_bandwidth(sizes["copy_bytes"])
+    rate = matmul_rate()
+    context, batch = sizes["context"], sizes["batch"]
+    one = _decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"])
+    many = _decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"])
+    floor_one = (read_bytes + context * kv_bytes_per_token) / bandwidth
+    floor_many = batch * 2 * matmul_params / rate
+    rows = [
+        {"measure": "memory bandwidth (copy)", "value": bandwidth / 1e9, "unit": "GB/s"},
+        {"measure": "matmul rate (fp32 GEMM 2048^3)", "value": rate / 1e9, "unit": "GFLOP/s"},
+        {"measure": "weights read per token", "value": read_bytes, "unit": "B"},
+        {
+            "measure": f"KV read per token at {context} tokens",
+            "value": context * kv_bytes_per_token,
+            "unit": "B",
+        },
+        {"measure": "batch-1 decode step", "value": one * 1000, "unit": "ms"},
+        {"measure": "batch-1 bandwidth floor", "value": floor_one * 1000, "unit": "ms"},
+        {"measure": f"batch-{batch} decode step", "value": many * 1000, "unit": "ms"},
+        {"measure": f"batch-{batch} compute floor", "value": floor_many * 1000, "unit": "ms"},
+    ]
+    return Report(
+        scenario="roofline",
+        machine=describe_machine(),
+        settings={
+            "model": str(model_dir),
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "dtype": "float32",
+            "context": context,
+            "batch": batch,
+        },
+        results=rows,
+        ratios={
+            "batch1_decode_vs_bandwidth_floor": floor_one / one,
+            "batched_decode_vs_compute_floor": floor_many / many,
+            "batch1_tokens_per_s": 1 / one,
+            "batched_tokens_per_s": batch / many,
+        },
+    )
