@@ -41,6 +41,7 @@ class LlamaCppEngine:
     def __init__(
         self, gguf_path: str | Path, n_ctx: int, n_threads: int | None = None, n_batch: int = 512
     ) -> None:
+        import llama_cpp
         from llama_cpp import Llama
 
         if n_ctx <= 0 or n_batch <= 0:
@@ -55,6 +56,7 @@ class LlamaCppEngine:
             verbose=False,
         )
         self.n_vocab = self.llm.n_vocab()
+        self._llama_cpp = llama_cpp  # the low-level bindings, for the logits
 
     def generate_greedy(self, prompt_token_ids: list[int], max_tokens: int) -> list[int]:
         """Exactly `max_tokens` argmax tokens after the prompt (EOS is not special)."""
@@ -69,16 +71,20 @@ class LlamaCppEngine:
         if bad:
             raise KVForgeError(f"token ids {bad[:5]} are outside the vocabulary of {self.n_vocab}")
 
-        self.llm.reset()  # n_tokens = 0: the next eval overwrites the whole KV cache
+        self.llm.reset()  # n_tokens = 0: the next eval drops the whole KV cache
         self.llm.eval(prompt_token_ids)
         output: list[int] = []
         while True:
-            # scores row n_tokens - 1 holds the logits of the last evaluated position.
-            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
-            output.append(token)
+            output.append(int(np.argmax(self._last_logits())))
             if len(output) == max_tokens:
                 return output
-            self.llm.eval([token])
+            self.llm.eval(output[-1:])
+
+    def _last_logits(self) -> np.ndarray:  # [n_vocab] float32, a view into llama.cpp's buffer
+        # With logits_all=False, `Llama.eval` (0.3.x) no longer copies logits into
+        # `Llama.scores`, so read the last position's row from the context itself.
+        pointer = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def close(self) -> None:
         """Free the model and context now rather than at garbage collection."""
