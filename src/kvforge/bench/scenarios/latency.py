@@ -14,6 +14,7 @@ import time
 import torch
 
 from kvforge.bench.context import BenchContext
+from kvforge.bench.engines import llamacpp_peer
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
@@ -85,11 +86,38 @@ class _Transformers:
         return [b - a for a, b in itertools.pairwise(marks)]
 
 
+class _LlamaCpp:
+    """llama.cpp has no per-token hook here: TTFT is a 1-token run, and each later token
+    is charged the mean of an n-token run after its first token."""
+
+    name = "llama.cpp"
+
+    def __init__(self, peer) -> None:
+        self.peer = peer
+
+    def token_times(self, prompt: list[int], n: int) -> list[float]:
+        def timed(count: int) -> float:
+            start = time.perf_counter()
+            self.peer.engine.generate_greedy(prompt, count)
+            return time.perf_counter() - start
+
+        first = timed(1)
+        if n == 1:
+            return [first]
+        return [first] + [(timed(n) - first) / (n - 1)] * (n - 1)
+
+
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
     model_dir = ctx.checkpoint()
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     engines = [_KVForge(model_dir), _Transformers(model_dir)]
+    notes = ["p99 of a few samples is close to their maximum"]
+    peer = llamacpp_peer(model_dir)
+    if isinstance(peer, str):
+        notes.append(peer)
+    else:
+        engines.append(_LlamaCpp(peer))
     for engine in engines:
         engine.token_times([5, 6, 7], 2)  # warm-up
     rows, ttft_series, tpot_series = [], {}, {}
@@ -119,18 +147,20 @@ def run(ctx: BenchContext) -> Report:
     ratios = {}
     for phase, key in (("prefill", "ttft"), ("decode", "tpot")):
         ours = [r for r in rows if r["phase"] == phase and r["engine"] == "kvforge"]
-        peer = [r for r in rows if r["phase"] == phase and r["engine"] != "kvforge"]
-        ratios[f"transformers_over_kvforge_{key}_p50"] = {
-            str(o.get("prompt_tokens", o.get("context_tokens"))): p["p50_ms"] / o["p50_ms"]
-            for o, p in zip(ours, peer, strict=True)
-        }
+        for other in engines[1:]:
+            theirs = [r for r in rows if r["phase"] == phase and r["engine"] == other.name]
+            label = "transformers" if other.name.startswith("transformers") else "llamacpp"
+            ratios[f"{label}_over_kvforge_{key}_p50"] = {
+                str(o.get("prompt_tokens", o.get("context_tokens"))): t["p50_ms"] / o["p50_ms"]
+                for o, t in zip(ours, theirs, strict=True)
+            }
     return Report(
         scenario="latency",
         machine=describe_machine(),
         settings={"model": str(model_dir), "dtype": "float32", **sizes},
         results=rows,
         ratios=ratios,
-        notes=["p99 of a few samples is close to their maximum"],
+        notes=notes,
         plots=[
             Plot(
                 "latency_ttft.png",
