@@ -22,17 +22,10 @@ import torch
 import transformers
 
 from kvforge import LLM, SamplingParams
+from kvforge.bench.workloads import SMALL_LLAMA
 
 FLOOR = "matmul floor (no engine beats it)"
-CONFIG = {
-    "hidden_size": 512,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "intermediate_size": 1536,
-    "vocab_size": 32000,
-    "max_position_embeddings": 2048,
-}
+CONFIG = SMALL_LLAMA  # hidden 512, 8 layers, 8 heads, 2 KV heads, vocab 32,000
 
 
 def workload(num_requests: int, seed: int = 0) -> list[list[int]]:
