@@ -76,17 +76,17 @@ def run(ctx: BenchContext) -> Report:
         max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
     )
     net = llm.engine.runner.model
-    weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
-    embedding = net.model.embed_tokens.weight
-    # the embedding table is not read whole per token (one row is), unless tied to the head
-    read_bytes = weight_bytes - (
-        0
-        if llm.engine.runner.model.config.tie_word_embeddings
-        else embedding.numel() * embedding.element_size()
-    )
-    matmul_params = sum(
-        p.numel() for n, p in net.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
-    )
+    # every matrix a decode step multiplies by: the layers' and the LM head (which serving
+    # keeps transposed, outside the parameters); the embedding table is only indexed
+    matrices = [p for n, p in net.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
+    head_t = getattr(net, "lm_head_t", None)
+    if head_t is not None:
+        matrices.append(head_t)
+    elif net.config.tie_word_embeddings:
+        matrices.append(net.model.embed_tokens.weight)
+    matmul_params = sum(m.numel() for m in matrices)
+    vectors = [p for p in net.parameters() if p.dim() == 1]  # norms, biases
+    read_bytes = sum(t.numel() * t.element_size() for t in (*matrices, *vectors))
     kv_bytes_per_token = llm.engine.store.bytes_per_token
     bandwidth = memory_bandwidth(sizes["copy_bytes"])
     rate = matmul_rate()
@@ -114,7 +114,7 @@ def run(ctx: BenchContext) -> Report:
         machine=describe_machine(),
         settings={
             "model": str(model_dir),
-            "parameters": sum(p.numel() for p in net.parameters()),
+            "parameters": net.config.spec.parameter_count(),
             "dtype": "float32",
             "context": context,
             "batch": batch,
