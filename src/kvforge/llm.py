@@ -60,7 +60,10 @@ def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.d
     """The KV store, or an error naming the bytes asked for and what the device has."""
     kv_bytes = num_blocks * bytes_per_block(spec, fmt, block_size)
     if device.type == "cpu":
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):  # not every OS reports free pages; allocate and see
+            available = kv_bytes
         if kv_bytes > available:
             raise KVForgeError(
                 f"the KV cache needs {kv_bytes:,} B but this machine has {available:,} B of "
