@@ -25,6 +25,7 @@ from kvforge.attention import AttentionMetadata, paged_attention
 from kvforge.config import ModelSpec, spec_from_hf_config
 from kvforge.errors import ConfigError
 from kvforge.kvcache.store import KVStore
+from kvforge.models.linear import ONEDNN, Linear
 
 LLAMA_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -229,20 +230,20 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_kv_heads
         self.head_dim = spec.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(spec.hidden_size, q_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, spec.hidden_size, bias=config.o_bias)
+        self.q_proj = Linear(spec.hidden_size, q_size, bias=config.qkv_bias)
+        self.k_proj = Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
+        self.v_proj = Linear(spec.hidden_size, kv_size, bias=config.qkv_bias)
+        self.o_proj = Linear(q_size, spec.hidden_size, bias=config.o_bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
-        self.qkv_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.qkv_proj: Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
         """Replace q/k/v_proj by one matmul (fewer, larger GEMMs); weights move, not copy twice."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        fused = nn.Linear(parts[0].in_features, sum(p.out_features for p in parts),
+        fused = Linear(parts[0].in_features, sum(p.out_features for p in parts),
                           bias=parts[0].bias is not None)  # fmt: skip
         fused = fused.to(device=parts[0].weight.device, dtype=parts[0].weight.dtype)
         with torch.no_grad():
@@ -289,15 +290,15 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inter = config.spec.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
-        self.gate_up_proj: nn.Linear | None = None  # set by fuse_projections()
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
+        self.gate_up_proj: Linear | None = None  # set by fuse_projections()
 
     def fuse_projections(self) -> None:
         """Replace gate_proj and up_proj by one matmul."""
         gate, up = self.gate_proj, self.up_proj
-        fused = nn.Linear(gate.in_features, 2 * gate.out_features, bias=False)
+        fused = Linear(gate.in_features, 2 * gate.out_features, bias=False)
         fused = fused.to(device=gate.weight.device, dtype=gate.weight.dtype)
         with torch.no_grad():
             fused.weight.copy_(torch.cat([gate.weight, up.weight]))
@@ -370,7 +371,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.spec.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.spec.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -391,15 +392,17 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections(self) -> None:
         """Serve with fused q/k/v and gate/up matmuls; parameter names stop matching HF's.
 
-        An untied LM head is also stored transposed ([hidden, vocab]): it is the one
-        matrix too big for the CPU caches, and reading it row-major is 1.2-2x faster
-        for the few rows a decode step has. (A tied head stays shared: no copy.)
+        Where the CPU's matmul is the BLAS one (no oneDNN), an untied LM head is also
+        stored transposed ([hidden, vocab]): it is the one matrix too big for the CPU
+        caches, and MKL reads it row-major 1.2-2x faster for the few rows a decode step
+        has. oneDNN needs no copy. (A tied head stays shared either way.)
         """
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
-        if not self.config.tie_word_embeddings and self.lm_head.bias is None:
-            self.lm_head_t = self.lm_head.weight.detach().t().contiguous()
+        head = self.lm_head.weight
+        if not ONEDNN and head.device.type == "cpu" and not self.config.tie_word_embeddings:
+            self.lm_head_t = head.detach().t().contiguous()
             del self.lm_head
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
