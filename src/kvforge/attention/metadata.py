@@ -1,6 +1,6 @@
 """The layout of one forward pass, shared by every attention layer of that pass."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +23,12 @@ class AttentionMetadata:
     seq_lens: tuple[int, ...]  # [B]
     block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with block 0
     block_size: int
+    # what attention reads, built by the first layer and reused by the others
+    plans: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
 
     @property
     def num_seqs(self) -> int:

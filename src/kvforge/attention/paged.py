@@ -11,6 +11,8 @@ read at all: its K/V are the ones just computed, and PyTorch's fused causal
 SDPA (tiled, GQA-aware) attends over them directly.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -19,43 +21,72 @@ from kvforge.attention.metadata import AttentionMetadata
 TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_TOKENS]
 
 
-def _attend(
-    q: torch.Tensor,  # [kv_heads, B, M, D] float32, already scaled; M rows per KV head
-    q_pos: torch.Tensor,  # [B, M] position of each query row
-    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, max_blocks]
+@dataclass(frozen=True)
+class _Tile:
+    """One tile of keys for a group of sequences: which blocks, and what each query sees."""
+
+    ids: torch.Tensor  # [B * nb] block ids, sequence-major
+    bias: torch.Tensor  # [B, Lq, L] float32: 0 where the key is visible, -inf where not
+    length: int  # L = nb * block_size keys per sequence
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What every layer of one forward pass reads for a group of sequences. It depends
+    only on the metadata, so it is built once per pass and shared by all layers."""
+
+    tables: torch.Tensor  # [B, max_blocks]
+    tiles: tuple[_Tile, ...]
+    rows: list[int] | None = None  # decode: the batch rows of the decode tokens (None: all)
+
+
+def _tiles(
+    block_tables: torch.Tensor,  # [B, blocks]
+    q_pos: torch.Tensor,  # [B, Lq] position of each query token
     first_block: int,
+    block_size: int,
     sliding_window: int | None,
-) -> torch.Tensor:  # [kv_heads, B, M, D] float32
-    kv_heads, batch = q.shape[0], q.shape[1]
-    block_size = k_cache.shape[2]
+) -> tuple[_Tile, ...]:
     tile_blocks = max(1, TILE_TOKENS // block_size)
-    num_blocks = block_tables.shape[1]
-    m = denom = acc = None  # running max, softmax denominator, weighted sum of V
-    for start in range(first_block, num_blocks, tile_blocks):
+    tiles = []
+    for start in range(first_block, block_tables.shape[1], tile_blocks):
         ids = block_tables[:, start : start + tile_blocks]  # [B, nb]
         length = ids.shape[1] * block_size
-        # index_select, not k_cache[:, ids]: advanced indexing is ~8x slower on CPU.
-        # Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
-        flat = ids.reshape(-1)
-        k = k_cache.index_select(1, flat).view(kv_heads, batch, length, -1).float()
-        v = v_cache.index_select(1, flat).view(kv_heads, batch, length, -1).float()
-        k_pos = torch.arange(start * block_size, start * block_size + length, device=q.device)
-        visible = k_pos <= q_pos[..., None]  # [B, M, L]; also hides padding past seq_len
+        k_pos = torch.arange(start * block_size, start * block_size + length, device=q_pos.device)
+        visible = k_pos <= q_pos[..., None]  # [B, Lq, L]; also hides padding past seq_len
         if sliding_window is not None:
             visible &= k_pos > q_pos[..., None] - sliding_window
-        scores = q @ k.transpose(-1, -2)  # [kv_heads, B, M, L]
-        scores.masked_fill_(~visible, float("-inf"))
-        if start == first_block and start + tile_blocks >= num_blocks:
+        bias = torch.zeros(visible.shape, device=q_pos.device).masked_fill_(~visible, -torch.inf)
+        tiles.append(_Tile(ids.reshape(-1), bias, length))
+    return tuple(tiles)
+
+
+def _attend(
+    q: torch.Tensor,  # [kv_heads, B, group * Lq, D] float32, already scaled; rows (head, token)
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
+    v_cache: torch.Tensor,
+    tiles: tuple[_Tile, ...],
+    group: int,
+) -> torch.Tensor:  # [kv_heads, B, group * Lq, D] float32
+    kv_heads, batch, rows, _ = q.shape
+    m = denom = acc = None  # running max, softmax denominator, weighted sum of V
+    for tile in tiles:
+        # index_select, not k_cache[:, ids]: advanced indexing is ~8x slower on CPU.
+        # Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
+        k = k_cache.index_select(1, tile.ids).view(kv_heads, batch, tile.length, -1).float()
+        v = v_cache.index_select(1, tile.ids).view(kv_heads, batch, tile.length, -1).float()
+        scores = q @ k.transpose(-1, -2)  # [kv_heads, B, group * Lq, L]
+        # the bias is per token; the group's query heads share it
+        scores.view(kv_heads, batch, group, rows // group, -1).add_(tile.bias[:, None])
+        if len(tiles) == 1:
             # One tile holds every key (the common case): a plain softmax. Each row sees
             # at least its own position, so no row is all -inf.
             return torch.softmax(scores, dim=-1) @ v
-        tile_max = scores.amax(-1)  # [kv_heads, B, M]
+        tile_max = scores.amax(-1)  # [kv_heads, B, rows]
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
         p = torch.exp(scores - m_safe[..., None])
-        pv = p @ v  # [kv_heads, B, M, D]
+        pv = p @ v  # [kv_heads, B, rows, D]
         if m is None:
             denom, acc = p.sum(-1), pv
         else:
@@ -73,6 +104,33 @@ def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) ->
     return max(0, min_q_pos - sliding_window + 1) // block_size
 
 
+def _decode_plan(meta: AttentionMetadata, decode: list[int], sliding_window: int | None) -> _Plan:
+    device = meta.block_tables.device
+    all_seqs = len(decode) == meta.num_seqs
+    tables = meta.block_tables if all_seqs else meta.block_tables[decode]
+    pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=device)[:, None]
+    first = _first_block(min(meta.seq_lens[i] for i in decode) - 1, sliding_window,
+                         meta.block_size)  # fmt: skip
+    rows = [meta.query_start_loc[i] for i in decode]
+    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window)
+    return _Plan(tables, tiles, None if len(rows) == meta.num_tokens else rows)
+
+
+def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None) -> _Plan:
+    seq_len, query_len = meta.seq_lens[i], meta.query_len(i)
+    pos = torch.arange(seq_len - query_len, seq_len, device=meta.block_tables.device)[None]
+    tables = meta.block_tables[i : i + 1, : -(-seq_len // meta.block_size)]
+    first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
+    return _Plan(tables, _tiles(tables, pos, first, meta.block_size, sliding_window))
+
+
+def _plan(meta: AttentionMetadata, key: tuple, build) -> _Plan:
+    plan = meta.plans.get(key)
+    if plan is None:
+        plan = meta.plans[key] = build()
+    return plan
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
@@ -83,7 +141,7 @@ def paged_attention(
     k_new: torch.Tensor | None = None,  # [T, kv_heads, D]: this pass's K, V (optional)
     v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, H, D]
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
@@ -91,24 +149,16 @@ def paged_attention(
     prefill = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
 
     if decode:
-        rows = [meta.query_start_loc[i] for i in decode]
-        all_rows = len(rows) == num_tokens
-        q_dec = (q if all_rows else q[rows]).float().view(len(rows), kv_heads, group, head_dim)
-        q_dec = q_dec.transpose(0, 1)  # [kv_heads, B, group, D]
-        pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=q.device)
-        tables = meta.block_tables if len(decode) == meta.num_seqs else meta.block_tables[decode]
-        first = _first_block(
-            min(meta.seq_lens[i] for i in decode) - 1, sliding_window, meta.block_size
-        )
-        o = _attend(
-            q_dec * scale, pos[:, None].expand(-1, group), k_cache, v_cache, tables, first,
-            sliding_window,
-        )  # fmt: skip
-        o = o.transpose(0, 1).reshape(len(rows), num_heads, head_dim).to(q.dtype)
-        if all_rows:
+        plan = _plan(meta, ("decode", sliding_window),
+                     lambda: _decode_plan(meta, decode, sliding_window))  # fmt: skip
+        q_dec = q if plan.rows is None else q[plan.rows]
+        q_dec = q_dec.float().view(len(decode), kv_heads, group, head_dim).transpose(0, 1)
+        o = _attend(q_dec * scale, k_cache, v_cache, plan.tiles, group)  # [kv_heads, B, group, D]
+        o = o.transpose(0, 1).reshape(len(decode), num_heads, head_dim).to(q.dtype)
+        if plan.rows is None:
             out = o
         else:
-            out[rows] = o
+            out[plan.rows] = o
 
     for i in prefill:
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
@@ -131,16 +181,12 @@ def paged_attention(
             )
             out[start:end] = o[0].transpose(0, 1).to(q.dtype)
             continue
+        plan = _plan(meta, ("prefill", i, sliding_window),
+                     lambda i=i: _prefill_plan(meta, i, sliding_window))  # fmt: skip
         # [Lq, H, D] -> [kv_heads, 1, group * Lq, D]: rows of one KV head are (query head, token)
         q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         q_i = q_i.reshape(kv_heads, 1, group * query_len, head_dim)
-        pos = torch.arange(seq_len - query_len, seq_len, device=q.device).repeat(group)[None]
-        num_blocks = -(-seq_len // meta.block_size)
-        first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
-        o = _attend(
-            q_i * scale, pos, k_cache, v_cache, meta.block_tables[i : i + 1, :num_blocks], first,
-            sliding_window,
-        )  # fmt: skip
+        o = _attend(q_i * scale, k_cache, v_cache, plan.tiles, group)
         o = o.view(kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
         out[start:end] = o.reshape(query_len, num_heads, head_dim).to(q.dtype)
     return out

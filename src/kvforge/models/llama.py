@@ -198,12 +198,11 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(
     x: torch.Tensor,  # [T, H, D]
-    cos: torch.Tensor,  # [T, D/2] float32
+    cos: torch.Tensor,  # [T, 1, D/2] in x's dtype
     sin: torch.Tensor,
 ) -> torch.Tensor:  # [T, H, D]
     # x * cat(cos, cos) + rotate_half(x) * cat(sin, sin), written on the halves:
     # the same products and sums as transformers, so the same rounding.
-    cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # [T, 1, D/2]
     x1, x2 = x.chunk(2, dim=-1)  # [T, H, D/2] each
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -254,36 +253,41 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         self.qkv_proj = fused
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        num_tokens = x.shape[0]
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k side by side as one [T, H + kvH, D] tensor (one RoPE for both), and v."""
+        num_tokens, q_size = x.shape[0], self.num_heads * self.head_dim
         if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
+            v = self.v_proj(x)
         else:
-            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+            qkv = self.qkv_proj(x)
+            qk, v = (
+                qkv[:, : q_size + self.num_kv_heads * self.head_dim],
+                qkv[:, -self.num_kv_heads * self.head_dim :],
+            )
         return (
-            q.reshape(num_tokens, self.num_heads, self.head_dim),  # [T, H, D]
-            k.reshape(num_tokens, self.num_kv_heads, self.head_dim),  # [T, kvH, D]
-            v.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+            qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
+            v.view(num_tokens, self.num_kv_heads, self.head_dim),
         )
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, D/2]
+        cos: torch.Tensor,  # [T, 1, D/2]
         sin: torch.Tensor,
         kv: KVStore,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        num_tokens = x.shape[0]
-        q, k, v = self._project(x)
+        num_tokens, heads = x.shape[0], self.num_heads
+        qk, v = self._project(x)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, kvH, D]
         kv.write(self.layer_idx, meta.slot_mapping, k, v)
         k_cache, v_cache = kv.layer(self.layer_idx)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k, v)
-        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(num_tokens, heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -351,7 +355,8 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary_emb(positions)  # [T, D/2] each
+        cos, sin = self.rotary_emb(positions)  # [T, D/2] each, float32
+        cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # once for all layers
         for layer in self.layers:
             x = layer(x, cos, sin, kv, meta)
         return self.norm(x)
