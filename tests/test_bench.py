@@ -3,13 +3,16 @@
 import json
 
 import pytest
+import torch
 
+from kvforge.bench import SCENARIOS
+from kvforge.bench.context import now
 from kvforge.bench.report import Plot, Report, markdown
 from kvforge.cli import main
 
 
-def bench(capsys, tmp_path, scenario: str) -> dict:
-    code = main(["bench", scenario, "--quick", "--json", "--out", str(tmp_path)])
+def bench(capsys, tmp_path, scenario: str, *options: str) -> dict:
+    code = main(["bench", scenario, "--quick", "--json", "--out", str(tmp_path), *options])
     out = capsys.readouterr().out
     assert code == 0
     return json.loads(out)
@@ -29,6 +32,7 @@ def test_throughput_quick_json(capsys, tmp_path):
     if "llama.cpp" not in engines:
         assert any("pip install 'kvforge[peers]'" in n for n in data["notes"])
     assert {"cpu", "cores", "torch", "torch_threads"} <= set(data["machine"])
+    assert data["machine"]["device"] == "cpu" and "gpu" not in data["machine"]
     for name in ("throughput.json", "throughput.md", "throughput.png"):
         assert (tmp_path / name).stat().st_size > 0
 
@@ -79,6 +83,27 @@ def test_bench_bad_input(capsys, tmp_path):
     code = main(["bench", "memory", "--quick", "--model", str(tmp_path / "none")])
     assert code == 2
     assert "not a checkpoint directory (no config.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "memory", "--device", "tpu"])
+    assert exc.value.code == 2
+
+
+def test_bench_cuda_without_a_gpu_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["bench", "roofline", "--quick", "--device", "cuda", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == "kvforge bench: error: --device cuda: torch sees no CUDA device\n"
+    assert not any(tmp_path.iterdir())
+
+
+def test_clock_waits_for_cuda_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append(1))
+    now("cpu")
+    assert calls == []
+    now("cuda")
+    assert calls == [1]
 
 
 def test_latency_quick(capsys, tmp_path):
@@ -105,3 +130,20 @@ def test_roofline_quick(capsys, tmp_path):
     assert values["KV read per token at 32 tokens"] == 32 * 1024
     for key in ("batch1_decode_vs_bandwidth_floor", "batched_decode_vs_compute_floor"):
         assert data["ratios"][key] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_scenario_quick_on_cuda(capsys, tmp_path, scenario):
+    data = bench(capsys, tmp_path, scenario, "--device", "cuda")
+    assert data["machine"]["device"] == "cuda"
+    assert data["machine"]["gpu"] == torch.cuda.get_device_name()
+    assert data["machine"]["cuda"] == torch.version.cuda
+    if scenario == "roofline":
+        values = {r["measure"]: r["value"] for r in data["results"]}
+        assert values["matmul rate (fp32 GEMM 8192^3)"] > 0
+    if scenario == "throughput":
+        engines = {r["engine"] for r in data["results"]}
+        assert {"kvforge", "transformers generate", "transformers generate_batch"} <= engines
+    if scenario == "memory":
+        assert data["ratios"]["peak_process_cuda_allocated_bytes"] >= 256 * 2**20

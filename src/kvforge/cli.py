@@ -333,6 +333,12 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("scenario", choices=SCENARIOS)
     p.add_argument("--model", help="an HF checkpoint directory (default: a random-init Llama)")
     p.add_argument("--quick", action="store_true", help="smoke size, under a minute")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="where kvforge and transformers run (default cpu); llama.cpp stays on the CPU",
+    )
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
@@ -340,6 +346,8 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    import torch
 
     from kvforge.bench import run_scenario
     from kvforge.bench.context import BenchContext
@@ -350,7 +358,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model_dir = Path(args.model).expanduser()
         if not (model_dir / "config.json").is_file():
             raise KVForgeError(f"{model_dir}: not a checkpoint directory (no config.json)")
-    report = run_scenario(args.scenario, BenchContext(quick=args.quick, model_dir=model_dir))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise KVForgeError("--device cuda: torch sees no CUDA device")
+    context = BenchContext(quick=args.quick, model_dir=model_dir, device=args.device)
+    report = run_scenario(args.scenario, context)
     paths = save(report, Path(args.out))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -17,12 +17,14 @@ from kvforge.bench.workloads import Request
 class KVForgeEngine:
     name = "kvforge"
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, kv_memory: str = "1GiB") -> None:
+    def __init__(
+        self, model_dir: Path, max_num_seqs: int, kv_memory: str = "1GiB", *, device: str
+    ) -> None:
         from kvforge import LLM
 
         self.llm = LLM(
             model=str(model_dir),
-            device="cpu",
+            device=device,
             kv_memory=kv_memory,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(2048, max_num_seqs),
@@ -36,26 +38,31 @@ class KVForgeEngine:
         return [o.token_ids for o in outs]
 
 
+def hf_model(model_dir: Path, device: str):
+    """The transformers model in eval mode on `device`: one loader for every HF peer."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
+
+
 class HFGenerateEngine:
     """transformers `generate` on one left-padded batch."""
 
     name = "transformers generate"
 
-    def __init__(self, model_dir: Path) -> None:
-        import transformers
-
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    def __init__(self, model_dir: Path, device: str) -> None:
+        self.model = hf_model(model_dir, device)
+        self.device = device
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         width = max(len(r.prompt_token_ids) for r in requests)
         new_tokens = max(r.max_tokens for r in requests)
         ids = torch.tensor(
-            [[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in requests]
+            [[0] * (width - len(r.prompt_token_ids)) + r.prompt_token_ids for r in requests],
+            device=self.device,
         )
-        mask = (
-            torch.arange(width)[None]
-            >= (width - torch.tensor([len(r.prompt_token_ids) for r in requests]))[:, None]
-        ).long()
+        lengths = torch.tensor([len(r.prompt_token_ids) for r in requests], device=self.device)
+        mask = (torch.arange(width, device=self.device)[None] >= (width - lengths)[:, None]).long()
         with torch.inference_mode():
             out = self.model.generate(
                 ids,
@@ -76,10 +83,9 @@ class HFGenerateBatchEngine:
 
     name = "transformers generate_batch"
 
-    def __init__(self, model_dir: Path) -> None:
-        import transformers
-
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    def __init__(self, model_dir: Path, device: str) -> None:
+        # generate_batch takes token-id lists and puts its own tensors on the model's device
+        self.model = hf_model(model_dir, device)
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         import transformers
@@ -101,12 +107,15 @@ class HFGenerateBatchEngine:
         ]
 
 
-def transformers_engines(model_dir: Path) -> list:
-    return [HFGenerateEngine(model_dir), HFGenerateBatchEngine(model_dir)]
+def transformers_engines(model_dir: Path, device: str) -> list:
+    return [HFGenerateEngine(model_dir, device), HFGenerateBatchEngine(model_dir, device)]
 
 
 def llamacpp_peer(model_dir: Path):
-    """The llama.cpp engine on the same weights, or the line saying how to install it."""
+    """The llama.cpp engine on the same weights, or the line saying how to install it.
+
+    It offloads no layers (llama.cpp's n_gpu_layers 0): it runs on the CPU whatever --device is.
+    """
     try:
         from kvforge.bench.llamacpp import LlamaCppEngine, llamacpp_available
     except ImportError:

@@ -17,7 +17,8 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe_machine(device: torch.device | str = "cpu") -> dict:
+def describe_machine(device: str) -> dict:
+    """The host always (it drives every step); the GPU and its CUDA build when it ran there."""
     info = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -25,8 +26,10 @@ def describe_machine(device: torch.device | str = "cpu") -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "device": str(device),
+        "device": device,
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties().total_memory
+        info["cuda"] = torch.version.cuda
     return info

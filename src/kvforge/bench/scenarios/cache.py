@@ -6,7 +6,7 @@ Both paths run on kvforge's own model; rows are counted by a hook on the
 layer-0 K/V projection, and both must produce the same greedy tokens.
 """
 
-import time
+from collections.abc import Callable
 
 from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
@@ -25,16 +25,18 @@ def _count_rows(llm) -> list[int]:
     return calls
 
 
-def _step_times(llm, prompt: list[int], max_tokens: int) -> tuple[list[int], list[float]]:
+def _step_times(
+    llm, prompt: list[int], max_tokens: int, now: Callable[[], float]
+) -> tuple[list[int], list[float]]:
     from kvforge import SamplingParams
 
     engine = llm.engine
     request = engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     times = []
     while engine.has_unfinished:
-        start = time.perf_counter()
+        start = now()
         engine.step()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return request.output_token_ids, times
 
 
@@ -43,18 +45,18 @@ def run(ctx: BenchContext) -> Report:
 
     lengths = QUICK if ctx.quick else FULL
     model_dir = ctx.checkpoint()
-    llm = LLM(model=str(model_dir), device="cpu", kv_memory="64MiB")
+    llm = LLM(model=str(model_dir), device=ctx.device, kv_memory="64MiB")
     rows_per_call = _count_rows(llm)
-    _step_times(llm, PROMPT, 2)  # warm-up
+    _step_times(llm, PROMPT, 2, ctx.now)  # warm-up
     results, last = [], {}
     for n in ctx.progress(lengths, "cache"):
         rows_per_call.clear()
-        tokens, cached_times = _step_times(llm, PROMPT, n)
+        tokens, cached_times = _step_times(llm, PROMPT, n, ctx.now)
         cached_rows = sum(rows_per_call)
         rows_per_call.clear()
         recompute_times, same = [], True
         for t in range(1, n + 1):  # step t feeds the whole sequence of t tokens
-            out, times = _step_times(llm, (PROMPT + tokens)[:t], 1)
+            out, times = _step_times(llm, (PROMPT + tokens)[:t], 1, ctx.now)
             recompute_times.append(sum(times))
             same &= out[0] == tokens[t - 1]
         recompute_rows = sum(rows_per_call)
@@ -96,7 +98,7 @@ def run(ctx: BenchContext) -> Report:
     ]
     return Report(
         scenario="cache",
-        machine=describe_machine(),
+        machine=describe_machine(ctx.device),
         settings={"model": str(model_dir), "lengths": lengths, "prompt_tokens": len(PROMPT)},
         results=results,
         ratios={"recompute_over_cached_at_max_n": results[-1]["recompute_over_cached"]},

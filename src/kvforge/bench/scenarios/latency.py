@@ -3,7 +3,8 @@
 Each engine answers one request at a time. TTFT is the time to produce the first
 token (prefill + one sample). Per-token times are taken at every decode step —
 kvforge from its engine steps, transformers from a logits processor called once
-per generated token — and summarised as p50 and p99.
+per generated token — and summarised as p50 and p99. On CUDA every clock read
+waits for the device first (`context.now`).
 """
 
 import itertools
@@ -13,8 +14,8 @@ import time
 
 import torch
 
-from kvforge.bench.context import BenchContext
-from kvforge.bench.engines import llamacpp_peer
+from kvforge.bench.context import BenchContext, now
+from kvforge.bench.engines import hf_model, llamacpp_peer
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
@@ -36,10 +37,11 @@ def _percentile(values: list[float], q: float) -> float:
 class _KVForge:
     name = "kvforge"
 
-    def __init__(self, model_dir) -> None:
+    def __init__(self, model_dir, device: str) -> None:
         from kvforge import LLM
 
-        self.llm = LLM(model=str(model_dir), device="cpu", kv_memory="256MiB")
+        self.llm = LLM(model=str(model_dir), device=device, kv_memory="256MiB")
+        self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
         """Seconds to the first token, then between consecutive tokens."""
@@ -47,34 +49,33 @@ class _KVForge:
 
         engine = self.llm.engine
         engine.add_request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
-        times, start = [], time.perf_counter()
+        times, start = [], now(self.device)
         while engine.has_unfinished:
             if any(e.token_id is not None for e in engine.step()):
-                now = time.perf_counter()
-                times.append(now - start)
-                start = now
+                stamp = now(self.device)
+                times.append(stamp - start)
+                start = stamp
         return times
 
 
 class _Transformers:
     name = "transformers generate"
 
-    def __init__(self, model_dir) -> None:
-        import transformers
-
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    def __init__(self, model_dir, device: str) -> None:
+        self.model = hf_model(model_dir, device)
+        self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
         stamps: list[float] = []
 
         def stamp(input_ids, scores):  # called once per generated token, before sampling
-            stamps.append(time.perf_counter())
+            stamps.append(now(self.device))
             return scores
 
-        start = time.perf_counter()
+        start = now(self.device)
         with torch.inference_mode():
             self.model.generate(
-                torch.tensor([prompt]),
+                torch.tensor([prompt], device=self.device),
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
@@ -111,7 +112,7 @@ def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
     model_dir = ctx.checkpoint()
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    engines = [_KVForge(model_dir), _Transformers(model_dir)]
+    engines = [_KVForge(model_dir, ctx.device), _Transformers(model_dir, ctx.device)]
     notes = ["p99 of a few samples is close to their maximum"]
     peer = llamacpp_peer(model_dir)
     if isinstance(peer, str):
@@ -156,7 +157,7 @@ def run(ctx: BenchContext) -> Report:
             }
     return Report(
         scenario="latency",
-        machine=describe_machine(),
+        machine=describe_machine(ctx.device),
         settings={"model": str(model_dir), "dtype": "float32", **sizes},
         results=rows,
         ratios=ratios,

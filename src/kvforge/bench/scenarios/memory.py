@@ -3,11 +3,13 @@
 Waste is paged rounding: the empty slots of each request's last block, as a
 share of the bytes its blocks hold, averaged over every engine step. Also
 checks that the store's bytes per token equal the planner's, and reports the
-process's peak resident memory.
+process's peak resident memory (and on CUDA its peak of allocated device memory).
 """
 
 import json
 import resource
+
+import torch
 
 from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
@@ -42,7 +44,7 @@ def run(ctx: BenchContext) -> Report:
     for block_size in ctx.progress(sizes["block_sizes"], "memory"):
         llm = LLM(
             model=str(model_dir),
-            device="cpu",
+            device=ctx.device,
             block_size=block_size,
             kv_memory="256MiB",
             max_num_seqs=sizes["concurrency"],
@@ -86,15 +88,18 @@ def run(ctx: BenchContext) -> Report:
                 )
             ]
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peaks = {"peak_process_rss_bytes": peak_rss}
+    if ctx.device == "cuda":  # the KV cache and weights live there, not in the RSS
+        peaks["peak_process_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return Report(
         scenario="memory",
-        machine=describe_machine(),
+        machine=describe_machine(ctx.device),
         settings={"model": str(model_dir), **sizes},
         results=rows,
         ratios={
             "waste_pct_by_block_size": {str(r["block_size"]): r["waste_pct"] for r in rows},
             "store_equals_planner": all(r["store_equals_planner"] for r in rows),
-            "peak_process_rss_bytes": peak_rss,
+            **peaks,
         },
         plots=plots,
     )

@@ -1,15 +1,16 @@
 """kvforge against the physical limits of this machine.
 
 Measures memory bandwidth (a large copy) and the matmul rate (a large fp32
-GEMM), then compares decode steps with their floors:
+GEMM) on the benchmark's device, then compares decode steps with their floors:
 - batch 1: every weight and every cached K/V byte is read once per token, so a
   step takes at least (weight bytes + KV bytes) / bandwidth;
 - batched: the matmuls of B tokens take at least their FLOPs / matmul rate.
-Ratios are floor / measured: 1.0 would be at the limit.
+Ratios are floor / measured: 1.0 would be at the limit. On CUDA the GEMM is
+true fp32: torch leaves TF32 off for fp32 matmuls unless asked, and so do we.
 """
 
 import statistics
-import time
+from collections.abc import Callable
 
 import torch
 
@@ -18,34 +19,54 @@ from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Report
 from kvforge.bench.workloads import MEDIUM_LLAMA, TINY_LLAMA, mixed_workload
 
-FULL = {"model": MEDIUM_LLAMA, "context": 256, "batch": 32, "steps": 16, "copy_bytes": 2**29}
-QUICK = {"model": TINY_LLAMA, "context": 32, "batch": 4, "steps": 4, "copy_bytes": 2**25}
+FULL = {
+    "model": MEDIUM_LLAMA,
+    "context": 256,
+    "batch": 32,
+    "steps": 16,
+    "copy_bytes": 2**29,
+    "gemm": 2048,
+}
+QUICK = {
+    "model": TINY_LLAMA,
+    "context": 32,
+    "batch": 4,
+    "steps": 4,
+    "copy_bytes": 2**25,
+    "gemm": 2048,
+}
+# on a GPU, --quick or not: a smaller copy would run partly in its cache (50 MiB of L2 on
+# an H100), and a smaller GEMM would leave some of its cores idle
+CUDA = {"copy_bytes": 2**30, "gemm": 8192}
 
 
-def _best(fn, repeats: int = 5) -> float:
+def _best(fn, now: Callable[[], float], repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return min(times)
 
 
-def memory_bandwidth(num_bytes: int) -> float:
-    """Bytes per second of a large copy (each byte read once and written once)."""
-    src = torch.ones(num_bytes // 4)
+def memory_bandwidth(num_bytes: int, device: str, now: Callable[[], float]) -> float:
+    """Bytes per second of a large copy on `device` (each byte read once and written once)."""
+    src = torch.ones(num_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * num_bytes / _best(lambda: dst.copy_(src))
+    return 2 * num_bytes / _best(lambda: dst.copy_(src), now)
 
 
-def matmul_rate(size: int = 2048) -> float:
-    """FLOP/s of one fp32 GEMM of size x size x size."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / _best(lambda: a @ b)
+def matmul_rate(size: int, device: str, now: Callable[[], float]) -> float:
+    """FLOP/s of one fp32 GEMM of size x size x size on `device`."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    return 2 * size**3 / _best(lambda: a @ b, now)
 
 
-def _decode_step_s(llm, batch: int, context: int, steps: int, vocab_size: int) -> float:
+def _decode_step_s(
+    llm, batch: int, context: int, steps: int, vocab_size: int, now: Callable[[], float]
+) -> float:
     """Median seconds of a decode step with `batch` requests at about `context` tokens."""
     from kvforge import SamplingParams
 
@@ -57,21 +78,21 @@ def _decode_step_s(llm, batch: int, context: int, steps: int, vocab_size: int) -
     engine.step()  # prefill (all prompts fit one step's budget)
     times = []
     while engine.has_unfinished:
-        start = time.perf_counter()
+        start = now()
         engine.step()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times)
 
 
 def run(ctx: BenchContext) -> Report:
     from kvforge import LLM
 
-    sizes = QUICK if ctx.quick else FULL
+    sizes = {**(QUICK if ctx.quick else FULL), **(CUDA if ctx.device == "cuda" else {})}
     config = sizes["model"]
     model_dir = ctx.checkpoint(config)
     llm = LLM(
         model=str(model_dir),
-        device="cpu",
+        device=ctx.device,
         kv_memory="512MiB",
         max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
     )
@@ -88,16 +109,20 @@ def run(ctx: BenchContext) -> Report:
     vectors = [p for p in net.parameters() if p.dim() == 1]  # norms, biases
     read_bytes = sum(t.numel() * t.element_size() for t in (*matrices, *vectors))
     kv_bytes_per_token = llm.engine.store.bytes_per_token
-    bandwidth = memory_bandwidth(sizes["copy_bytes"])
-    rate = matmul_rate()
+    bandwidth = memory_bandwidth(sizes["copy_bytes"], ctx.device, ctx.now)
+    rate = matmul_rate(sizes["gemm"], ctx.device, ctx.now)
     context, batch = sizes["context"], sizes["batch"]
-    one = _decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"])
-    many = _decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"])
+    one = _decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"], ctx.now)
+    many = _decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"], ctx.now)
     floor_one = (read_bytes + context * kv_bytes_per_token) / bandwidth
     floor_many = batch * 2 * matmul_params / rate
     rows = [
         {"measure": "memory bandwidth (copy)", "value": bandwidth / 1e9, "unit": "GB/s"},
-        {"measure": "matmul rate (fp32 GEMM 2048^3)", "value": rate / 1e9, "unit": "GFLOP/s"},
+        {
+            "measure": f"matmul rate (fp32 GEMM {sizes['gemm']}^3)",
+            "value": rate / 1e9,
+            "unit": "GFLOP/s",
+        },
         {"measure": "weights read per token", "value": read_bytes, "unit": "B"},
         {
             "measure": f"KV read per token at {context} tokens",
@@ -111,13 +136,15 @@ def run(ctx: BenchContext) -> Report:
     ]
     return Report(
         scenario="roofline",
-        machine=describe_machine(),
+        machine=describe_machine(ctx.device),
         settings={
             "model": str(model_dir),
             "parameters": net.config.spec.parameter_count(),
             "dtype": "float32",
             "context": context,
             "batch": batch,
+            "copy_bytes": sizes["copy_bytes"],
+            "gemm": sizes["gemm"],
         },
         results=rows,
         ratios={

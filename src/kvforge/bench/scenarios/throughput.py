@@ -7,7 +7,6 @@ drift hits them alike; ratios are taken within the same c.
 """
 
 import json
-import time
 
 from kvforge.bench.context import BenchContext
 from kvforge.bench.engines import KVForgeEngine, llamacpp_peer, transformers_engines
@@ -19,8 +18,8 @@ FULL = {"concurrency": [1, 2, 4, 8, 16, 32, 64], "prompt": (32, 256), "output": 
 QUICK = {"concurrency": [1, 4], "prompt": (8, 24), "output": (4, 8)}
 
 
-def _peers(model_dir, notes: list[str]) -> list:
-    engines = transformers_engines(model_dir)
+def _peers(model_dir, device: str, notes: list[str]) -> list:
+    engines = transformers_engines(model_dir, device)
     peer = llamacpp_peer(model_dir)
     if isinstance(peer, str):
         notes.append(peer)
@@ -35,8 +34,8 @@ def run(ctx: BenchContext) -> Report:
     vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     notes: list[str] = []
     engines = [
-        KVForgeEngine(model_dir, max_num_seqs=max(sizes["concurrency"])),
-        *_peers(model_dir, notes),
+        KVForgeEngine(model_dir, max_num_seqs=max(sizes["concurrency"]), device=ctx.device),
+        *_peers(model_dir, ctx.device, notes),
     ]
     warmup = mixed_workload(2, vocab_size, (4, 8), (2, 2), seed=99)
     for engine in engines:
@@ -48,9 +47,9 @@ def run(ctx: BenchContext) -> Report:
         requests = mixed_workload(
             concurrency, vocab_size, sizes["prompt"], sizes["output"], seed=concurrency
         )
-        start = time.perf_counter()
+        start = ctx.now()
         tokens = engine.generate(requests)
-        seconds = time.perf_counter() - start
+        seconds = ctx.now() - start
         if [len(t) for t in tokens] != [r.max_tokens for r in requests]:
             raise RuntimeError(f"{engine.name} returned the wrong number of tokens")
         outputs[engine.name, concurrency] = tokens
@@ -87,7 +86,7 @@ def run(ctx: BenchContext) -> Report:
     }
     return Report(
         scenario="throughput",
-        machine=describe_machine(),
+        machine=describe_machine(ctx.device),
         settings={"model": str(model_dir), "dtype": "float32", "greedy": True, **sizes},
         results=rows,
         ratios=ratios,
