@@ -2,6 +2,7 @@
 llama-cpp-python is installed) llama.cpp's greedy tokens against transformers'."""
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -267,5 +268,7 @@ def test_llama_cpp_greedy_tokens_match_transformers(tmp_path, checkpoint):
                 pad_token_id=0,
             )
         expected = out[0, len(prompt) :].tolist()
-        assert engine.generate_greedy(prompt, NUM_NEW_TOKENS) == expected
+        calls: list[int] = []
+        assert engine.generate_greedy(prompt, NUM_NEW_TOKENS, partial(calls.append, 1)) == expected
+        assert len(calls) == NUM_NEW_TOKENS  # one call per token, for per-token timing
     engine.close()

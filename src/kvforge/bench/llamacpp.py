@@ -6,6 +6,7 @@ is greedy over the raw logits with EOS ignored, so llama.cpp produces exactly
 the tokens kvforge and transformers do on the same weights.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,14 @@ class LlamaCppEngine:
         self.n_vocab = self.llm.n_vocab()
         self._llama_cpp = llama_cpp  # the low-level bindings, for the logits
 
-    def generate_greedy(self, prompt_token_ids: list[int], max_tokens: int) -> list[int]:
-        """Exactly `max_tokens` argmax tokens after the prompt (EOS is not special)."""
+    def generate_greedy(
+        self,
+        prompt_token_ids: list[int],
+        max_tokens: int,
+        on_token: Callable[[], None] | None = None,
+    ) -> list[int]:
+        """Exactly `max_tokens` argmax tokens after the prompt (EOS is not special);
+        `on_token` is called as each token is chosen (for per-token timing)."""
         prompt_len = len(prompt_token_ids)
         if prompt_len == 0 or max_tokens <= 0:
             raise KVForgeError("a prompt needs at least one token and max_tokens must be positive")
@@ -76,6 +83,8 @@ class LlamaCppEngine:
         output: list[int] = []
         while True:
             output.append(int(np.argmax(self._last_logits())))
+            if on_token is not None:
+                on_token()
             if len(output) == max_tokens:
                 return output
             self.llm.eval(output[-1:])

@@ -88,8 +88,7 @@ class _Transformers:
 
 
 class _LlamaCpp:
-    """llama.cpp has no per-token hook here: TTFT is a 1-token run, and each later token
-    is charged the mean of an n-token run after its first token."""
+    """llama.cpp, timed token by token through the engine's per-token callback."""
 
     name = "llama.cpp"
 
@@ -97,15 +96,13 @@ class _LlamaCpp:
         self.peer = peer
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
-        def timed(count: int) -> float:
-            start = time.perf_counter()
-            self.peer.engine.generate_greedy(prompt, count)
-            return time.perf_counter() - start
-
-        first = timed(1)
-        if n == 1:
-            return [first]
-        return [first] + [(timed(n) - first) / (n - 1)] * (n - 1)
+        stamps: list[float] = []
+        start = time.perf_counter()
+        self.peer.engine.generate_greedy(
+            prompt, n, on_token=lambda: stamps.append(time.perf_counter())
+        )
+        marks = [start, *stamps]
+        return [b - a for a, b in itertools.pairwise(marks)]
 
 
 def run(ctx: BenchContext) -> Report:
