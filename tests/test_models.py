@@ -330,3 +330,18 @@ def test_load_tokenizer_without_files(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
+
+
+def test_packed_linear_weights_give_the_same_products_and_no_second_copy():
+    from kvforge.models.linear import ONEDNN, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=True)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    assert layer.pack_weight() == ONEDNN
+    if ONEDNN:
+        assert [n for n, _ in layer.named_parameters()] == ["bias"]  # the plain weight is gone
+    for rows in (1, 5, 200):  # any row count, not only the one the packing is laid out for
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), x @ weight.T + bias, rtol=1e-5, atol=1e-5)
+    assert not Linear(8, 8).to(torch.bfloat16).pack_weight()  # float32 only

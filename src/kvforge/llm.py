@@ -162,6 +162,7 @@ class LLM:
             except ConfigError as exc:
                 tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
         net.fuse_projections()
+        net.pack_weights()
         self.enable_prefix_caching = enable_prefix_caching
         config = net.config
         spec = config.spec

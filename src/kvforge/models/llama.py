@@ -314,7 +314,8 @@ class MLP(nn.Module):
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
-        return self.down_proj(F.silu(gate) * up)
+        # in place: no new [T, inter] tensors (allocating them costs page faults in prefill)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -409,6 +410,17 @@ class LlamaForCausalLM(nn.Module):
         if not ONEDNN and head.device.type == "cpu" and not self.config.tie_word_embeddings:
             self.lm_head_t = head.detach().t().contiguous()
             del self.lm_head
+
+    def pack_weights(self) -> int:
+        """Pack every matmul weight for the CPU's oneDNN (see `Linear.pack_weight`); a tied
+        LM head stays plain, since the embedding lookup reads the same tensor. Returns how
+        many weights were packed (0 off the CPU or outside float32)."""
+        tied_head = self.config.tie_word_embeddings and hasattr(self, "lm_head")
+        return sum(
+            module.pack_weight()
+            for module in self.modules()
+            if isinstance(module, Linear) and not (tied_head and module is self.lm_head)
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         if getattr(self, "lm_head_t", None) is not None:

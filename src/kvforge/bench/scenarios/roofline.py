@@ -97,17 +97,16 @@ def run(ctx: BenchContext) -> Report:
         max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
     )
     net = llm.engine.runner.model
-    # every matrix a decode step multiplies by: the layers' and the LM head (which serving
-    # keeps transposed, outside the parameters); the embedding table is only indexed
-    matrices = [p for n, p in net.named_parameters() if p.dim() == 2 and "embed_tokens" not in n]
+    # every matrix a decode step multiplies by: the layers' and the LM head (serving may keep
+    # them packed or transposed, outside the parameters); the embedding table is only indexed
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    matmul_params = sum(m.out_features * m.in_features for m in linears)
     head_t = getattr(net, "lm_head_t", None)
     if head_t is not None:
-        matrices.append(head_t)
-    elif net.config.tie_word_embeddings:
-        matrices.append(net.model.embed_tokens.weight)
-    matmul_params = sum(m.numel() for m in matrices)
+        matmul_params += head_t.numel()
+    itemsize = net.model.embed_tokens.weight.element_size()
     vectors = [p for p in net.parameters() if p.dim() == 1]  # norms, biases
-    read_bytes = sum(t.numel() * t.element_size() for t in (*matrices, *vectors))
+    read_bytes = matmul_params * itemsize + sum(v.numel() * v.element_size() for v in vectors)
     kv_bytes_per_token = llm.engine.store.bytes_per_token
     bandwidth = memory_bandwidth(sizes["copy_bytes"], ctx.device, ctx.now)
     rate = matmul_rate(sizes["gemm"], ctx.device, ctx.now)
