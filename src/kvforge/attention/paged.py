@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from kvforge.attention.metadata import AttentionMetadata
 
 TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_TOKENS]
+# Decode rows are few, so their tiles are sized by the K/V they gather (all sequences
+# together, float32) instead: one tile, one plain softmax, for most contexts.
+DECODE_TILE_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,9 @@ def _tiles(
     first_block: int,
     block_size: int,
     sliding_window: int | None,
+    tile_tokens: int,
 ) -> tuple[_Tile, ...]:
-    tile_blocks = max(1, TILE_TOKENS // block_size)
+    tile_blocks = max(1, tile_tokens // block_size)
     tiles = []
     for start in range(first_block, block_tables.shape[1], tile_blocks):
         ids = block_tables[:, start : start + tile_blocks]  # [B, nb]
@@ -104,7 +108,9 @@ def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) ->
     return max(0, min_q_pos - sliding_window + 1) // block_size
 
 
-def _decode_plan(meta: AttentionMetadata, decode: list[int], sliding_window: int | None) -> _Plan:
+def _decode_plan(
+    meta: AttentionMetadata, decode: list[int], sliding_window: int | None, kv_row_bytes: int
+) -> _Plan:
     device = meta.block_tables.device
     all_seqs = len(decode) == meta.num_seqs
     tables = meta.block_tables if all_seqs else meta.block_tables[decode]
@@ -112,7 +118,8 @@ def _decode_plan(meta: AttentionMetadata, decode: list[int], sliding_window: int
     first = _first_block(min(meta.seq_lens[i] for i in decode) - 1, sliding_window,
                          meta.block_size)  # fmt: skip
     rows = [meta.query_start_loc[i] for i in decode]
-    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window)
+    tile_tokens = max(TILE_TOKENS, DECODE_TILE_BYTES // (len(decode) * kv_row_bytes))
+    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window, tile_tokens)
     return _Plan(tables, tiles, None if len(rows) == meta.num_tokens else rows)
 
 
@@ -121,7 +128,8 @@ def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None) -
     pos = torch.arange(seq_len - query_len, seq_len, device=meta.block_tables.device)[None]
     tables = meta.block_tables[i : i + 1, : -(-seq_len // meta.block_size)]
     first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
-    return _Plan(tables, _tiles(tables, pos, first, meta.block_size, sliding_window))
+    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window, TILE_TOKENS)
+    return _Plan(tables, tiles)
 
 
 def _plan(meta: AttentionMetadata, key: tuple, build) -> _Plan:
@@ -149,8 +157,9 @@ def paged_attention(
     prefill = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
 
     if decode:
+        kv_row_bytes = 2 * kv_heads * head_dim * 4  # K and V of one token, float32
         plan = _plan(meta, ("decode", sliding_window),
-                     lambda: _decode_plan(meta, decode, sliding_window))  # fmt: skip
+                     lambda: _decode_plan(meta, decode, sliding_window, kv_row_bytes))  # fmt: skip
         q_dec = q if plan.rows is None else q[plan.rows]
         q_dec = q_dec.float().view(len(decode), kv_heads, group, head_dim).transpose(0, 1)
         o = _attend(q_dec * scale, k_cache, v_cache, plan.tiles, group)  # [kv_heads, B, group, D]
