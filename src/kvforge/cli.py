@@ -35,17 +35,19 @@ def _arg_type(parse: Callable[[str], int], what: str) -> Callable[[str], int]:
     return convert
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise KVForgeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise KVForgeError(f"must be a positive whole number, got {value}")
+    if value < least:
+        kind = "positive" if least == 1 else "non-negative"
+        raise KVForgeError(f"must be a {kind} whole number, got {value}")
     return value
 
 
-positive_int = _arg_type(_positive_int, "positive integer")
+positive_int = _arg_type(lambda text: _whole_number(text, 1), "positive integer")
+non_negative_int = _arg_type(lambda text: _whole_number(text, 0), "non-negative integer")
 byte_size = _arg_type(parse_bytes, "memory size")
 param_count = _arg_type(parse_count, "parameter count")
 
@@ -234,6 +236,21 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
 
 
+def _engine_from_args(args: argparse.Namespace, **options):
+    """An LLM built from the options `_add_engine_options` defines."""
+    from kvforge.llm import LLM
+
+    return LLM(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_memory=args.kv_memory,
+        kv_dtype=args.kv_dtype,
+        **options,
+    )
+
+
 def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "generate",
@@ -256,7 +273,6 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvforge.engine.sampling import SamplingParams
-    from kvforge.llm import LLM
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -266,14 +282,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        kv_memory=args.kv_memory,
-        kv_dtype=args.kv_dtype,
-    )
+    llm = _engine_from_args(args)
     if args.model is None and not args.json:
         print(f"[{llm.model_name}: random weights, the text is noise]", file=sys.stderr)
     peak, out = llm.kv_stats(), None
@@ -371,6 +380,49 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
+        description="Serve the model over an OpenAI-compatible API: /v1/completions, "
+        "/v1/chat/completions, /v1/models, /health and /metrics (Prometheus).",
+        epilog="example: kvforge serve --port 8000 --api-key secret",
+    )
+    _add_engine_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests run at once")
+    p.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=256,
+        help="requests that may wait beyond --max-num-seqs; more get 429 (default 256)",
+    )
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvforge.server.app import build_app
+
+    if not 0 <= args.port <= 65535:
+        raise KVForgeError(f"--port must be in 0..65535, got {args.port}")
+    llm = _engine_from_args(
+        args,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+    )
+    name = args.served_model_name or llm.model_name
+    app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    print(f"kvforge serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvforge",
@@ -382,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(commands)
     _add_generate_parser(commands)
     _add_bench_parser(commands)
+    _add_serve_parser(commands)
     return parser
 
 

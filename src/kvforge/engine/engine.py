@@ -72,10 +72,40 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> Request:
         """Validate and queue a request; KVForgeError (naming the limit) if it can never run."""
+        text, token_ids = self.tokenize(prompt)
+        self.check_request(token_ids, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise KVForgeError(f"request id {request_id!r} is already in use")
+        generator = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            params=params,
+            block_table=BlockTable(self.store.block_size),
+            metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
+            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
+            generator=generator,
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text or as token ids."""
         if isinstance(prompt, str):
-            text, token_ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, token_ids = None, list(prompt)
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        """KVForgeError naming the limit if this request could never run. Reads only the
+        engine's fixed limits, so any thread may call it (the server checks before queueing)."""
         if not token_ids:
             raise KVForgeError("the prompt is empty")
         bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
@@ -98,28 +128,11 @@ class LLMEngine:
                 f"{blocks} KV blocks of {block_size} tokens; the pool has {self.pool.num_blocks} "
                 f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
             )
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise KVForgeError(f"request id {request_id!r} is already in use")
-        generator = None
-        if not params.greedy:
-            seed = params.seed
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,), generator=self._seeds))
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        request = Request(
-            request_id=request_id,
-            prompt=text,
-            prompt_token_ids=token_ids,
-            params=params,
-            block_table=BlockTable(block_size),
-            metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
-            eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
-            generator=generator,
-        )
-        self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most tokens (prompt + output) one request can have: context and pool."""
+        return min(self.max_model_len, self.pool.num_blocks * self.store.block_size)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""

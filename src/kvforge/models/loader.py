@@ -193,6 +193,11 @@ class HFTokenizer:
         self.bos_token_id: int | None = tokenizer.bos_token_id
         self.vocab_size = len(tokenizer)
 
+    @property
+    def hf_tokenizer(self) -> Any:
+        """The transformers tokenizer underneath (its chat template, for the server)."""
+        return self._tokenizer
+
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
 

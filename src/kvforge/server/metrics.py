@@ -1,0 +1,84 @@
+"""Prometheus metrics for `GET /metrics`.
+
+Counters and histograms are updated by the engine thread as tokens come
+(prometheus_client is thread-safe). Gauges of the cache and the queues are
+read from the engine when scraped, so they are never stale. Each server has
+its own registry, so several can live in one process (tests do).
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# seconds; TTFT spans a cached decode-sized prefill to a long queue wait
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _EngineCollector:
+    """Gauges read from the engine at scrape time."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        pool, scheduler = self.engine.pool, self.engine.scheduler
+        total = pool.num_blocks
+        used = total - pool.num_free
+        yield _gauge("kvforge_kv_cache_usage_ratio", "Fraction of KV blocks in use.", used / total)
+        yield _gauge("kvforge_kv_blocks_used", "KV blocks holding tokens.", used)
+        yield _gauge("kvforge_kv_blocks_free", "KV blocks free.", pool.num_free)
+        yield _gauge("kvforge_kv_blocks_total", "KV blocks in the pool.", total)
+        yield _gauge(
+            "kvforge_num_requests_running", "Requests in the running batch.", len(scheduler.running)
+        )
+        yield _gauge(
+            "kvforge_num_requests_waiting", "Requests waiting to run.", len(scheduler.waiting)
+        )
+        preemptions = CounterMetricFamily(
+            "kvforge_num_preemptions", "Requests preempted (blocks freed, recomputed later)."
+        )
+        preemptions.add_metric([], scheduler.num_preemptions)
+        yield preemptions
+        for name, text in (
+            ("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+            ("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], getattr(self.engine, name.removeprefix("kvforge_"), 0))
+            yield family
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, text)
+    family.add_metric([], value)
+    return family
+
+
+class ServerMetrics:
+    """The server's registry: engine gauges plus token counters and latency histograms."""
+
+    def __init__(self, engine) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(engine))
+        self.prompt_tokens = Counter(
+            "kvforge_prompt_tokens", "Prompt tokens admitted.", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "kvforge_generation_tokens", "Tokens generated.", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "kvforge_time_to_first_token_seconds",
+            "Arrival to first generated token.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "kvforge_inter_token_latency_seconds",
+            "Time between consecutive tokens of a request.",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_errors = Counter(
+            "kvforge_request_errors", "Requests answered with an error.", ["status"],
+            registry=self.registry,
+        )  # fmt: skip

@@ -1,0 +1,444 @@
+"""`kvforge serve`: the OpenAI-compatible API, driven by the official `openai` client
+against a real server on a free loopback port."""
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from kvforge import LLM, SamplingParams
+from kvforge.server.app import build_app
+from kvforge.server.chat import default_chat_prompt
+from kvforge.server.protocol import ChatMessage
+
+MODEL = "kvforge-builtin-untrained"
+KEY = "test-key"
+
+
+class Server:
+    """uvicorn serving `build_app(llm, ...)` on a thread, on a port the OS picks."""
+
+    def __init__(self, llm: LLM, **options) -> None:
+        self.llm = llm
+        self.app = build_app(llm, MODEL, **options)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def engine(self):
+        return self.app.state.engine.engine
+
+    def client(self, api_key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0)
+
+    def wait_idle(self, timeout: float = 30.0) -> None:
+        """Until the engine holds no request and every block is back in the pool."""
+        deadline = time.monotonic() + timeout
+        while self.engine.scheduler.has_unfinished or self.engine.pool.num_used:
+            assert time.monotonic() < deadline, "requests still hold blocks"
+            time.sleep(0.01)
+        self.engine.pool.check_integrity()
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def new_llm(**options) -> LLM:
+    return LLM(device="cpu", kv_memory=options.pop("kv_memory", "4MiB"), **options)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(new_llm())
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The same model outside the server: what the server must answer."""
+    return new_llm()
+
+
+def offline_text(llm: LLM, prompt: str, **params) -> str:
+    return llm.generate([prompt], SamplingParams(**params))[0].text
+
+
+# --- completions and chat ----------------------------------------------------------
+
+
+GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_completion_equals_offline_generation_with_usage(server, offline):
+    out = server.client().completions.create(
+        model=MODEL, prompt="The cat sat", max_tokens=12, **GREEDY
+    )
+    choice = out.choices[0]
+    expected = offline_text(offline, "The cat sat", max_tokens=12, ignore_eos=True)
+    assert choice.text == expected
+    assert choice.finish_reason == "length"
+    prompt_tokens = len(offline.engine.tokenizer.encode("The cat sat"))
+    assert out.usage.prompt_tokens == prompt_tokens
+    assert out.usage.completion_tokens == 12
+    assert out.usage.total_tokens == prompt_tokens + 12
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+    assert out.model == MODEL and out.object == "text_completion"
+    server.wait_idle()
+
+
+def test_completion_stream_concatenates_to_the_same_text_and_reports_usage(server, offline):
+    chunks = list(
+        server.client().completions.create(
+            model=MODEL,
+            prompt="The cat sat",
+            max_tokens=12,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == offline_text(offline, "The cat sat", max_tokens=12, ignore_eos=True)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) <= {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    server.wait_idle()
+
+
+def test_completion_from_token_ids(server, offline):
+    ids = [256, 72, 105]  # BOS, "H", "i"
+    out = server.client().completions.create(model=MODEL, prompt=ids, max_tokens=5, **GREEDY)
+    expected = offline.generate([ids], SamplingParams(max_tokens=5, ignore_eos=True))[0].text
+    assert out.choices[0].text == expected
+    assert out.usage.prompt_tokens == 3
+
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hello!"},
+]
+
+
+def test_chat_uses_the_default_template_streaming_or_not(server, offline):
+    prompt = default_chat_prompt([ChatMessage(**m) for m in MESSAGES])
+    assert prompt == "<|system|>\nYou are terse.\n<|user|>\nHello!\n<|assistant|>\n"
+    expected = offline_text(offline, prompt, max_tokens=10, ignore_eos=True)
+    client = server.client()
+    out = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10, **GREEDY)
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == expected
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(offline.engine.tokenizer.encode(prompt))
+    assert out.usage.completion_tokens == 10
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=10, stream=True,
+            stream_options={"include_usage": True}, **GREEDY,
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.total_tokens == out.usage.total_tokens
+    server.wait_idle()
+
+
+def test_seeds_reproduce_sampled_text(server):
+    client = server.client()
+
+    def sample(seed: int) -> str:
+        out = client.completions.create(
+            model=MODEL, prompt="Once", max_tokens=24, temperature=1.0, top_p=0.95, seed=seed,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        return out.choices[0].text
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_stop_string_ends_the_text_before_it(server, offline):
+    full = offline_text(offline, "abc", max_tokens=20, ignore_eos=True)
+    # the first character that is new at its position (the random model repeats a lot)
+    at = next(i for i, ch in enumerate(full) if i > 0 and ch.isprintable() and ch not in full[:i])
+    stop = full[at]
+    for stream in (False, True):
+        res = server.client().completions.create(
+            model=MODEL, prompt="abc", max_tokens=20, stop=[stop], stream=stream, **GREEDY
+        )
+        chunks = list(res) if stream else [res]
+        text = "".join(c.choices[0].text for c in chunks)
+        assert text == full[:at]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    server.wait_idle()
+
+
+def test_models_health_and_metrics_while_requests_run(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    stream = server.client().completions.create(
+        model=MODEL, prompt="x" * 200, max_tokens=400, stream=True, **GREEDY
+    )
+    next(iter(stream))  # the request holds its blocks now
+    during = httpx.get(f"{server.url}/metrics")
+    assert during.headers["content-type"].startswith("text/plain")
+    values = _metrics(during.text)
+    assert values["kvforge_kv_blocks_used"] >= (201 + 16 - 1) // 16
+    assert values["kvforge_kv_cache_usage_ratio"] == pytest.approx(
+        values["kvforge_kv_blocks_used"] / values["kvforge_kv_blocks_total"]
+    )
+    assert values["kvforge_num_requests_running"] == 1
+    stream.close()
+    server.wait_idle()
+    after = _metrics(httpx.get(f"{server.url}/metrics").text)
+    assert after["kvforge_kv_blocks_used"] == 0
+    assert after["kvforge_kv_blocks_free"] == after["kvforge_kv_blocks_total"]
+    assert after["kvforge_prompt_tokens_total"] >= 201
+    assert after["kvforge_generation_tokens_total"] >= 1
+    assert after["kvforge_time_to_first_token_seconds_count"] >= 1
+    assert after["kvforge_inter_token_latency_seconds_count"] >= 1
+    assert after["kvforge_num_preemptions_total"] == 0
+    assert after["kvforge_prefix_cache_queries_total"] == 0
+    assert after["kvforge_prefix_cache_hits_total"] == 0
+
+
+def _metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text page."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+# --- safety -------------------------------------------------------------------------
+
+
+def _post(server, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
+    headers = {"content-type": "application/json", **kwargs.pop("headers", {})}
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, **kwargs)
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        ('{"model": "x", "prompt": ', None, "not valid JSON"),
+        ("[1, 2]", None, "valid dictionary"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": "5"}, "max_tokens", "valid integer"),
+        ({"model": MODEL, "prompt": 7}, "prompt", ""),
+        ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -1}, None, "temperature"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1, got 0"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, "max_tokens", "at least 1, got -3"),
+        ({"model": MODEL, "prompt": "hi", "n": 2}, "n", "n must be 1"),
+        ({"model": MODEL, "prompt": ""}, "prompt", "at least 1"),
+        ({"model": MODEL, "prompt": [1, 99999]}, None, "outside the vocabulary [0, 258)"),
+        ({"prompt": "hi"}, "model", "Field required"),
+    ],
+)
+def test_bad_completion_requests_get_400_naming_the_problem(server, body, param, words):
+    error = _error(_post(server, "/v1/completions", body), 400)
+    assert words in error["message"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+
+
+def test_unknown_model_and_limits_get_400_naming_the_limit(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="gpt-4", prompt="hi")
+    assert exc.value.code == "model_not_found"
+    assert "'gpt-4' is not served here" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=5000)
+    assert "exceeds the model's context of 4096 tokens" in exc.value.message
+    pool_tokens = server.engine.pool.num_blocks * server.engine.store.block_size
+    assert pool_tokens < 4096  # a 4 MiB pool holds less than the context
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model=MODEL, prompt="a" * (pool_tokens + 10), max_tokens=1)
+    assert f"the pool has {server.engine.pool.num_blocks}" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=[])
+    assert exc.value.param == "messages"
+    server.wait_idle()
+
+
+def test_engine_failure_answers_500_and_the_server_keeps_serving(server, monkeypatch):
+    runner = server.engine.runner
+    real_run = runner.run
+    calls = []
+
+    def fail_once(batch):
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("injected")
+        return real_run(batch)
+
+    monkeypatch.setattr(runner, "run", fail_once)
+    client = server.client()
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4, **GREEDY)
+    assert "RuntimeError: injected" in exc.value.message
+    out = client.completions.create(model=MODEL, prompt="hi", max_tokens=4, **GREEDY)
+    assert out.usage.completion_tokens == 4
+    server.wait_idle()
+
+
+def test_api_key_is_required_when_set():
+    s = Server(new_llm(), api_key=KEY)
+    try:
+        with pytest.raises(openai.AuthenticationError) as exc:
+            s.client(api_key="wrong").models.list()
+        assert exc.value.code == "invalid_api_key"
+        _error(httpx.get(f"{s.url}/v1/models"), 401)
+        assert [m.id for m in s.client().models.list().data] == [MODEL]
+        assert httpx.get(f"{s.url}/health").status_code == 200  # probes need no key
+    finally:
+        s.close()
+
+
+def test_a_full_queue_gets_429_and_running_requests_finish():
+    s = Server(new_llm(max_num_seqs=1), max_queue=1)
+    try:
+        client = s.client()
+        first = client.completions.create(
+            model=MODEL, prompt="a", max_tokens=300, stream=True, **GREEDY
+        )
+        next(iter(first))
+        second = client.completions.create(
+            model=MODEL, prompt="b", max_tokens=3, stream=True, **GREEDY
+        )
+        with pytest.raises(openai.RateLimitError) as exc:
+            client.completions.create(model=MODEL, prompt="c", max_tokens=3)
+        assert "max_num_seqs + max_queue = 2" in exc.value.message
+        assert exc.value.code == "rate_limit_exceeded"
+        assert len("".join(c.choices[0].text for c in first)) > 0
+        assert [c.choices[0].finish_reason for c in second][-1] == "length"
+        s.wait_idle()
+        assert client.completions.create(model=MODEL, prompt="c", max_tokens=3).choices
+    finally:
+        s.close()
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    body = {"model": MODEL, "prompt": "x" * 100, "max_tokens": 1000, "stream": True,
+            "ignore_eos": True}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.engine.pool.num_used > 0
+    server.wait_idle()  # the request was aborted: far fewer than 1000 tokens were made
+    assert _metrics(httpx.get(f"{server.url}/metrics").text)["kvforge_kv_blocks_used"] == 0
+
+
+def test_non_streaming_client_disconnect_aborts_too(server):
+    body = {"model": MODEL, "prompt": "y" * 50, "max_tokens": 1900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=0.5)
+    server.wait_idle()
+
+
+def test_64_concurrent_streaming_clients_all_complete_and_the_pool_is_whole():
+    s = Server(new_llm(kv_memory="64MiB", max_num_seqs=32))
+
+    async def one(client, i: int) -> tuple[str, int]:
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"request {i}:", max_tokens=8 + i % 9, stream=True,
+            stream_options={"include_usage": True}, **GREEDY,
+        )  # fmt: skip
+        text, usage = "", None
+        async for chunk in stream:
+            if chunk.choices:
+                text += chunk.choices[0].text
+            usage = chunk.usage or usage
+        return text, usage.completion_tokens
+
+    async def run_all():
+        client = openai.AsyncOpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0)
+        async with client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    try:
+        results = asyncio.run(run_all())
+        assert [n for _, n in results] == [8 + i % 9 for i in range(64)]
+        offline = new_llm()
+        for i in (0, 17, 63):
+            assert results[i][0] == offline_text(
+                offline, f"request {i}:", max_tokens=8 + i % 9, ignore_eos=True
+            )
+        s.wait_idle()
+        assert s.engine.pool.num_free == s.engine.pool.num_blocks
+    finally:
+        s.close()
+
+
+def test_kvforge_serve_command_answers_the_openai_client(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port (the server binds it right after)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvforge", "serve", "--port", str(port), "--kv-memory", "4MiB",
+         "--device", "cpu", "--api-key", KEY],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "kvforge serve did not come up"
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=6, stream=True, **GREEDY
+            )
+        )
+        assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_kvforge_serve_bad_options_exit_2(capsys):
+    from kvforge.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be in 0..65535, got 70000" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--max-queue", "-1"])
+    assert exc.value.code == 2
