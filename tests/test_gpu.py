@@ -20,3 +20,21 @@ def test_builtin_model_on_cuda_matches_cpu_greedy_and_samples_reproducibly():
     assert gpu.generate(["x", "hello"], seeded)[1].token_ids == first
     gpu.engine.pool.check_integrity()
     assert gpu.kv_stats()["blocks_used"] == 0
+
+
+def test_server_on_cuda_streams_and_frees_its_blocks():
+    from test_server import GREEDY, MODEL, Server
+
+    s = Server(LLM(device="cuda", kv_memory="8MiB"))
+    try:
+        chunks = list(
+            s.client().completions.create(
+                model=MODEL, prompt="The cat sat", max_tokens=8, stream=True, **GREEDY
+            )
+        )
+        cpu = LLM(device="cpu", kv_memory="8MiB")
+        expected = cpu.generate(["The cat sat"], SamplingParams(max_tokens=8, ignore_eos=True))
+        assert "".join(c.choices[0].text for c in chunks) == expected[0].text
+        s.wait_idle()
+    finally:
+        s.close()

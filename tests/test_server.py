@@ -442,3 +442,56 @@ def test_kvforge_serve_bad_options_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--max-queue", "-1"])
     assert exc.value.code == 2
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+
+
+def _checkpoint_with_chat_template(directory):
+    """A tiny random Llama whose word-level tokenizer carries a chat template."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>", "[system]", "[user]", "[assistant]", "hello", "world"]
+    words += [f"w{i}" for i in range(56)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_chat_uses_the_checkpoints_chat_template(tmp_path):
+    import transformers
+
+    directory = _checkpoint_with_chat_template(tmp_path)
+    messages = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "hello"}]
+    hf = transformers.AutoTokenizer.from_pretrained(directory)
+    text = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == "[system] w1 w2 [user] hello [assistant]"
+    ids = hf(text, add_special_tokens=False)["input_ids"]
+    offline = LLM(model=str(directory), device="cpu", kv_memory="1MiB")
+    expected = offline.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True))[0]
+    s = Server(LLM(model=str(directory), device="cpu", kv_memory="1MiB"))
+    try:
+        out = s.client().chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, **GREEDY
+        )
+        assert out.usage.prompt_tokens == len(ids) == 6
+        assert out.choices[0].message.content == expected.text
+    finally:
+        s.close()
