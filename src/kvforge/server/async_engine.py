@@ -53,6 +53,11 @@ class RequestStream:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
 
+def _deliver(deltas: list[tuple[RequestStream, Delta]]) -> None:  # on the event loop
+    for stream, delta in deltas:
+        stream.queue.put_nowait(delta)
+
+
 @dataclass
 class _Tracked:
     """Engine-thread state of one request: what text it has sent, when its last token came."""
@@ -181,7 +186,9 @@ class AsyncEngine:
         tracked.last_token_s = now
 
     def _publish(self) -> None:
-        """Send each request's new text; finished requests get their last delta."""
+        """Send each request's new text; finished requests get their last delta. One wake-up
+        of the event loop per step carries every request's delta."""
+        out: list[tuple[RequestStream, Delta]] = []
         for request_id, tracked in list(self._tracked.items()):
             r = tracked.request
             finished = r.status is Status.FINISHED
@@ -195,19 +202,20 @@ class AsyncEngine:
                 continue
             tracked.sent += len(new)
             if not finished:
-                tracked.stream.put(Delta(new))
+                out.append((tracked.stream, Delta(new)))
                 continue
             del self._tracked[request_id]
             self._ended()
             m = r.metrics
-            tracked.stream.put(
-                Delta(
-                    new,
-                    finished=True,
-                    finish_reason="error" if r.error else r.finish_reason,
-                    error=r.error,
-                    prompt_tokens=m.prompt_tokens,
-                    completion_tokens=len(r.output_token_ids),
-                    cached_tokens=m.cached_tokens,
-                )
+            final = Delta(
+                new,
+                finished=True,
+                finish_reason="error" if r.error else r.finish_reason,
+                error=r.error,
+                prompt_tokens=m.prompt_tokens,
+                completion_tokens=len(r.output_token_ids),
+                cached_tokens=m.cached_tokens,
             )
+            out.append((tracked.stream, final))
+        if out:
+            out[0][0].loop.call_soon_threadsafe(_deliver, out)
