@@ -274,7 +274,7 @@ class LLM:
                     r = event.request
                     if event.token_id is None or id(r) not in index:
                         continue  # mid-prefill, or another caller's request
-                    text = _stable_text(r, self.engine.decode_text(r))
+                    text = self.engine.stable_text(r)
                     delta, shown[id(r)] = text[len(shown[id(r)]) :], text
                     output = r.output() if event.finished else None
                     yield StreamEvent(index[id(r)], event.token_id, delta, r.finish_reason, output)
@@ -283,23 +283,6 @@ class LLM:
 
     def kv_stats(self) -> dict:
         return self.engine.kv_stats()
-
-
-def _stable_text(r: Request, text: str) -> str:
-    """The part of a running request's text that later tokens cannot change.
-
-    Held back: a trailing U+FFFD (a multi-byte character cut between tokens)
-    and any tail that could be the start of a stop string (cut if it completes).
-    """
-    if r.finish_reason is not None:
-        return r.text
-    text = text.rstrip("\ufffd")
-    for stop in r.params.stop_strings:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                text = text[:-k]
-                break
-    return text
 
 
 def _refused(prompt: Prompt, error: str) -> RequestOutput:

@@ -210,6 +210,10 @@ class LLMEngine:
             return r.text
         return self.tokenizer.decode(r.output_token_ids)
 
+    def stable_text(self, r: Request) -> str:
+        """The request's text so far that later tokens cannot change (see `stable_text`)."""
+        return stable_text(r, self.decode_text(r))
+
     # --- the cache ------------------------------------------------------------------
 
     def kv_stats(self) -> dict:
@@ -227,3 +231,20 @@ class LLMEngine:
             "waste_ratio": 0.0 if used == 0 else 1 - tokens_stored / (used * block_size),
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def stable_text(r: Request, text: str) -> str:
+    """The part of a running request's text that later tokens cannot change.
+
+    Held back: a trailing U+FFFD (a multi-byte character cut between tokens)
+    and any tail that could be the start of a stop string (cut if it completes).
+    """
+    if r.finish_reason is not None:
+        return r.text
+    text = text.rstrip("\ufffd")
+    for stop in r.params.stop_strings:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                text = text[:-k]
+                break
+    return text

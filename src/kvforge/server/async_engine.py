@@ -24,8 +24,6 @@ from kvforge.engine.sampling import SamplingParams
 from kvforge.errors import KVForgeError
 from kvforge.server.metrics import ServerMetrics
 
-REPLACEMENT_CHAR = "\ufffd"  # what decoding shows for an incomplete UTF-8 sequence
-
 
 @dataclass(frozen=True)
 class Delta:
@@ -60,12 +58,11 @@ def _deliver(deltas: list[tuple[RequestStream, Delta]]) -> None:  # on the event
 
 @dataclass
 class _Tracked:
-    """Engine-thread state of one request: what text it has sent, when its last token came."""
+    """Engine-thread state of one request: how much text it has sent, when its last token came."""
 
     request: Request
     stream: RequestStream
-    hold_back: int  # characters kept back while a stop string could still be forming
-    sent: int = 0
+    sent: int = 0  # characters of text already sent
     last_token_s: float | None = None
 
 
@@ -167,8 +164,7 @@ class AsyncEngine:
             self._ended()
             stream.put(Delta("", finished=True, finish_reason="error", error=str(exc)))
             return
-        hold_back = max((len(s) for s in params.stop_strings), default=1) - 1
-        self._tracked[stream.request_id] = _Tracked(request, stream, hold_back)
+        self._tracked[stream.request_id] = _Tracked(request, stream)
         self.metrics.prompt_tokens.inc(len(token_ids))
 
     def _abort(self, request_id: str) -> None:
@@ -192,11 +188,7 @@ class AsyncEngine:
         for request_id, tracked in list(self._tracked.items()):
             r = tracked.request
             finished = r.status is Status.FINISHED
-            text = self.engine.decode_text(r)
-            if not finished:
-                # keep back a possible stop string's start and an incomplete character
-                text = text[: max(tracked.sent, len(text) - tracked.hold_back)]
-                text = text.rstrip(REPLACEMENT_CHAR)
+            text = self.engine.stable_text(r)  # never a character later tokens could change
             new = text[tracked.sent :]
             if not new and not finished:
                 continue
