@@ -215,8 +215,11 @@ def test_models_health_and_metrics_while_requests_run(server):
     assert after["kvforge_time_to_first_token_seconds_count"] >= 1
     assert after["kvforge_inter_token_latency_seconds_count"] >= 1
     assert after["kvforge_num_preemptions_total"] == 0
-    assert after["kvforge_prefix_cache_queries_total"] == 0
-    assert after["kvforge_prefix_cache_hits_total"] == 0
+    # every admitted prompt is looked up in the prefix cache
+    assert after["kvforge_prefix_cache_queries_total"] == after["kvforge_prompt_tokens_total"]
+    assert (
+        0 <= after["kvforge_prefix_cache_hits_total"] <= after["kvforge_prefix_cache_queries_total"]
+    )
 
 
 def _metrics(text: str) -> dict[str, float]:
@@ -495,3 +498,21 @@ def test_chat_uses_the_checkpoints_chat_template(tmp_path):
         assert out.choices[0].message.content == expected.text
     finally:
         s.close()
+
+
+def test_usage_reports_cached_tokens_and_salts_isolate_tenants(server):
+    client = server.client()
+    prompt = "A shared system prompt that many requests start with. " * 12
+
+    def cached(**extra) -> int:
+        out = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, temperature=0, extra_body=extra
+        )
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    full_blocks = (len(prompt) + 1 - 1) // 16 * 16  # BOS + bytes; the last token computed
+    cached(cache_salt="t1")
+    assert cached(cache_salt="t1") == full_blocks
+    assert cached(cache_salt="t2") == 0
+    _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "cache_salt": 5}), 400)
+    server.wait_idle()

@@ -234,6 +234,11 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="KV cache format (quantized formats arrive with their own issue)",
     )
     p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="compute every prompt in full (default: reuse cached prefix blocks)",
+    )
 
 
 def _engine_from_args(args: argparse.Namespace, **options):
@@ -247,6 +252,7 @@ def _engine_from_args(args: argparse.Namespace, **options):
         block_size=args.block_size,
         kv_memory=args.kv_memory,
         kv_dtype=args.kv_dtype,
+        enable_prefix_caching=not args.no_prefix_caching,
         **options,
     )
 

@@ -8,6 +8,7 @@ engine until every request has finished.
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -115,8 +116,9 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 class LLM:
     """An engine over one model and one paged KV cache (see DESIGN.md for the contract).
 
-    `enable_prefix_caching` and `cache_salt` are part of the contract already but
-    have no effect yet: every request computes its whole prompt (cached_tokens 0).
+    With `enable_prefix_caching` (the default), a request reuses the K/V blocks of
+    the longest prompt prefix any earlier request computed (under the same
+    `cache_salt`) and computes only the rest; `metrics.cached_tokens` says how many.
     """
 
     def __init__(
@@ -135,7 +137,8 @@ class LLM:
         max_num_seqs: int = 256,
         seed: int = 0,
     ) -> None:
-        from kvforge.models.builtin import BUILTIN_NAME, builtin_model
+        from kvforge.models.builtin import BUILTIN_NAME, BUILTIN_SEED, builtin_model
+        from kvforge.models.checkpoint import model_fingerprint
         from kvforge.models.loader import load_model, load_tokenizer
 
         if kv_policy is not None or kv_budget is not None:
@@ -153,6 +156,7 @@ class LLM:
         self.device = _resolve_device(device)
         if model is None:
             self.model_name = BUILTIN_NAME
+            model_id = f"{BUILTIN_NAME}:seed={BUILTIN_SEED}"
             net, tokenizer = builtin_model(self.device)
         else:
             self.model_name = str(model)
@@ -168,6 +172,8 @@ class LLM:
         spec = config.spec
         weights_dtype = next(net.parameters()).dtype
         model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
+        if model is not None:
+            model_id = model_fingerprint(Path(model).expanduser(), model_dtype)
         fmt = resolve_kv_format(spec, model_dtype if kv_dtype == "auto" else kv_dtype)
         block_bytes = bytes_per_block(spec, fmt, block_size)
         num_blocks = self._num_blocks(
@@ -183,6 +189,8 @@ class LLM:
             vocab_size=config.vocab_size,
             device=self.device,
             seed=seed,
+            model_id=model_id,
+            enable_prefix_caching=enable_prefix_caching,
         )
         self.tokenizer = tokenizer
 
@@ -215,7 +223,7 @@ class LLM:
     # --- generation -----------------------------------------------------------------
 
     def _submit(
-        self, prompts: Prompt | Sequence[Prompt], sampling_params
+        self, prompts: Prompt | Sequence[Prompt], sampling_params, cache_salt: str | None = None
     ) -> list[Request | RequestOutput]:
         prompts = _normalize_prompts(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -227,7 +235,7 @@ class LLM:
         submitted: list[Request | RequestOutput] = []
         for prompt, p in zip(prompts, params, strict=True):
             try:
-                submitted.append(self.engine.add_request(prompt, p))
+                submitted.append(self.engine.add_request(prompt, p, cache_salt=cache_salt))
             except KVForgeError as exc:  # refuse this one; the others still run
                 submitted.append(_refused(prompt, str(exc)))
         return submitted
@@ -243,7 +251,7 @@ class LLM:
         A prompt that can never run (too long for the context or the pool) comes
         back with finish_reason "abort" and `error` naming the limit.
         """
-        submitted = self._submit(prompts, sampling_params)
+        submitted = self._submit(prompts, sampling_params, cache_salt)
         try:
             while any(isinstance(s, Request) and s.finish_reason is None for s in submitted):
                 self.engine.step()
@@ -260,9 +268,10 @@ class LLM:
         self,
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        cache_salt: str | None = None,
     ) -> Iterator[StreamEvent]:
         """Yield each new token as it is produced, for all prompts interleaved."""
-        submitted = self._submit(prompts, sampling_params)
+        submitted = self._submit(prompts, sampling_params, cache_salt)
         index = {id(s): i for i, s in enumerate(submitted)}
         shown = {id(s): "" for s in submitted}
         try:

@@ -22,6 +22,7 @@ from kvforge.engine.scheduler import Scheduler, SchedulerConfig
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 
 
@@ -50,8 +51,13 @@ class LLMEngine:
         vocab_size: int,
         device: torch.device,
         seed: int = 0,
+        model_id: str = "",
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
+        # what the prefix cache's keys say computed and stored the blocks
+        self.model_id = model_id
+        self.enable_prefix_caching = enable_prefix_caching
         self.store = store
         self.pool = BlockPool(store.num_blocks)
         self.scheduler = Scheduler(self.pool, scheduler_config)
@@ -70,8 +76,13 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
-        """Validate and queue a request; KVForgeError (naming the limit) if it can never run."""
+        """Validate and queue a request; KVForgeError (naming the limit) if it can never run.
+
+        Requests with different `cache_salt` never share prefix-cache blocks."""
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise KVForgeError(f"cache_salt must be a string, got {cache_salt!r}")
         text, token_ids = self.tokenize(prompt)
         self.check_request(token_ids, params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -93,6 +104,11 @@ class LLMEngine:
             eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
             generator=generator,
         )
+        if self.enable_prefix_caching:
+            request.cache_seed = chain_seed(
+                self.model_id, self.store.format.name, self.store.block_size, cache_salt
+            )
+            request.update_block_keys(self.store.block_size)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -167,6 +183,7 @@ class LLMEngine:
         for item, token in zip(batch, token_ids, strict=True):
             r = item.request
             r.num_computed_tokens += item.num_new_tokens
+            self.scheduler.register_computed_blocks(r)
             if token is not None:
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))
@@ -174,6 +191,7 @@ class LLMEngine:
 
     def _append_token(self, r: Request, token: int, now: float) -> None:
         r.output_token_ids.append(token)
+        r.update_block_keys(self.store.block_size)
         r.metrics.completion_tokens = len(r.output_token_ids)
         if r.metrics.first_token_s is None:
             r.metrics.first_token_s = now
@@ -230,7 +248,21 @@ class LLMEngine:
             "tokens_stored": tokens_stored,
             "waste_ratio": 0.0 if used == 0 else 1 - tokens_stored / (used * block_size),
             "num_preemptions": self.scheduler.num_preemptions,
+            "blocks_cached": self.pool.num_cached_free,
+            "prefix_cache_queries": self.prefix_cache_queries,
+            "prefix_cache_hits": self.prefix_cache_hits,
+            "prefix_cache_evictions": self.pool.num_evictions,
         }
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (first admissions)."""
+        return self.scheduler.prefix_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens found in the prefix cache, so not computed."""
+        return self.scheduler.prefix_hits
 
 
 def stable_text(r: Request, text: str) -> str:

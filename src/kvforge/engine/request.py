@@ -7,6 +7,7 @@ import torch
 
 from kvforge.engine.sampling import SamplingParams
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.prefix_cache import extend_keys
 
 
 class Status(enum.Enum):
@@ -80,6 +81,11 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     error: str | None = None
+    # prefix caching: the chain seed (None: off for this request), the keys of its full
+    # blocks so far, and how many of its table's blocks are registered in the cache
+    cache_seed: bytes | None = None
+    block_keys: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -92,6 +98,12 @@ class Request:
         if start >= prompt_len:  # decode: no copy of the whole sequence each step
             return self.output_token_ids[start - prompt_len : end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+    def update_block_keys(self, block_size: int) -> None:
+        """Key every block that has become full (prompt or output tokens)."""
+        if self.cache_seed is not None and self.num_tokens // block_size > len(self.block_keys):
+            tokens = self.prompt_token_ids + self.output_token_ids
+            extend_keys(self.block_keys, self.cache_seed, tokens, block_size)
 
     def output(self) -> RequestOutput:
         return RequestOutput(

@@ -7,6 +7,11 @@ prefill). Waiting requests are admitted in arrival order while the budget, the
 sequence limit and free blocks allow. Prefill chunks and decode tokens of
 different requests share one forward pass.
 
+Prefix caching: a request being admitted first takes the longest run of its
+full blocks that the pool still holds (keyed by `prefix_cache`), so only the
+rest is computed — never its last token, which must be computed to sample.
+Blocks are registered in the cache as soon as their tokens are computed.
+
 When a running request needs a block and none is free, the most recently
 admitted running request is preempted: its blocks go back to the pool and it
 waits at the head of the queue, to be recomputed (prompt + output so far)
@@ -64,6 +69,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -100,16 +107,60 @@ class Scheduler:
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
         ):
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if request.block_table.blocks_needed(num_new) > self.pool.num_free:
+            request = self.waiting[0]  # waiting: nothing computed, an empty block table
+            block_size = request.block_table.block_size
+            hits = self._prefix_hits(request)
+            cached = len(hits) * block_size
+            num_new = min(request.num_tokens - cached, budget)
+            # new blocks, plus the hit blocks that leave the free queue when taken
+            needed = -(-(cached + num_new) // block_size) - len(hits)
+            reused = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+            if needed + reused > self.pool.num_free:
                 break
             self.waiting.popleft()
+            if hits:
+                self.pool.take(hits)
+                request.block_table.adopt(hits)
+                request.num_registered_blocks = len(hits)
+                request.num_computed_tokens = cached
+            self._count_prefix(request, cached)
             request.status = Status.RUNNING
             self.running.append(request)
             batch.append(self._reserve(request, num_new))
             budget -= num_new
         return batch
+
+    def _prefix_hits(self, request: Request) -> list[int]:
+        """The blocks of the longest cached prefix of `request` (at most all but its last
+        token: that one is always computed, to sample from)."""
+        if request.cache_seed is None:
+            return []
+        limit = (request.num_tokens - 1) // request.block_table.block_size
+        hits = []
+        for key in request.block_keys[:limit]:
+            block_id = self.pool.lookup(key)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _count_prefix(self, request: Request, cached: int) -> None:
+        """A request's first admission counts toward the hit rate; re-admissions after a
+        preemption do not (their hits are recompute saved, not prompt reuse)."""
+        if request.metrics.preemptions == 0 and request.cache_seed is not None:
+            request.metrics.cached_tokens = cached
+            self.prefix_queries += len(request.prompt_token_ids)
+            self.prefix_hits += cached
+
+    def register_computed_blocks(self, request: Request) -> None:
+        """Put the request's newly computed full blocks in the prefix cache."""
+        if request.cache_seed is None:
+            return
+        table = request.block_table
+        full = min(request.num_computed_tokens // table.block_size, len(request.block_keys))
+        for i in range(request.num_registered_blocks, full):
+            self.pool.cache(table.block_ids[i], request.block_keys[i])
+        request.num_registered_blocks = max(request.num_registered_blocks, full)
 
     def _reserve(self, request: Request, num_new: int) -> ScheduledRequest:
         table = request.block_table
@@ -119,8 +170,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        request.block_table.release(self.pool)
-        request.num_computed_tokens = 0
+        request.block_table.release(self.pool)  # its full blocks stay cached for re-admission
+        request.num_computed_tokens = request.num_registered_blocks = 0
         request.status = Status.WAITING
         request.metrics.preemptions += 1
         self.num_preemptions += 1

@@ -5,7 +5,7 @@ store owns; this module only decides which ids are in use and which are free.
 """
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -29,12 +29,16 @@ class BlockPool:
     the queue is in eviction order: the block freed longest ago is reused first.
     The queue starts as 0, 1, 2, ..., num_blocks-1.
 
-    Once prefix caching lands, a free block may still hold cached K/V; reusing it
-    evicts that entry, and a cache hit pulls it out of the middle of the queue.
-    The queue is an OrderedDict so that removal is O(1). Callers releasing a whole
-    request should release its blocks tail first (see `BlockTable.release`): its
-    head blocks, the prefix most likely to be shared, then sit nearest the tail
-    and are evicted last.
+    Prefix caching: a block may also hold a cache entry, a key (see
+    `prefix_cache`) naming the tokens whose K/V it holds. A cached block stays
+    cached while used and after it is freed; a free cached block is reused
+    last-freed-last like any other, and reusing it evicts the entry
+    (`on_evict` is told first, so a lower tier can copy it). A hit (`take`) pulls
+    a free cached block out of the middle of the queue, which is why the queue
+    is an OrderedDict (O(1) removal). Callers releasing a whole request release
+    its blocks tail first (see `BlockTable.release`): its head blocks, the
+    prefix most likely to be shared, then sit nearest the tail and are evicted
+    last.
     """
 
     def __init__(self, num_blocks: int) -> None:
@@ -44,6 +48,10 @@ class BlockPool:
         self._ref_counts = [0] * num_blocks
         # Values are unused; the dict is an ordered set with O(1) removal anywhere.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._key_of: dict[int, bytes] = {}  # cached block -> its key
+        self._block_of: dict[bytes, int] = {}  # key -> the block holding it
+        self.num_evictions = 0
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -53,6 +61,61 @@ class BlockPool:
     def num_used(self) -> int:
         """Blocks with ref_count > 0."""
         return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks holding a cache entry, used or free."""
+        return len(self._key_of)
+
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold a cache entry (reusable at once, or evictable)."""
+        return sum(1 for b in self._key_of if self._ref_counts[b] == 0)
+
+    # --- prefix cache ---------------------------------------------------------------
+
+    def lookup(self, key: bytes) -> int | None:
+        """The block holding `key`, or None."""
+        return self._block_of.get(key)
+
+    def key_of(self, block_id: int) -> bytes | None:
+        return self._key_of.get(block_id)
+
+    def cache(self, block_id: int, key: bytes) -> bool:
+        """Record that the used block `block_id` holds the K/V of `key`.
+
+        A key already held by another block keeps that block, and a block holds
+        one key: either way nothing changes and the answer is False.
+        """
+        self._check_id(block_id)
+        if self._ref_counts[block_id] == 0:
+            raise ValueError(f"cannot cache block {block_id}: it is free")
+        if key in self._block_of or block_id in self._key_of:
+            return False
+        self._block_of[key] = block_id
+        self._key_of[block_id] = key
+        return True
+
+    def take(self, block_ids: Iterable[int]) -> None:
+        """Add a reference to each cached block (a prefix hit); a free one leaves the queue."""
+        block_ids = list(block_ids)
+        for block_id in block_ids:
+            self._check_id(block_id)
+            if block_id not in self._key_of:
+                raise ValueError(f"cannot take block {block_id}: it holds no cache entry")
+        for block_id in block_ids:
+            if self._ref_counts[block_id] == 0:
+                del self._free[block_id]
+            self._ref_counts[block_id] += 1
+
+    def _evict(self, block_id: int) -> None:
+        key = self._key_of.pop(block_id, None)
+        if key is None:
+            return
+        del self._block_of[key]
+        self.num_evictions += 1
+        if self.on_evict is not None:
+            self.on_evict(block_id, key)
 
     def allocate(self, n: int) -> list[int]:
         """Take `n` blocks from the head of the free queue; each gets ref_count 1.
@@ -65,6 +128,7 @@ class BlockPool:
             raise NoFreeBlocksError(f"asked for {n} blocks but only {len(self._free)} are free")
         block_ids = [self._free.popitem(last=False)[0] for _ in range(n)]
         for block_id in block_ids:
+            self._evict(block_id)  # its old contents are about to be overwritten
             self._ref_counts[block_id] = 1
         return block_ids
 
@@ -138,6 +202,13 @@ class BlockPool:
             raise IntegrityError(
                 f"free ({len(self._free)}) + used ({num_used}) != total ({self.num_blocks})"
             )
+        if len(self._key_of) != len(self._block_of) or any(
+            self._block_of.get(key) != block_id for block_id, key in self._key_of.items()
+        ):
+            raise IntegrityError("the cache's key -> block and block -> key maps disagree")
+        strays = [b for b in self._key_of if not 0 <= b < self.num_blocks]
+        if strays:
+            raise IntegrityError(f"cache entries name ids outside 0..{self.num_blocks - 1}")
 
     def _check_id(self, block_id: int) -> None:
         if not 0 <= block_id < self.num_blocks:

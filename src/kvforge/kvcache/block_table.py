@@ -55,6 +55,14 @@ class BlockTable:
         self.num_tokens += num_new_tokens
         return [self.slot(p) for p in range(start, self.num_tokens)]
 
+    def adopt(self, cached_block_ids: list[int]) -> None:
+        """Start an empty table with full cached blocks (a prefix hit); the caller has
+        already taken a reference to each for the table."""
+        if self.block_ids:
+            raise ValueError("only an empty table can adopt cached blocks")
+        self.block_ids = list(cached_block_ids)
+        self.num_tokens = len(cached_block_ids) * self.block_size
+
     def slot(self, position: int) -> int:
         """The slot of the token at `position`, which must already be reserved."""
         if not 0 <= position < self.num_tokens:

@@ -6,6 +6,7 @@ only that gives the exact parameter count and weight bytes of a checkpoint of
 any size in milliseconds.
 """
 
+import hashlib
 import json
 import struct
 from collections import Counter
@@ -123,6 +124,33 @@ def scan_checkpoint(directory: Path) -> CheckpointInfo | None:
         num_bytes=sum(t.num_bytes for t in seen.values()),
         dtype=dtype,
     )
+
+
+FINGERPRINT_SAMPLES = 16  # regions of each weight file read for its fingerprint
+FINGERPRINT_SAMPLE_BYTES = 64 * 1024
+
+
+def model_fingerprint(directory: Path, dtype: str) -> str:
+    """A stable identity of a checkpoint's weights as served, for prefix-cache keys.
+
+    Hashes config.json, each safetensors file's name, size and header, and 16
+    evenly spaced 64 KiB samples of its data (about 1 MiB a file, so it costs
+    milliseconds, not a read of the whole checkpoint), plus the serving dtype.
+    Two checkpoints with the same architecture but different weights differ in
+    their sampled bytes; a K/V block computed from one is never served for the other.
+    """
+    h = hashlib.sha256(f"dtype:{dtype}".encode())
+    config = directory / "config.json"
+    if config.is_file():
+        h.update(config.read_bytes())
+    for path in sorted(directory.glob("*.safetensors")):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            for i in range(FINGERPRINT_SAMPLES):
+                f.seek(size * i // FINGERPRINT_SAMPLES)
+                h.update(f.read(FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

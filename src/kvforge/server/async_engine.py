@@ -99,13 +99,15 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def submit(self, token_ids: list[int], params: SamplingParams) -> RequestStream:
+    def submit(
+        self, token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+    ) -> RequestStream:
         """Queue a validated request; its deltas arrive on the returned stream."""
         self.engine.check_request(token_ids, params)
         stream = RequestStream(f"srv-{next(self._ids)}", asyncio.get_running_loop())
         with self._count_lock:
             self.num_active += 1
-        self._commands.put(("add", stream, token_ids, params))
+        self._commands.put(("add", stream, token_ids, params, cache_salt))
         self._wake.set()
         return stream
 
@@ -145,8 +147,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, stream, token_ids, params = command
-                self._add(stream, token_ids, params)
+                self._add(*command[1:])
             else:
                 self._abort(command[1])
 
@@ -154,12 +155,20 @@ class AsyncEngine:
         with self._count_lock:
             self.num_active -= 1
 
-    def _add(self, stream: RequestStream, token_ids: list[int], params: SamplingParams) -> None:
+    def _add(
+        self,
+        stream: RequestStream,
+        token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None,
+    ) -> None:
         if stream.finished:  # the client left before the request reached the engine
             self._ended()
             return
         try:
-            request = self.engine.add_request(token_ids, params, request_id=stream.request_id)
+            request = self.engine.add_request(
+                token_ids, params, request_id=stream.request_id, cache_salt=cache_salt
+            )
         except KVForgeError as exc:
             self._ended()
             stream.put(Delta("", finished=True, finish_reason="error", error=str(exc)))

@@ -62,6 +62,9 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # an extension (vLLM has it too); 0 or -1 = all tokens
     ignore_eos: bool = False  # an extension (vLLM too): generate max_tokens whatever comes
+    # an extension (vLLM too): requests with different salts never share prefix-cache
+    # blocks, so one tenant cannot learn from timing what another sent
+    cache_salt: str | None = Field(default=None, min_length=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1

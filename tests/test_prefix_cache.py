@@ -1,0 +1,189 @@
+"""Prefix caching: chained keys, the pool's cache entries and LRU eviction (exact block ids),
+and the engine reusing cached blocks without changing a single output token."""
+
+import pytest
+
+from kvforge import LLM, SamplingParams
+from kvforge.kvcache.block_pool import BlockPool
+from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.prefix_cache import block_key, chain_seed, extend_keys
+
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+# --- keys ---------------------------------------------------------------------------
+
+
+def test_seed_names_model_codec_block_size_and_salt():
+    base = chain_seed("m", "fp32", 16)
+    assert base == chain_seed("m", "fp32", 16)  # stable: no per-process hashing
+    assert len(base) == 32  # 256-bit
+    variants = [
+        chain_seed("m2", "fp32", 16),
+        chain_seed("m", "fp16", 16),
+        chain_seed("m", "fp32", 8),
+        chain_seed("m", "fp32", 16, salt="tenant-a"),
+        chain_seed("m", "fp32", 16, salt=""),
+    ]
+    assert len({base, *variants}) == 6
+
+
+def test_keys_chain_over_every_earlier_token():
+    seed = chain_seed("m", "fp32", 4)
+    tokens = list(range(10, 22))  # 3 full blocks of 4
+    keys: list[bytes] = []
+    extend_keys(keys, seed, tokens[:6], 4)  # one full block so far
+    assert len(keys) == 1
+    extend_keys(keys, seed, tokens, 4)  # incremental == all at once
+    assert keys == [
+        block_key(seed, tokens[0:4]),
+        block_key(block_key(seed, tokens[0:4]), tokens[4:8]),
+        block_key(block_key(block_key(seed, tokens[0:4]), tokens[4:8]), tokens[8:12]),
+    ]
+    changed = tokens.copy()
+    changed[1] = 99  # a token of block 0 changes the key of every later block
+    other: list[bytes] = []
+    extend_keys(other, seed, changed, 4)
+    assert all(a != b for a, b in zip(keys, other, strict=True))
+    same_tail: list[bytes] = []
+    extend_keys(same_tail, seed, [*tokens[:8], 1, 2, 3, 4], 4)
+    assert same_tail[:2] == keys[:2] and same_tail[2] != keys[2]
+
+
+# --- the pool -----------------------------------------------------------------------
+
+
+def test_pool_cache_entries_and_lru_eviction_with_exact_ids():
+    pool = BlockPool(4)
+    evicted: list[tuple[int, bytes]] = []
+    pool.on_evict = lambda block_id, key: evicted.append((block_id, key))
+    table = BlockTable(4)
+    table.append_tokens(12, pool.allocate(3))  # blocks 0, 1, 2
+    for block_id, key in zip(table.block_ids, (b"k0", b"k1", b"k2"), strict=True):
+        assert pool.cache(block_id, key)
+    assert not pool.cache(1, b"k-other")  # one key per block
+    table.release(pool)  # tail first
+    assert pool.free_block_ids() == [3, 2, 1, 0]
+    assert pool.num_cached == pool.num_cached_free == 3
+    pool.check_integrity()
+
+    assert pool.allocate(1) == [3]  # empty block first: nothing evicted
+    assert evicted == []
+    assert pool.allocate(1) == [2]  # least recently freed cached block: k2 goes
+    assert evicted == [(2, b"k2")] and pool.lookup(b"k2") is None
+    assert pool.num_evictions == 1
+
+    assert pool.lookup(b"k0") == 0
+    pool.take([0])  # a hit: out of the free queue, referenced
+    assert pool.free_block_ids() == [1] and pool.ref_count(0) == 1
+    pool.release([0])
+    assert pool.free_block_ids() == [1, 0]  # now the most recently used
+    assert pool.allocate(1) == [1] and evicted[-1] == (1, b"k1")
+    pool.check_integrity()
+
+
+def test_pool_refuses_bad_cache_operations():
+    pool = BlockPool(2)
+    with pytest.raises(ValueError, match="cannot cache block 0: it is free"):
+        pool.cache(0, b"k")
+    with pytest.raises(ValueError, match="cannot take block 1: it holds no cache entry"):
+        pool.take([1])
+    a, b = pool.allocate(2)
+    assert pool.cache(a, b"k")
+    assert not pool.cache(b, b"k")  # the key stays with the first block
+    assert pool.lookup(b"k") == a
+
+
+# --- the engine ---------------------------------------------------------------------
+
+
+def small_llm(**options) -> LLM:
+    return LLM(device="cpu", **{"kv_memory": "8MiB", **options})
+
+
+SYSTEM = "You are a helpful assistant. Answer briefly and exactly. " * 4
+
+
+def test_outputs_with_caching_equal_outputs_without():
+    prompts = [SYSTEM + "What is 2+2?", SYSTEM + "Name a colour.", SYSTEM + "What is 2+2?"]
+    on, off = small_llm(), small_llm(enable_prefix_caching=False)
+    expected = [o.token_ids for o in off.generate(prompts, GREEDY)]
+    assert [o.token_ids for o in on.generate(prompts, GREEDY)] == expected  # batched
+    for prompt, tokens in zip(prompts, expected, strict=True):  # one by one: hits
+        out = on.generate([prompt], GREEDY)[0]
+        assert out.token_ids == tokens
+        assert out.metrics.cached_tokens > 0
+    assert all(o.metrics.cached_tokens == 0 for o in off.generate(prompts, GREEDY))
+    on.engine.pool.check_integrity()
+    assert on.kv_stats()["blocks_used"] == 0
+
+
+def test_the_second_run_of_a_2k_prompt_reuses_2000_tokens_and_a_salt_shares_nothing():
+    llm = small_llm()
+    prompt = "The quick brown fox jumps over the lazy dog. " * 45  # 2,026 tokens with BOS
+    first = llm.generate([prompt], GREEDY)[0]
+    second = llm.generate([prompt], GREEDY)[0]
+    salted = llm.generate([prompt], GREEDY, cache_salt="tenant-b")[0]
+    assert len(first.prompt_token_ids) == 2026
+    assert first.metrics.cached_tokens == 0
+    assert second.metrics.cached_tokens == 2016  # 126 full blocks; 10 tokens computed
+    assert salted.metrics.cached_tokens == 0
+    assert first.token_ids == second.token_ids == salted.token_ids
+    again = llm.generate([prompt], GREEDY, cache_salt="tenant-b")[0]
+    assert again.metrics.cached_tokens == 2016  # the tenant's own cache
+    stats = llm.kv_stats()
+    assert stats["prefix_cache_queries"] == 4 * 2026
+    assert stats["prefix_cache_hits"] == 2 * 2016
+    llm.engine.pool.check_integrity()
+
+
+def test_salted_requests_never_share_a_block():
+    llm = small_llm()
+    prompt = SYSTEM * 2
+    llm.generate([prompt], GREEDY, cache_salt="a")
+    cached_a = llm.kv_stats()["blocks_cached"]
+    llm.generate([prompt], GREEDY, cache_salt="b")
+    assert llm.kv_stats()["blocks_cached"] == 2 * cached_a  # b computed and kept its own
+    assert llm.generate([prompt], GREEDY, cache_salt="c")[0].metrics.cached_tokens == 0
+
+
+def test_the_last_prompt_token_is_always_computed():
+    llm = small_llm(block_size=4)
+    prompt = [256] + [65] * 15  # 16 tokens: exactly 4 full blocks
+    llm.generate([prompt], GREEDY)
+    out = llm.generate([prompt], GREEDY)[0]
+    assert out.metrics.cached_tokens == 12  # not 16: the last token is computed to sample
+
+
+def test_lru_eviction_order_through_the_engine():
+    llm = small_llm(block_size=4, num_blocks=6)
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    p1, p2, p3 = "abcdefgh", "ijklmnop", "qrstuvwx"  # BOS + 8 bytes: 3 blocks, 2 full
+    llm.generate([p1], one)  # blocks 0, 1, 2; 0 and 1 cached
+    llm.generate([p2], one)  # blocks 3, 4, 5; 3 and 4 cached
+    pool = llm.engine.pool
+    assert pool.free_block_ids() == [2, 1, 0, 5, 4, 3]
+    llm.generate([p3], one)  # takes 2, 1, 0: evicts p1's blocks, keeps p2's
+    assert pool.num_evictions == 2
+    assert llm.generate([p2], one)[0].metrics.cached_tokens == 8
+    assert llm.generate([p1], one)[0].metrics.cached_tokens == 0
+    pool.check_integrity()
+
+
+def test_multi_turn_chat_reuses_the_previous_turn_including_its_reply():
+    llm = small_llm()
+    turn1 = llm.generate([SYSTEM + "user: hi\n"], GREEDY)[0]
+    history = turn1.prompt_token_ids + turn1.token_ids
+    turn2 = llm.generate([history + list(b"user: more\n")], GREEDY)[0]
+    assert turn2.metrics.cached_tokens == len(history) // 16 * 16
+
+
+def test_preemption_with_caching_keeps_outputs_and_the_pool_whole():
+    prompts = [SYSTEM + f"question {i}" for i in range(6)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    tight = small_llm(num_blocks=40)  # 6 requests of ~21 blocks each cannot all fit
+    roomy = small_llm(enable_prefix_caching=False)
+    outs = tight.generate(prompts, params)
+    assert tight.kv_stats()["num_preemptions"] > 0
+    assert [o.token_ids for o in outs] == [o.token_ids for o in roomy.generate(prompts, params)]
+    tight.engine.pool.check_integrity()
+    assert tight.kv_stats()["blocks_used"] == 0
