@@ -4,6 +4,7 @@ and the engine reusing cached blocks without changing a single output token."""
 import pytest
 
 from kvforge import LLM, SamplingParams
+from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.prefix_cache import block_key, chain_seed, extend_keys
@@ -187,3 +188,116 @@ def test_preemption_with_caching_keeps_outputs_and_the_pool_whole():
     assert [o.token_ids for o in outs] == [o.token_ids for o in roomy.generate(prompts, params)]
     tight.engine.pool.check_integrity()
     assert tight.kv_stats()["blocks_used"] == 0
+
+
+# --- tiers --------------------------------------------------------------------------
+
+FOX = "The quick brown fox jumps over the lazy dog. " * 10  # 451 tokens: 28 full blocks
+OTHER = "Completely different text to push blocks out. " * 12
+BLOCK_BYTES = 2048 * 16  # the built-in model: 2,048 B a token, 16 tokens a block
+
+
+def test_host_and_disk_tiers_round_trip_gives_identical_output(tmp_path):
+    llm = small_llm(num_blocks=40, host_cache_memory=10 * BLOCK_BYTES, disk_cache_dir=str(tmp_path))
+    first = llm.generate([FOX], GREEDY)[0]
+    llm.generate([OTHER], GREEDY)  # needs 36 of 40 blocks: FOX's blocks are evicted
+    stats = llm.kv_stats()
+    assert stats["host_blocks"] == 10 and stats["host_evictions"] > 0
+    assert stats["disk_blocks"] == stats["disk_writes"] > 0  # written through
+    again = llm.generate([FOX], GREEDY)[0]
+    m = again.metrics
+    assert again.token_ids == first.token_ids
+    assert m.cached_tokens == 448  # all 28 full blocks, from wherever they were
+    assert m.cached_tokens_host > 0 and m.cached_tokens_disk > 0
+    assert m.cached_tokens_host + m.cached_tokens_disk <= m.cached_tokens
+    llm.engine.pool.check_integrity()
+
+
+def test_a_new_process_reuses_the_disk_tier_of_the_same_model_only(tmp_path):
+    first = small_llm(disk_cache_dir=str(tmp_path)).generate([FOX], GREEDY)[0]
+    assert len(list(tmp_path.glob("*.kvblock"))) == 28
+    fresh = small_llm(disk_cache_dir=str(tmp_path))  # nothing on the device yet
+    out = fresh.generate([FOX], GREEDY)[0]
+    assert out.token_ids == first.token_ids
+    assert out.metrics.cached_tokens == out.metrics.cached_tokens_disk == 448
+    # another block size (or model, or codec) makes other keys: nothing is loaded
+    other = small_llm(disk_cache_dir=str(tmp_path), block_size=8)
+    assert other.generate([FOX], GREEDY)[0].metrics.cached_tokens_disk == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "garbage"])
+def test_damaged_disk_files_are_misses_never_wrong_output(tmp_path, damage):
+    first = small_llm(disk_cache_dir=str(tmp_path)).generate([FOX], GREEDY)[0]
+    keys: list[bytes] = []
+    llm = small_llm(disk_cache_dir=str(tmp_path))
+    extend_keys(keys, chain_seed(llm.engine.model_id, "fp32", 16), first.prompt_token_ids, 16)
+    victim = tmp_path / f"{keys[5].hex()}.kvblock"  # block 5 of 28
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        victim.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+    elif damage == "delete":
+        victim.unlink()
+    else:
+        victim.write_bytes(b"not a block")
+    out = llm.generate([FOX], GREEDY)[0]
+    assert out.token_ids == first.token_ids
+    assert out.metrics.cached_tokens_disk == 5 * 16  # blocks 0-4; 5 is a miss, so it stops
+    assert llm.kv_stats()["disk_rejected"] == 1  # a file the index knew of but cannot use
+    store = llm.engine.store  # recomputed and written again, whole and checksummed
+    assert llm.engine.tiers.disk.get(keys[5], store.block_shape, store.dtype) is not None
+
+
+def test_disk_tier_capacity_evicts_the_oldest_files(tmp_path):
+    small_llm(disk_cache_dir=str(tmp_path), disk_cache_memory=20 * BLOCK_BYTES).generate(
+        [FOX], GREEDY
+    )
+    assert len(list(tmp_path.glob("*.kvblock"))) == 20  # 28 written, 8 oldest removed
+    out = small_llm(disk_cache_dir=str(tmp_path)).generate([FOX], GREEDY)[0]
+    assert out.metrics.cached_tokens_disk == 0  # the head blocks were the oldest: gone
+
+
+def test_tier_options_are_checked():
+    with pytest.raises(KVForgeError, match=r"host_cache_memory must hold at least one KV block"):
+        small_llm(host_cache_memory=100)
+    with pytest.raises(KVForgeError, match="preemption_mode must be one of recompute, swap"):
+        small_llm(preemption_mode="drop")
+
+
+# --- preemption by swap -------------------------------------------------------------
+
+
+def test_swap_preemption_gives_the_same_outputs_as_recompute():
+    prompts = [FOX + f"question {i}" for i in range(4)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    swap = small_llm(num_blocks=60, preemption_mode="swap", enable_prefix_caching=False)
+    recompute = small_llm(num_blocks=60, enable_prefix_caching=False)
+    roomy = small_llm(enable_prefix_caching=False)
+    expected = [o.token_ids for o in roomy.generate(prompts, params)]
+    assert [o.token_ids for o in swap.generate(prompts, params)] == expected
+    assert [o.token_ids for o in recompute.generate(prompts, params)] == expected
+    assert swap.kv_stats()["num_preemptions"] > 0
+    assert recompute.kv_stats()["num_preemptions"] > 0
+    swap.engine.pool.check_integrity()
+    assert swap.kv_stats()["blocks_used"] == 0
+
+
+def test_host_tier_lru_spills_to_disk_in_order(tmp_path):
+    import torch
+
+    from kvforge.kvcache.tiers import DiskTier, HostTier
+
+    disk = DiskTier(tmp_path, capacity=2)
+    host = HostTier(capacity=2, lower=disk)
+    blocks = {k: torch.full((2, 3), float(i)) for i, k in enumerate((b"a", b"b", b"c", b"d"))}
+    for key in (b"a", b"b", b"c"):
+        host.put(key, blocks[key])
+    assert host.get(b"b") is not None  # b is now the most recent; a went to disk
+    host.put(b"d", blocks[b"d"])  # c is the least recent now: to disk
+    assert [len(host), len(disk)] == [2, 2]
+    assert host.get(b"a") is None and host.get(b"c") is None
+    assert torch.equal(disk.get(b"a", (2, 3), torch.float32), blocks[b"a"])
+    assert disk.get(b"a", (3, 2), torch.float32) is None  # another shape: a miss, removed
+    assert b"a" not in disk
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{b'c'.hex()}.kvblock"]  # no temp

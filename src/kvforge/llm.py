@@ -18,6 +18,7 @@ from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.kvcache.store import TORCH_DTYPES, KVStore
+from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import bytes_per_block, resolve_kv_format
 from kvforge.units import parse_bytes
 
@@ -55,6 +56,33 @@ class TokenIdsOnly:
 
     def decode(self, ids: list[int]) -> str:
         return ""
+
+
+def _memory_blocks(name: str, memory: int | str, block_bytes: int) -> int:
+    """How many KV blocks `memory` (bytes or "4GiB") holds; KVForgeError if not one."""
+    size = parse_bytes(memory) if isinstance(memory, str) else memory
+    if isinstance(size, bool) or not isinstance(size, int) or size < block_bytes:
+        raise KVForgeError(
+            f"{name} must hold at least one KV block ({block_bytes:,} B), got {memory!r}"
+        )
+    return size // block_bytes
+
+
+def _tiers(host_memory, disk_dir, disk_memory, block_bytes: int) -> TieredBlocks | None:
+    """The lower tiers of the prefix cache that the options ask for, or None."""
+    disk = None
+    if disk_dir is not None:
+        blocks = _memory_blocks("disk_cache_memory", disk_memory, block_bytes)
+        try:
+            disk = DiskTier(disk_dir, blocks)
+        except OSError as exc:
+            raise KVForgeError(f"disk_cache_dir {disk_dir!r} is not usable: {exc}") from None
+    host = None
+    if host_memory is not None:
+        host = HostTier(_memory_blocks("host_cache_memory", host_memory, block_bytes), disk)
+    if host is None and disk is None:
+        return None
+    return TieredBlocks(host, disk)
 
 
 def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device) -> KVStore:
@@ -136,6 +164,10 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         seed: int = 0,
+        preemption_mode: str = "recompute",
+        host_cache_memory: int | str | None = None,
+        disk_cache_dir: str | None = None,
+        disk_cache_memory: int | str = "4GiB",
     ) -> None:
         from kvforge.models.builtin import BUILTIN_NAME, BUILTIN_SEED, builtin_model
         from kvforge.models.checkpoint import model_fingerprint
@@ -180,17 +212,19 @@ class LLM:
             num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
         )
         store = _allocate_store(spec, fmt, num_blocks, block_size, self.device)
+        tiers = _tiers(host_cache_memory, disk_cache_dir, disk_cache_memory, block_bytes)
         self.engine = LLMEngine(
             net,
             tokenizer,
             store,
-            SchedulerConfig(max_num_batched_tokens, max_num_seqs),
+            SchedulerConfig(max_num_batched_tokens, max_num_seqs, preemption_mode),
             max_model_len=spec.max_position_embeddings,
             vocab_size=config.vocab_size,
             device=self.device,
             seed=seed,
             model_id=model_id,
             enable_prefix_caching=enable_prefix_caching,
+            tiers=tiers,
         )
         self.tokenizer = tokenizer
 

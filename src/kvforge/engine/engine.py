@@ -24,6 +24,34 @@ from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
+from kvforge.kvcache.tiers import TieredBlocks
+
+
+class _StoreIO:
+    """The scheduler's access to block contents: the KV store and the lower tiers."""
+
+    def __init__(self, store: KVStore, tiers: TieredBlocks | None) -> None:
+        self.store, self.tiers = store, tiers
+
+    def fetch_lower(self, key: bytes):
+        if self.tiers is None:
+            return None
+        return self.tiers.get(key, self.store.block_shape, self.store.dtype)
+
+    def load(self, block_ids: list[int], contents: list[torch.Tensor]) -> None:
+        self.store.write_blocks(block_ids, torch.stack(contents))
+
+    def swap_out(self, block_ids: list[int]) -> torch.Tensor:
+        return self.store.read_blocks(block_ids)
+
+    def swap_in(self, block_ids: list[int], swapped: torch.Tensor) -> None:
+        self.store.write_blocks(block_ids, swapped)
+
+    def persist(self, block_id: int, key: bytes) -> None:
+        # write-through: a new process over the same directory finds every computed block,
+        # not only those this one happened to evict before it ended
+        if self.tiers is not None and self.tiers.disk is not None:
+            self.tiers.disk.put(key, self.store.read_blocks([block_id])[0])
 
 
 @dataclass(frozen=True)
@@ -53,6 +81,7 @@ class LLMEngine:
         seed: int = 0,
         model_id: str = "",
         enable_prefix_caching: bool = True,
+        tiers: TieredBlocks | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         # what the prefix cache's keys say computed and stored the blocks
@@ -60,7 +89,10 @@ class LLMEngine:
         self.enable_prefix_caching = enable_prefix_caching
         self.store = store
         self.pool = BlockPool(store.num_blocks)
-        self.scheduler = Scheduler(self.pool, scheduler_config)
+        self.tiers = tiers if enable_prefix_caching else None
+        if self.tiers is not None:
+            self.pool.on_evict = self._spill
+        self.scheduler = Scheduler(self.pool, scheduler_config, _StoreIO(store, self.tiers))
         self.runner = ModelRunner(model, store, device)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -252,7 +284,12 @@ class LLMEngine:
             "prefix_cache_queries": self.prefix_cache_queries,
             "prefix_cache_hits": self.prefix_cache_hits,
             "prefix_cache_evictions": self.pool.num_evictions,
+            **(self.tiers.stats() if self.tiers is not None else {}),
         }
+
+    def _spill(self, block_id: int, key: bytes) -> None:
+        """A cached block is about to be reused: keep its contents in the lower tiers."""
+        self.tiers.put(key, self.store.read_blocks([block_id])[0])
 
     @property
     def prefix_cache_queries(self) -> int:

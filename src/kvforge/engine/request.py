@@ -25,7 +25,9 @@ class RequestMetrics:
     finish_s: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens not computed: found in the prefix cache
+    cached_tokens_host: int = 0  # of those, loaded back from the host-memory tier
+    cached_tokens_disk: int = 0  # and from the disk tier (the rest were on the device)
     preemptions: int = 0
 
     @property
@@ -86,6 +88,7 @@ class Request:
     cache_seed: bytes | None = None
     block_keys: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
+    swapped: torch.Tensor | None = None  # its blocks in host memory while preempted by swap
 
     @property
     def num_tokens(self) -> int:

@@ -12,19 +12,29 @@ full blocks that the pool still holds (keyed by `prefix_cache`), so only the
 rest is computed — never its last token, which must be computed to sample.
 Blocks are registered in the cache as soon as their tokens are computed.
 
+Blocks evicted from the pool may live on in lower tiers (host memory, disk):
+the lookup goes on there after the last device hit, and the blocks it finds
+are loaded into fresh blocks instead of being computed.
+
 When a running request needs a block and none is free, the most recently
 admitted running request is preempted: its blocks go back to the pool and it
-waits at the head of the queue, to be recomputed (prompt + output so far)
-when it is admitted again. A request that could never fit alone is refused
-at `add`, so one request can always make progress: no deadlock.
+waits at the head of the queue. With preemption_mode "recompute" its tokens
+(prompt + output so far) are computed again when it is admitted again (its
+full blocks, still cached, usually spare most of that); with "swap" its blocks
+are copied to host memory first and copied back on re-admission. A request
+that could never fit alone is refused at `add`, so one request can always
+make progress: no deadlock.
 """
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from kvforge.engine.request import Request, Status
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
+
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclass(frozen=True)
@@ -34,8 +44,14 @@ class SchedulerConfig:
 
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+    preemption_mode: str = "recompute"  # or "swap"
 
     def __post_init__(self) -> None:
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise KVForgeError(
+                f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                f"got {self.preemption_mode!r}"
+            )
         for name in ("max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -60,12 +76,32 @@ class ScheduledRequest:
         return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
+class BlockIO(Protocol):
+    """What the scheduler asks of the engine to move block contents (it holds no tensors)."""
+
+    def fetch_lower(self, key: bytes) -> tuple[Any, str] | None:
+        """A block evicted to a lower tier: (its contents, "host" or "disk"), or None."""
+
+    def load(self, block_ids: list[int], contents: list[Any]) -> None:
+        """Write block contents into device blocks."""
+
+    def swap_out(self, block_ids: list[int]) -> Any:
+        """A host copy of these device blocks."""
+
+    def swap_in(self, block_ids: list[int], swapped: Any) -> None:
+        """Write a `swap_out` copy back into device blocks."""
+
+    def persist(self, block_id: int, key: bytes) -> None:
+        """A block was just cached: write it through to the disk tier, if there is one."""
+
+
 class Scheduler:
     """Decides which tokens of which requests run in each step; owns the block pool."""
 
-    def __init__(self, pool: BlockPool, config: SchedulerConfig) -> None:
+    def __init__(self, pool: BlockPool, config: SchedulerConfig, io: BlockIO | None = None):
         self.pool = pool
         self.config = config
+        self.io = io
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -107,48 +143,92 @@ class Scheduler:
             and budget > 0
             and len(self.running) < self.config.max_num_seqs
         ):
-            request = self.waiting[0]  # waiting: nothing computed, an empty block table
-            block_size = request.block_table.block_size
-            hits = self._prefix_hits(request)
-            cached = len(hits) * block_size
-            num_new = min(request.num_tokens - cached, budget)
-            # new blocks, plus the hit blocks that leave the free queue when taken
-            needed = -(-(cached + num_new) // block_size) - len(hits)
-            reused = sum(1 for b in hits if self.pool.ref_count(b) == 0)
-            if needed + reused > self.pool.num_free:
+            request = self.waiting[0]  # waiting: an empty block table
+            if request.swapped is not None:
+                scheduled = self._admit_swapped(request, budget)
+            else:
+                scheduled = self._admit(request, budget)
+            if scheduled is None:
                 break
             self.waiting.popleft()
-            if hits:
-                self.pool.take(hits)
-                request.block_table.adopt(hits)
-                request.num_registered_blocks = len(hits)
-                request.num_computed_tokens = cached
-            self._count_prefix(request, cached)
             request.status = Status.RUNNING
             self.running.append(request)
-            batch.append(self._reserve(request, num_new))
-            budget -= num_new
+            batch.append(scheduled)
+            budget -= scheduled.num_new_tokens
         return batch
 
-    def _prefix_hits(self, request: Request) -> list[int]:
-        """The blocks of the longest cached prefix of `request` (at most all but its last
-        token: that one is always computed, to sample from)."""
+    def _admit(self, request: Request, budget: int) -> ScheduledRequest | None:
+        """Take the cached prefix, load what lower tiers hold, reserve the rest; None (and
+        nothing changed) if the free blocks do not allow it."""
+        block_size = request.block_table.block_size
+        device, lower = self._prefix_hits(request)
+        cached = (len(device) + len(lower)) * block_size
+        num_new = min(request.num_tokens - cached, budget)
+        # new blocks (lower-tier hits included), plus device hits that leave the free queue
+        needed = -(-(cached + num_new) // block_size) - len(device)
+        reused = sum(1 for b in device if self.pool.ref_count(b) == 0)
+        if needed + reused > self.pool.num_free:
+            return None
+        self.pool.take(device)
+        loaded = self.pool.allocate(len(lower))
+        if lower:
+            self.io.load(loaded, [contents for _, contents, _ in lower])
+            for block_id, (key, _, _) in zip(loaded, lower, strict=True):
+                self.pool.cache(block_id, key)
+        if cached:
+            request.block_table.adopt(device + loaded)
+            request.num_registered_blocks = len(device) + len(lower)
+            request.num_computed_tokens = cached
+        self._count_prefix(request, cached, [source for _, _, source in lower])
+        return self._reserve(request, num_new)
+
+    def _admit_swapped(self, request: Request, budget: int) -> ScheduledRequest | None:
+        """Copy a swapped-out request's blocks back and go on where it stopped."""
+        computed = request.num_computed_tokens
+        num_blocks = -(-computed // request.block_table.block_size)
+        num_new = min(request.num_tokens - computed, budget)
+        total = -(-(computed + num_new) // request.block_table.block_size)
+        if total > self.pool.num_free:
+            return None
+        block_ids = self.pool.allocate(num_blocks)
+        self.io.swap_in(block_ids, request.swapped)
+        request.swapped = None
+        request.block_table.adopt(block_ids, computed)
+        request.num_registered_blocks = 0
+        self.register_computed_blocks(request)
+        return self._reserve(request, num_new)
+
+    def _prefix_hits(self, request: Request) -> tuple[list[int], list[tuple[bytes, Any, str]]]:
+        """The longest cached prefix of `request` — at most all but its last token, which is
+        always computed, to sample from: device blocks, then (key, contents, source) of
+        blocks found in lower tiers after the last device hit."""
         if request.cache_seed is None:
-            return []
+            return [], []
         limit = (request.num_tokens - 1) // request.block_table.block_size
-        hits = []
-        for key in request.block_keys[:limit]:
+        keys = request.block_keys[:limit]
+        device: list[int] = []
+        for key in keys:
             block_id = self.pool.lookup(key)
             if block_id is None:
                 break
-            hits.append(block_id)
-        return hits
+            device.append(block_id)
+        lower: list[tuple[bytes, Any, str]] = []
+        if self.io is not None:
+            for key in keys[len(device) :]:
+                found = self.io.fetch_lower(key)
+                if found is None:
+                    break
+                lower.append((key, *found))
+        return device, lower
 
-    def _count_prefix(self, request: Request, cached: int) -> None:
+    def _count_prefix(self, request: Request, cached: int, lower_sources: list[str]) -> None:
         """A request's first admission counts toward the hit rate; re-admissions after a
         preemption do not (their hits are recompute saved, not prompt reuse)."""
         if request.metrics.preemptions == 0 and request.cache_seed is not None:
-            request.metrics.cached_tokens = cached
+            m, block_size = request.metrics, request.block_table.block_size
+            m.cached_tokens = cached
+            m.cached_tokens_host = lower_sources.count("host") * block_size
+            m.cached_tokens_disk = lower_sources.count("disk") * block_size
             self.prefix_queries += len(request.prompt_token_ids)
             self.prefix_hits += cached
 
@@ -159,7 +239,8 @@ class Scheduler:
         table = request.block_table
         full = min(request.num_computed_tokens // table.block_size, len(request.block_keys))
         for i in range(request.num_registered_blocks, full):
-            self.pool.cache(table.block_ids[i], request.block_keys[i])
+            if self.pool.cache(table.block_ids[i], request.block_keys[i]) and self.io:
+                self.io.persist(table.block_ids[i], request.block_keys[i])
         request.num_registered_blocks = max(request.num_registered_blocks, full)
 
     def _reserve(self, request: Request, num_new: int) -> ScheduledRequest:
@@ -170,8 +251,15 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        request.block_table.release(self.pool)  # its full blocks stay cached for re-admission
-        request.num_computed_tokens = request.num_registered_blocks = 0
+        table = request.block_table
+        if self.config.preemption_mode == "swap" and request.num_computed_tokens > 0:
+            # the blocks of computed tokens (slots reserved this step hold nothing yet)
+            computed_blocks = -(-request.num_computed_tokens // table.block_size)
+            request.swapped = self.io.swap_out(table.block_ids[:computed_blocks])
+        else:
+            request.num_computed_tokens = 0
+        table.release(self.pool)  # its full blocks stay cached for re-admission
+        request.num_registered_blocks = 0
         request.status = Status.WAITING
         request.metrics.preemptions += 1
         self.num_preemptions += 1
@@ -184,5 +272,6 @@ class Scheduler:
         elif request.status is Status.WAITING and request in self.waiting:
             self.waiting.remove(request)
         request.block_table.release(self.pool)
+        request.swapped = None
         request.status = Status.FINISHED
         request.finish_reason = reason

@@ -55,13 +55,17 @@ class BlockTable:
         self.num_tokens += num_new_tokens
         return [self.slot(p) for p in range(start, self.num_tokens)]
 
-    def adopt(self, cached_block_ids: list[int]) -> None:
-        """Start an empty table with full cached blocks (a prefix hit); the caller has
-        already taken a reference to each for the table."""
+    def adopt(self, block_ids: list[int], num_tokens: int | None = None) -> None:
+        """Start an empty table with blocks that already hold its first `num_tokens`
+        tokens (default: all full) — a prefix hit, or blocks swapped back in. The caller
+        has already taken a reference to each for the table."""
         if self.block_ids:
-            raise ValueError("only an empty table can adopt cached blocks")
-        self.block_ids = list(cached_block_ids)
-        self.num_tokens = len(cached_block_ids) * self.block_size
+            raise ValueError("only an empty table can adopt blocks")
+        num_tokens = len(block_ids) * self.block_size if num_tokens is None else num_tokens
+        if -(-num_tokens // self.block_size) != len(block_ids):
+            raise ValueError(f"{num_tokens} tokens do not fill {len(block_ids)} blocks")
+        self.block_ids = list(block_ids)
+        self.num_tokens = num_tokens
 
     def slot(self, position: int) -> int:
         """The slot of the token at `position`, which must already be reserved."""

@@ -60,6 +60,29 @@ class KVStore:
         k_slots.index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.dtype))
         v_slots.index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.dtype))
 
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """A host copy of whole blocks, as stored: [n, layers, 2 (K, V), kv_heads, block, D]."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
+        per_layer = [
+            torch.stack((k.index_select(1, ids), v.index_select(1, ids)))  # [2, kvH, n, B, D]
+            for k, v in zip(self.k, self.v, strict=True)
+        ]
+        return torch.stack(per_layer).permute(3, 0, 1, 2, 4, 5).contiguous().cpu()
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Put back blocks copied by `read_blocks` (same layout), into `block_ids`."""
+        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
+        data = data.to(device=self.k[0].device).permute(1, 2, 3, 0, 4, 5)  # [L, 2, kvH, n, B, D]
+        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            k.index_copy_(1, ids, data[layer, 0])
+            v.index_copy_(1, ids, data[layer, 1])
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """The shape of one block in `read_blocks`' layout: [layers, 2, kv_heads, block, D]."""
+        return (self.spec.num_layers, 2, self.spec.num_kv_heads, self.block_size,
+                self.spec.head_dim)  # fmt: skip
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[layer], self.v[layer]
 

@@ -1,0 +1,196 @@
+"""Lower tiers of the prefix cache: blocks evicted from the device pool go to a bounded
+host-memory LRU, and from there to a bounded directory on disk (LRU by file time).
+
+    device pool ──evicted block──▶ HostTier ──evicted block──▶ DiskTier
+    device pool ──every computed block (write-through)───────▶ DiskTier
+    device pool ◀──a later prefix hit loads it back, no recompute── either tier
+
+The disk tier is written through (each block as soon as it is computed and
+cached), so a new process over the same directory finds every block an
+earlier one computed, not only those it happened to evict.
+
+Entries are keyed by the prefix cache's chained keys (`prefix_cache`), which
+already name the model, codec and block size: an entry of another model can
+never be asked for. A disk entry also records its block's shape and dtype, and
+a SHA-256 of its bytes; it is written to a temporary name and renamed, so a
+reader sees a whole file or none. A missing, truncated or corrupted file, or
+one of another shape or dtype, is a miss (and is deleted), never wrong output.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+MAGIC = b"KVFORGE-BLOCK-1\n"
+SUFFIX = ".kvblock"
+TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+class DiskTier:
+    """Blocks as files `<key hex>.kvblock` in `directory`, at most `capacity` of them."""
+
+    def __init__(self, directory: str | Path, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"the disk tier needs room for at least one block, got {capacity}")
+        self.directory = Path(directory).expanduser()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.capacity = capacity
+        files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda f: f.stat().st_mtime)
+        self._lru: OrderedDict[str, None] = OrderedDict((f.stem, None) for f in files)
+        self.num_writes = self.num_reads = self.num_rejected = self.num_evictions = 0
+        self._evict_over_capacity()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key.hex() in self._lru
+
+    def put(self, key: bytes, block: torch.Tensor) -> None:
+        name = key.hex()
+        if name in self._lru:
+            self._lru.move_to_end(name)
+            return
+        payload = block.contiguous().view(torch.uint8).numpy().tobytes()  # any dtype
+        header = {
+            "key": name,
+            "dtype": TORCH_DTYPE_NAMES[block.dtype],
+            "shape": list(block.shape),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        head = json.dumps(header).encode()
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + len(head).to_bytes(4, "little") + head + payload)
+        os.replace(tmp, self._path(name))  # atomic: readers see all of it or nothing
+        self._lru[name] = None
+        self.num_writes += 1
+        self._evict_over_capacity()
+
+    def get(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The block, or None if it is absent or fails any check (then its file is removed)."""
+        name = key.hex()
+        if name not in self._lru:
+            return None
+        block = self._read(name, shape, dtype)
+        if block is None:
+            self.num_rejected += 1
+            self._remove(name)
+            return None
+        self._lru.move_to_end(name)
+        os.utime(self._path(name))  # the file time is the LRU order across restarts
+        self.num_reads += 1
+        return block
+
+    def _read(self, name: str, shape, dtype) -> torch.Tensor | None:
+        try:
+            data = self._path(name).read_bytes()
+            if not data.startswith(MAGIC):
+                return None
+            at = len(MAGIC)
+            head_len = int.from_bytes(data[at : at + 4], "little")
+            header = json.loads(data[at + 4 : at + 4 + head_len])
+            payload = data[at + 4 + head_len :]
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        expected = {"key": name, "dtype": TORCH_DTYPE_NAMES.get(dtype), "shape": list(shape)}
+        if any(header.get(k) != v for k, v in expected.items()):
+            return None
+        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+            return None
+        if len(payload) != torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size():
+            return None
+        return torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._lru) > self.capacity:
+            name, _ = self._lru.popitem(last=False)
+            self._path(name).unlink(missing_ok=True)
+            self.num_evictions += 1
+
+    def _remove(self, name: str) -> None:
+        self._lru.pop(name, None)
+        self._path(name).unlink(missing_ok=True)
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}{SUFFIX}"
+
+
+class HostTier:
+    """At most `capacity` blocks in host memory, least recently used evicted first —
+    to `lower` (the disk tier) when there is one."""
+
+    def __init__(self, capacity: int, lower: DiskTier | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"the host tier needs room for at least one block, got {capacity}")
+        self.capacity = capacity
+        self.lower = lower
+        self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.num_puts = self.num_hits = self.num_evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def put(self, key: bytes, block: torch.Tensor) -> None:
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return
+        self._blocks[key] = block
+        self.num_puts += 1
+        while len(self._blocks) > self.capacity:
+            old_key, old_block = self._blocks.popitem(last=False)
+            self.num_evictions += 1
+            if self.lower is not None:
+                self.lower.put(old_key, old_block)
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+            self.num_hits += 1
+        return block
+
+
+class TieredBlocks:
+    """The lower tiers together: where an evicted block goes, and where a miss looks."""
+
+    def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
+        self.host, self.disk = host, disk
+
+    def put(self, key: bytes, block: torch.Tensor) -> None:
+        if self.host is not None:
+            self.host.put(key, block)
+        elif self.disk is not None:
+            self.disk.put(key, block)
+
+    def get(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
+        """(block, "host" or "disk"), or None. A disk hit is kept in host memory too."""
+        if self.host is not None:
+            block = self.host.get(key)
+            if block is not None:
+                return block, "host"
+        if self.disk is not None:
+            block = self.disk.get(key, shape, dtype)
+            if block is not None:
+                if self.host is not None:
+                    self.host.put(key, block)
+                return block, "disk"
+        return None
+
+    def stats(self) -> dict:
+        out = {}
+        if self.host is not None:
+            host = self.host
+            out["host_blocks"], out["host_puts"] = len(host), host.num_puts
+            out["host_hits"], out["host_evictions"] = host.num_hits, host.num_evictions
+        if self.disk is not None:
+            disk = self.disk
+            out["disk_blocks"], out["disk_writes"] = len(disk), disk.num_writes
+            out["disk_reads"], out["disk_rejected"] = disk.num_reads, disk.num_rejected
+            out["disk_evictions"] = disk.num_evictions
+        return out
