@@ -516,3 +516,22 @@ def test_usage_reports_cached_tokens_and_salts_isolate_tenants(server):
     assert cached(cache_salt="t2") == 0
     _error(_post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "cache_salt": 5}), 400)
     server.wait_idle()
+
+
+def test_metrics_show_prefix_cache_and_tier_traffic(tmp_path):
+    s = Server(new_llm(disk_cache_dir=str(tmp_path), host_cache_memory="1MiB"))
+    try:
+        prompt = "tiers " * 40
+        for _ in range(2):
+            s.client().completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+        page = httpx.get(f"{s.url}/metrics").text
+        values = _metrics(page)
+        assert values["kvforge_prefix_cache_hits_total"] == (len(prompt) + 1 - 1) // 16 * 16
+        assert values["kvforge_prefix_cache_evictions_total"] == 0
+        files = len(list(tmp_path.glob("*.kvblock")))
+        assert files > 0
+        assert f'kvforge_cache_tier_blocks{{tier="disk"}} {float(files)}' in page
+        assert f'kvforge_cache_tier_operations_total{{op="put",tier="disk"}} {float(files)}' in page
+        assert 'kvforge_cache_tier_blocks{tier="host"} 0.0' in page
+    finally:
+        s.close()

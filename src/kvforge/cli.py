@@ -239,6 +239,24 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compute every prompt in full (default: reuse cached prefix blocks)",
     )
+    p.add_argument(
+        "--host-cache-memory",
+        type=byte_size,
+        help="host memory for prefix-cache blocks evicted from the device, e.g. 4GiB",
+    )
+    p.add_argument(
+        "--disk-cache-dir",
+        help="directory for prefix-cache blocks on disk (reused by later processes)",
+    )
+    p.add_argument(
+        "--disk-cache-memory", type=byte_size, default="4GiB", help="disk tier size (4GiB)"
+    )
+    p.add_argument(
+        "--preemption-mode",
+        choices=["recompute", "swap"],
+        default="recompute",
+        help="what happens to a preempted request's blocks (default recompute)",
+    )
 
 
 def _engine_from_args(args: argparse.Namespace, **options):
@@ -253,6 +271,10 @@ def _engine_from_args(args: argparse.Namespace, **options):
         kv_memory=args.kv_memory,
         kv_dtype=args.kv_dtype,
         enable_prefix_caching=not args.no_prefix_caching,
+        host_cache_memory=args.host_cache_memory,
+        disk_cache_dir=args.disk_cache_dir,
+        disk_cache_memory=args.disk_cache_memory,
+        preemption_mode=args.preemption_mode,
         **options,
     )
 

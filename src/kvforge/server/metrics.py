@@ -39,13 +39,42 @@ class _EngineCollector:
         )
         preemptions.add_metric([], scheduler.num_preemptions)
         yield preemptions
-        for name, text in (
-            ("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
-            ("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache."),
-        ):
+        for name, text, value in (
+            ("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             self.engine.prefix_cache_queries),
+            ("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             self.engine.prefix_cache_hits),
+            ("kvforge_prefix_cache_evictions", "Cached blocks evicted from the device pool.",
+             pool.num_evictions),
+        ):  # fmt: skip
             family = CounterMetricFamily(name, text)
-            family.add_metric([], getattr(self.engine, name.removeprefix("kvforge_"), 0))
+            family.add_metric([], value)
             yield family
+        yield from _tier_metrics(self.engine.tiers)
+
+
+def _tier_metrics(tiers):
+    """Blocks held by, and traffic of, the host and disk tiers (when configured)."""
+    blocks = GaugeMetricFamily(
+        "kvforge_cache_tier_blocks", "Prefix-cache blocks held by a lower tier.", labels=["tier"]
+    )
+    ops = CounterMetricFamily(
+        "kvforge_cache_tier_operations",
+        "Blocks moved by a lower tier: put (in), hit (loaded back), evict, reject (bad file).",
+        labels=["tier", "op"],
+    )
+    stats = tiers.stats() if tiers is not None else {}
+    for tier in ("host", "disk"):
+        if f"{tier}_blocks" not in stats:
+            continue
+        blocks.add_metric([tier], stats[f"{tier}_blocks"])
+        names = {"host": {"put": "puts", "hit": "hits", "evict": "evictions"},
+                 "disk": {"put": "writes", "hit": "reads", "evict": "evictions",
+                          "reject": "rejected"}}[tier]  # fmt: skip
+        for op, key in names.items():
+            ops.add_metric([tier, op], stats[f"{tier}_{key}"])
+    yield blocks
+    yield ops
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
