@@ -147,3 +147,22 @@ def test_every_scenario_quick_on_cuda(capsys, tmp_path, scenario):
         assert {"kvforge", "transformers generate", "transformers generate_batch"} <= engines
     if scenario == "memory":
         assert data["ratios"]["peak_process_cuda_allocated_bytes"] >= 256 * 2**20
+
+
+def test_prefix_quick_reuses_the_shared_prefix(capsys, tmp_path):
+    data = bench(capsys, tmp_path, "prefix")
+    rows = {(r["workload"], r["setting"]): r for r in data["results"]}
+    assert set(rows) == {
+        ("shared prefix", "off"),
+        ("shared prefix", "on"),
+        ("shared prefix", "disk after restart"),
+        ("multi-turn", "off"),
+        ("multi-turn", "on"),
+    }
+    # a 96-token prefix (6 full blocks of 16) + an 8-token suffix, given as token ids
+    assert rows["shared prefix", "off"]["cached_tokens_mean"] == 0
+    assert rows["shared prefix", "on"]["cached_tokens_mean"] == 96
+    assert rows["shared prefix", "disk after restart"]["cached_tokens_mean"] == 96
+    assert rows["multi-turn", "on"]["hit_rate"] > 0
+    assert data["ratios"]["same_tokens_on_and_off"] is True
+    assert (tmp_path / "prefix_ttft.png").exists()

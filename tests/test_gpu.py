@@ -38,3 +38,22 @@ def test_server_on_cuda_streams_and_frees_its_blocks():
         s.wait_idle()
     finally:
         s.close()
+
+
+def test_prefix_cache_and_tiers_on_cuda_keep_outputs(tmp_path):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 10
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    cpu = LLM(device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
+    expected = cpu.generate([prompt], params)[0].token_ids
+    gpu = LLM(
+        device="cuda", num_blocks=40, host_cache_memory="320KiB", disk_cache_dir=str(tmp_path)
+    )
+    assert gpu.generate([prompt], params)[0].token_ids == expected
+    gpu.generate(["Completely different text to push blocks out. " * 12], params)
+    again = gpu.generate([prompt], params)[0]
+    assert again.token_ids == expected
+    assert again.metrics.cached_tokens == 448 and again.metrics.cached_tokens_host > 0
+    restarted = LLM(device="cuda", kv_memory="8MiB", disk_cache_dir=str(tmp_path))
+    out = restarted.generate([prompt], params)[0]
+    assert out.token_ids == expected and out.metrics.cached_tokens_disk == 448
+    gpu.engine.pool.check_integrity()

@@ -2,7 +2,7 @@
 
 import importlib
 
-SCENARIOS = ("cache", "throughput", "latency", "memory", "roofline")
+SCENARIOS = ("cache", "throughput", "latency", "memory", "roofline", "prefix")
 
 
 def run_scenario(name: str, ctx):
