@@ -301,3 +301,40 @@ def test_host_tier_lru_spills_to_disk_in_order(tmp_path):
     assert disk.get(b"a", (3, 2), torch.float32) is None  # another shape: a miss, removed
     assert b"a" not in disk
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{b'c'.hex()}.kvblock"]  # no temp
+
+
+def test_check_integrity_counts_cached_blocks_and_catches_a_broken_map():
+    from kvforge.kvcache.block_pool import IntegrityError
+
+    llm = small_llm(block_size=4, num_blocks=12)
+    llm.generate(["abcdefgh", "ijklmnop"], SamplingParams(max_tokens=1, ignore_eos=True))
+    pool = llm.engine.pool
+    assert pool.num_used == 0 and pool.num_cached == pool.num_cached_free == 4  # 2 full each
+    assert llm.kv_stats()["blocks_cached"] == 4
+    pool.check_integrity()
+    block_id = next(b for b in range(12) if pool.key_of(b) is not None)
+    pool._block_of[pool.key_of(block_id)] = (block_id + 1) % 12  # a key pointing elsewhere
+    with pytest.raises(IntegrityError, match="maps disagree"):
+        pool.check_integrity()
+
+
+def test_disk_entries_of_another_model_are_never_loaded(tmp_path):
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )  # fmt: skip
+    for seed in (1, 2):  # same architecture, different weights
+        torch.manual_seed(seed)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / f"m{seed}")
+    prompt = list(range(3, 103))
+    cache = str(tmp_path / "cache")
+    first = LLM(model=str(tmp_path / "m1"), device="cpu", kv_memory="1MiB", disk_cache_dir=cache)
+    first.generate([prompt], GREEDY)
+    same = LLM(model=str(tmp_path / "m1"), device="cpu", kv_memory="1MiB", disk_cache_dir=cache)
+    other = LLM(model=str(tmp_path / "m2"), device="cpu", kv_memory="1MiB", disk_cache_dir=cache)
+    assert same.generate([prompt], GREEDY)[0].metrics.cached_tokens_disk == 96
+    assert other.generate([prompt], GREEDY)[0].metrics.cached_tokens_disk == 0
+    assert same.engine.model_id != other.engine.model_id
