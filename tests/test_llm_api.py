@@ -133,8 +133,8 @@ def test_bad_engine_options():
         LLM(device="cpu", kv_memory=100)
     with pytest.raises(KVForgeError, match="num_blocks must be a positive integer"):
         LLM(device="cpu", num_blocks=0)
-    with pytest.raises(KVForgeError, match="kv_dtype 'int8' is not supported by the KV store yet"):
-        LLM(device="cpu", num_blocks=4, kv_dtype="int8")
+    with pytest.raises(KVForgeError, match="kv_dtype 'int2' has no codec in this version"):
+        LLM(device="cpu", num_blocks=4, kv_dtype="int2")
 
 
 def test_token_id_prompts_and_vocabulary_check(llm):

@@ -65,6 +65,16 @@ def _tiles(
     return tuple(tiles)
 
 
+def _gather(cache, block_ids: torch.Tensor) -> torch.Tensor:
+    """One tile's blocks as float32 [kv_heads, n, block_size, D]. A quantized cache decodes
+    just these blocks; a plain one is gathered with index_select, not cache[:, ids]
+    (advanced indexing is ~8x slower on CPU). Head-major blocks make each (head,
+    sequence) tile one contiguous [L, D] matrix."""
+    if isinstance(cache, torch.Tensor):
+        return cache.index_select(1, block_ids).float()
+    return cache.gather(block_ids)
+
+
 def _attend(
     q: torch.Tensor,  # [kv_heads, B, group * Lq, D] float32, already scaled; rows (head, token)
     k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
@@ -75,10 +85,8 @@ def _attend(
     kv_heads, batch, rows, _ = q.shape
     m = denom = acc = None  # running max, softmax denominator, weighted sum of V
     for tile in tiles:
-        # index_select, not k_cache[:, ids]: advanced indexing is ~8x slower on CPU.
-        # Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
-        k = k_cache.index_select(1, tile.ids).view(kv_heads, batch, tile.length, -1).float()
-        v = v_cache.index_select(1, tile.ids).view(kv_heads, batch, tile.length, -1).float()
+        k = _gather(k_cache, tile.ids).view(kv_heads, batch, tile.length, -1)
+        v = _gather(v_cache, tile.ids).view(kv_heads, batch, tile.length, -1)
         scores = q @ k.transpose(-1, -2)  # [kv_heads, B, group * Lq, L]
         # the bias is per token; the group's query heads share it
         scores.view(kv_heads, batch, group, rows // group, -1).add_(tile.bias[:, None])

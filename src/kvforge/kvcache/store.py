@@ -8,11 +8,42 @@ planner's (`planner.bytes_per_block`), which sized it.
 import torch
 
 from kvforge.config import ModelSpec
-from kvforge.errors import KVForgeError
+from kvforge.kvcache.codecs import get_codec
 from kvforge.kvcache.formats import KVFormat
 from kvforge.planner import bytes_per_block
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class QuantizedCache:
+    """One layer's K (or V) in a codec's parts, each [kv_heads, num_blocks, block_size, width].
+
+    `write` encodes new tokens once; `gather` decodes only the blocks asked for
+    (a tile), so the cache is never dequantized as a whole nor re-quantized.
+    """
+
+    dtype = None  # no plain dtype: attention never reads it as computed
+
+    def __init__(self, codec, kv_heads: int, num_blocks: int, block_size: int, device) -> None:
+        self.codec = codec
+        self.shape = (kv_heads, num_blocks, block_size, codec.head_dim)
+        self.parts = {
+            p.name: torch.zeros((*self.shape[:3], p.width), dtype=p.dtype, device=device)
+            for p in codec.parts
+        }
+        self.device = torch.device(device)
+
+    def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:  # x [kv_heads, T, D]
+        for name, encoded in self.codec.encode(x).items():
+            part = self.parts[name]
+            part.view(part.shape[0], -1, part.shape[-1]).index_copy_(1, slot_mapping, encoded)
+
+    def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """The blocks' values, decoded: [kv_heads, len(block_ids), block_size, D] float32."""
+        return self.codec.decode({n: t.index_select(1, block_ids) for n, t in self.parts.items()})
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.parts.values())
 
 
 class KVStore:
@@ -21,7 +52,8 @@ class KVStore:
     A token's K/V is written once, at its slot (block_id * block_size + offset),
     and read by attention through the request's block table. The head comes
     first so that gathering a sequence's blocks for one head yields one
-    contiguous [tokens, head_dim] matrix, multiplied without a copy.
+    contiguous [tokens, head_dim] matrix, multiplied without a copy. Quantized
+    formats keep each layer's K and V as a `QuantizedCache` of the same shape.
     """
 
     def __init__(
@@ -32,21 +64,24 @@ class KVStore:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> None:
-        if fmt.name not in TORCH_DTYPES:
-            raise KVForgeError(
-                f"kv_dtype {fmt.name!r} is not supported by the KV store yet; "
-                f"supported: auto, {', '.join(TORCH_DTYPES)}"
-            )
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.dtype = TORCH_DTYPES[fmt.name]
         shape = (spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
-        self.k = [
-            torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(spec.num_layers)
-        ]
-        self.v = [
-            torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(spec.num_layers)
-        ]
+        if fmt.name in TORCH_DTYPES:
+            self.codec = None
+            self.dtype = TORCH_DTYPES[fmt.name]
+
+            def make():
+                return torch.zeros(shape, dtype=self.dtype, device=device)
+        else:
+            self.codec = get_codec(fmt.name, spec.head_dim)
+            self.dtype = torch.uint8  # what whole blocks move as (tiers, swap)
+
+            def make():
+                return QuantizedCache(self.codec, *shape[:3], device)
+
+        self.k = [make() for _ in range(spec.num_layers)]
+        self.v = [make() for _ in range(spec.num_layers)]
         if self.bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
             raise AssertionError("store layout disagrees with the planner")  # a bug, not input
 
@@ -54,41 +89,65 @@ class KVStore:
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Store the new tokens' K/V ([T, kv_heads, D]) at their slots ([T])."""
+        if self.codec is not None:
+            self.k[layer].write(slot_mapping, k.transpose(0, 1))
+            self.v[layer].write(slot_mapping, v.transpose(0, 1))
+            return
         heads, dim = k.shape[1], k.shape[2]
         k_slots = self.k[layer].view(heads, -1, dim)  # [kv_heads, num_blocks * block_size, D]
         v_slots = self.v[layer].view(heads, -1, dim)
         k_slots.index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.dtype))
         v_slots.index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.dtype))
 
+    def _tensors(self) -> list[torch.Tensor]:
+        """Every tensor of the store, in a fixed order: [kv_heads, num_blocks, block, width]."""
+        out = []
+        for k, v in zip(self.k, self.v, strict=True):
+            out += [k, v] if self.codec is None else [*k.tensors(), *v.tensors()]
+        return out
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A host copy of whole blocks, as stored: [n, layers, 2 (K, V), kv_heads, block, D]."""
+        """A host copy of whole blocks as stored (packed, for quantized formats), one row of
+        bytes a block: [n, bytes_per_block] uint8 (or the plain dtype: [n, block_shape])."""
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
-        per_layer = [
-            torch.stack((k.index_select(1, ids), v.index_select(1, ids)))  # [2, kvH, n, B, D]
-            for k, v in zip(self.k, self.v, strict=True)
+        rows = [
+            t.index_select(1, ids).transpose(0, 1).reshape(len(block_ids), -1)
+            for t in self._tensors()
         ]
-        return torch.stack(per_layer).permute(3, 0, 1, 2, 4, 5).contiguous().cpu()
+        if self.codec is None:
+            return torch.cat(rows, dim=1).view(len(block_ids), *self.block_shape).cpu()
+        return torch.cat([r.view(torch.uint8) for r in rows], dim=1).cpu()
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Put back blocks copied by `read_blocks` (same layout), into `block_ids`."""
         ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
-        data = data.to(device=self.k[0].device).permute(1, 2, 3, 0, 4, 5)  # [L, 2, kvH, n, B, D]
-        for layer, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k.index_copy_(1, ids, data[layer, 0])
-            v.index_copy_(1, ids, data[layer, 1])
+        data = data.to(self.k[0].device).reshape(len(block_ids), -1)
+        at = 0
+        for t in self._tensors():
+            heads, _, block, width = t.shape
+            size = heads * block * width * (t.element_size() if self.codec is not None else 1)
+            chunk = data[:, at : at + size]
+            at += size
+            if self.codec is not None:
+                chunk = chunk.contiguous().view(t.dtype)
+            t.index_copy_(
+                1, ids, chunk.reshape(len(block_ids), heads, block, width).transpose(0, 1)
+            )
 
     @property
     def block_shape(self) -> tuple[int, ...]:
-        """The shape of one block in `read_blocks`' layout: [layers, 2, kv_heads, block, D]."""
+        """The shape of one block in `read_blocks`' layout."""
+        if self.codec is not None:
+            return (bytes_per_block(self.spec, self.format, self.block_size),)
         return (self.spec.num_layers, 2, self.spec.num_kv_heads, self.block_size,
                 self.spec.head_dim)  # fmt: skip
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, layer: int):
         return self.k[layer], self.v[layer]
 
     @property
     def bytes_allocated(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     @property
     def bytes_per_token(self) -> int:
