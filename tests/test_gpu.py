@@ -57,3 +57,20 @@ def test_prefix_cache_and_tiers_on_cuda_keep_outputs(tmp_path):
     out = restarted.generate([prompt], params)[0]
     assert out.token_ids == expected and out.metrics.cached_tokens_disk == 448
     gpu.engine.pool.check_integrity()
+
+
+def test_quantized_codecs_on_cuda():
+    from kvforge.planner import bytes_per_token
+
+    prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Hello"]
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    full = LLM(device="cuda", kv_memory="8MiB").generate(prompts, params)
+    for kv_dtype in ("int8", "fp8", "int4"):
+        llm = LLM(device="cuda", kv_memory="8MiB", kv_dtype=kv_dtype)
+        store = llm.engine.store
+        assert store.k[0].parts["q"].device.type == "cuda"
+        assert llm.kv_stats()["bytes_per_token"] == bytes_per_token(store.spec, store.format, 16)
+        outs = llm.generate(prompts, params)
+        agree = sum(a == b for o, f in zip(outs, full, strict=True)
+                    for a, b in zip(o.token_ids, f.token_ids, strict=True))  # fmt: skip
+        assert agree >= 0.75 * 32, kv_dtype

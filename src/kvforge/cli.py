@@ -230,8 +230,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-dtype",
         default="auto",
-        choices=["auto", *UNQUANTIZED_FORMATS],
-        help="KV cache format (quantized formats arrive with their own issue)",
+        choices=["auto", *KV_FORMATS],
+        help="KV cache format: auto (the model's dtype), fp32, fp16, bf16, or quantized "
+        "int8, fp8, int4 (int2 is planned, not served yet)",
     )
     p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
     p.add_argument(

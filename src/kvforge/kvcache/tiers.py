@@ -28,7 +28,12 @@ import torch
 
 MAGIC = b"KVFORGE-BLOCK-1\n"
 SUFFIX = ".kvblock"
-TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+TORCH_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.uint8: "uint8",  # packed blocks of quantized codecs
+}
 
 
 class DiskTier:
