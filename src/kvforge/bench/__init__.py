@@ -2,7 +2,7 @@
 
 import importlib
 
-SCENARIOS = ("cache", "throughput", "latency", "memory", "roofline", "prefix")
+SCENARIOS = ("cache", "throughput", "latency", "memory", "roofline", "prefix", "kvquant")
 
 
 def run_scenario(name: str, ctx):

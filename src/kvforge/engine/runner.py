@@ -21,6 +21,9 @@ class ModelRunner:
         self.model = model
         self.store = store
         self.device = device
+        # called with (requests, their next-token logits [N, vocab]) before sampling:
+        # how benchmarks compare the distributions of two cache settings
+        self.logits_hook = None
 
     def prepare(
         self, batch: list[ScheduledRequest]
@@ -66,6 +69,8 @@ class ModelRunner:
         last = torch.tensor([meta.query_start_loc[i + 1] - 1 for i in rows], device=self.device)
         logits = self.model.compute_logits(hidden[last])  # [N, vocab] float32
         requests = [batch[i].request for i in rows]
+        if self.logits_hook is not None:
+            self.logits_hook(requests, logits)
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         out: list[int | None] = [None] * len(batch)
         for i, token in zip(rows, tokens, strict=True):

@@ -1,0 +1,133 @@
+"""Quantized KV cache: what each codec saves in memory and costs in speed and quality.
+
+For every KV format on the same model and workload: bytes per token (store,
+equal to the planner), tokens and requests that fit in a fixed KV budget,
+decode step time at a short and a long context against the fp16 cache, and
+quality against the fp32 cache (exact for this float32 model): greedy token
+agreement over a fixed prompt set, and the mean KL divergence of next-token
+distributions over the steps where both runs have the same history so far.
+
+On a random-init model the quality columns only show that the codecs are
+close to exact; what they cost on a trained model is measured by `kvforge eval`.
+"""
+
+import json
+import math
+import random
+
+import torch
+
+from kvforge.bench.context import BenchContext
+from kvforge.bench.machine import describe_machine
+from kvforge.bench.report import Plot, Report
+from kvforge.bench.scenarios.roofline import _decode_step_s
+
+FORMATS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4"]
+FULL = {"budget": "256MiB", "context": 1024, "short": 128, "long": 1536, "batch": 8,
+        "steps": 8, "prompts": 8, "prompt_tokens": 256, "new_tokens": 32}  # fmt: skip
+QUICK = {"budget": "4MiB", "context": 128, "short": 16, "long": 96, "batch": 2,
+         "steps": 3, "prompts": 2, "prompt_tokens": 24, "new_tokens": 6}  # fmt: skip
+
+
+def run(ctx: BenchContext) -> Report:
+    from kvforge import LLM
+
+    sizes = QUICK if ctx.quick else FULL
+    model_dir = ctx.checkpoint()
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, vocab) for _ in range(sizes["prompt_tokens"])]
+               for _ in range(sizes["prompts"])]  # fmt: skip
+
+    rows, runs = [], {}
+    for fmt in ctx.progress(FORMATS, "kvquant"):
+        budget = LLM(model=str(model_dir), device=ctx.device, kv_memory=sizes["budget"],
+                     kv_dtype=fmt)  # fmt: skip
+        stats = budget.kv_stats()
+        tokens = stats["blocks_total"] * stats["block_size"]
+        per_request = math.ceil(sizes["context"] / stats["block_size"])
+        runs[fmt] = _greedy_with_logprobs(budget, prompts, sizes["new_tokens"])
+        row = {
+            "kv_dtype": fmt,
+            "bytes_per_token": stats["bytes_per_token"],
+            "tokens_in_budget": tokens,
+            "requests_at_context": stats["blocks_total"] // per_request,
+        }
+        for name in ("short", "long"):
+            timing = LLM(model=str(model_dir), device=ctx.device, kv_dtype=fmt,
+                         kv_memory="1GiB", enable_prefix_caching=False,
+                         max_num_seqs=sizes["batch"],
+                         max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
+            step = _decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,
+                                  ctx.now)  # fmt: skip
+            row[f"decode_ms_{name}"] = 1000 * step
+        rows.append(row)
+
+    by = {r["kv_dtype"]: r for r in rows}
+    reference = runs["fp32"]
+    for row in rows:
+        agree, kl = _quality(runs[row["kv_dtype"]], reference)
+        row["token_agreement"], row["mean_kl"] = agree, kl
+        row["tokens_vs_fp16"] = row["tokens_in_budget"] / by["fp16"]["tokens_in_budget"]
+        for name in ("short", "long"):
+            row[f"decode_vs_fp16_{name}"] = (
+                by["fp16"][f"decode_ms_{name}"] / row[f"decode_ms_{name}"]
+            )
+    ratios = {
+        "tokens_vs_fp16": {r["kv_dtype"]: r["tokens_vs_fp16"] for r in rows},
+        "decode_vs_fp16_long": {r["kv_dtype"]: r["decode_vs_fp16_long"] for r in rows},
+        "token_agreement_vs_fp32": {r["kv_dtype"]: r["token_agreement"] for r in rows},
+    }
+    return Report(
+        scenario="kvquant",
+        machine=describe_machine(ctx.device),
+        settings={"model": str(model_dir), "dtype": "float32", **sizes},
+        results=rows,
+        ratios=ratios,
+        notes=[
+            "random-init weights: the quality columns show closeness to the exact cache, "
+            "not what a codec costs a trained model",
+            "KL: mean over the steps where the run's history still equals the fp32 run's",
+        ],
+        plots=[
+            Plot(
+                "kvquant.png",
+                "Tokens that fit in the KV budget against token agreement",
+                "tokens in budget",
+                "greedy token agreement with the fp32 cache",
+                {r["kv_dtype"]: ([r["tokens_in_budget"]], [r["token_agreement"]]) for r in rows},
+            )
+        ],
+    )
+
+
+def _greedy_with_logprobs(llm, prompts, new_tokens: int):
+    """Each prompt's greedy tokens and the log-probabilities each one was chosen from."""
+    from kvforge import SamplingParams
+
+    logprobs: dict[str, list[torch.Tensor]] = {}
+
+    def record(requests, logits):
+        for r, row in zip(requests, torch.log_softmax(logits.float(), -1), strict=True):
+            logprobs.setdefault(r.request_id, []).append(row.cpu())
+
+    llm.engine.runner.logits_hook = record
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate(prompts, params)
+    llm.engine.runner.logits_hook = None
+    return [(o.token_ids, logprobs[o.request_id]) for o in outs]
+
+
+def _quality(run, reference) -> tuple[float, float]:
+    """(share of positions whose greedy token equals the reference's, mean KL(ref || run)
+    over the steps whose history is still the reference's)."""
+    same = total = 0
+    kls = []
+    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(run, reference, strict=True):
+        same += sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
+        total += len(ref_tokens)
+        for i, (lp, ref_lp) in enumerate(zip(logprobs, ref_logprobs, strict=True)):
+            kls.append(float((ref_lp.exp() * (ref_lp - lp)).sum()))
+            if tokens[i] != ref_tokens[i]:
+                break  # later steps have another history: not comparable
+    return same / total, sum(kls) / len(kls)
