@@ -153,3 +153,29 @@ def test_cli_generates_with_a_quantized_cache_and_refuses_int2(capsys):
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
     assert main(["generate", "--prompt", "x", "--kv-dtype", "int2", "--device", "cpu"]) == 2
     assert "kv_dtype 'int2' has no codec in this version" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+@pytest.mark.parametrize("tile_tokens", [512, 8])
+def test_paged_attention_over_a_quantized_cache_equals_it_over_the_decoded_values(
+    kv_dtype, tile_tokens, monkeypatch
+):
+    import kvforge.attention.paged as paged
+    from kvforge.attention import paged_attention
+    from kvforge.kvcache.store import QuantizedCache
+    from test_attention import batch
+
+    monkeypatch.setattr(paged, "TILE_TOKENS", tile_tokens)
+    if tile_tokens == 8:
+        monkeypatch.setattr(paged, "DECODE_TILE_BYTES", 0)
+    q, k_plain, v_plain, meta = batch(4)
+    heads, num_blocks, block, dim = k_plain.shape
+    caches = []
+    for plain in (k_plain, v_plain):
+        cache = QuantizedCache(get_codec(kv_dtype, dim), heads, num_blocks, block, "cpu")
+        cache.write(torch.arange(num_blocks * block), plain.reshape(heads, -1, dim))
+        caches.append(cache)
+    decoded = [c.gather(torch.arange(num_blocks)) for c in caches]
+    ours = paged_attention(q, *caches, meta, 0.25)
+    expected = paged_attention(q, *decoded, meta, 0.25)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)

@@ -65,14 +65,17 @@ def _tiles(
     return tuple(tiles)
 
 
-def _gather(cache, block_ids: torch.Tensor) -> torch.Tensor:
-    """One tile's blocks as float32 [kv_heads, n, block_size, D]. A quantized cache decodes
-    just these blocks; a plain one is gathered with index_select, not cache[:, ids]
-    (advanced indexing is ~8x slower on CPU). Head-major blocks make each (head,
-    sequence) tile one contiguous [L, D] matrix."""
+def _gather(cache, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One tile's blocks as float32 [kv_heads, n, block_size, D], and the per-token scale
+    [kv_heads, n, block_size] a quantized cache left for attention to apply (else None).
+
+    A quantized cache decodes just these blocks; a plain one is gathered with
+    index_select, not cache[:, ids] (advanced indexing is ~8x slower on CPU).
+    Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
+    """
     if isinstance(cache, torch.Tensor):
-        return cache.index_select(1, block_ids).float()
-    return cache.gather(block_ids)
+        return cache.index_select(1, block_ids).float(), None
+    return cache.gather_scaled(block_ids)
 
 
 def _attend(
@@ -85,20 +88,24 @@ def _attend(
     kv_heads, batch, rows, _ = q.shape
     m = denom = acc = None  # running max, softmax denominator, weighted sum of V
     for tile in tiles:
-        k = _gather(k_cache, tile.ids).view(kv_heads, batch, tile.length, -1)
-        v = _gather(v_cache, tile.ids).view(kv_heads, batch, tile.length, -1)
+        k, k_scale = _gather(k_cache, tile.ids)
+        v, v_scale = _gather(v_cache, tile.ids)
+        k = k.view(kv_heads, batch, tile.length, -1)
+        v = v.view(kv_heads, batch, tile.length, -1)
         scores = q @ k.transpose(-1, -2)  # [kv_heads, B, group * Lq, L]
+        if k_scale is not None:  # q . (s k) = s (q . k): scale the scores, not the keys
+            scores.mul_(k_scale.view(kv_heads, batch, 1, tile.length))
         # the bias is per token; the group's query heads share it
         scores.view(kv_heads, batch, group, rows // group, -1).add_(tile.bias[:, None])
         if len(tiles) == 1:
             # One tile holds every key (the common case): a plain softmax. Each row sees
             # at least its own position, so no row is all -inf.
-            return torch.softmax(scores, dim=-1) @ v
+            return _weight(torch.softmax(scores, dim=-1), v_scale) @ v
         tile_max = scores.amax(-1)  # [kv_heads, B, rows]
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
         p = torch.exp(scores - m_safe[..., None])
-        pv = p @ v  # [kv_heads, B, rows, D]
+        pv = _weight(p, v_scale) @ v  # [kv_heads, B, rows, D]
         if m is None:
             denom, acc = p.sum(-1), pv
         else:
@@ -107,6 +114,14 @@ def _attend(
             acc = acc * correction[..., None] + pv
         m = m_new
     return acc / denom[..., None]
+
+
+def _weight(p: torch.Tensor, v_scale: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities times each value token's scale: sum_t p_t (s_t v_t) = sum_t (p_t s_t) v_t."""
+    if v_scale is None:
+        return p
+    kv_heads, batch, _, length = p.shape
+    return p * v_scale.view(kv_heads, batch, 1, length)
 
 
 def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) -> int:

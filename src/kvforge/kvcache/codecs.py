@@ -49,6 +49,11 @@ class Int8Codec:
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return parts["q"].float() * parts["scale"].float()
 
+    def decode_unscaled(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The values before their per-token scale: attention applies the scale to the
+        [rows, tokens] scores and probabilities instead of the [tokens, D] values."""
+        return parts["q"].float()
+
 
 class Fp8Codec:
     name = "fp8"
@@ -74,6 +79,9 @@ class Fp8Codec:
 
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return parts["q"].view(self.fp8).float() * parts["scale"].float()
+
+    def decode_unscaled(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        return parts["q"].view(self.fp8).float()
 
 
 def _casts(dtype: torch.dtype) -> bool:

@@ -42,6 +42,14 @@ class QuantizedCache:
         """The blocks' values, decoded: [kv_heads, len(block_ids), block_size, D] float32."""
         return self.codec.decode({n: t.index_select(1, block_ids) for n, t in self.parts.items()})
 
+    def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, per-token scale [kv_heads, n, block_size] or None): codecs with one scale
+        per token leave it unapplied, for attention to apply where it is cheaper."""
+        parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
+        if hasattr(self.codec, "decode_unscaled"):
+            return self.codec.decode_unscaled(parts), parts["scale"].squeeze(-1).float()
+        return self.codec.decode(parts), None
+
     def tensors(self) -> list[torch.Tensor]:
         return list(self.parts.values())
 
