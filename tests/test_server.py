@@ -535,3 +535,17 @@ def test_metrics_show_prefix_cache_and_tier_traffic(tmp_path):
         assert 'kvforge_cache_tier_blocks{tier="host"} 0.0' in page
     finally:
         s.close()
+
+
+def test_queued_deltas_are_merged_into_one_event():
+    from kvforge.server.app import _deltas
+    from kvforge.server.async_engine import Delta, RequestStream
+
+    async def drain():
+        stream = RequestStream("r", asyncio.get_running_loop())
+        for delta in (Delta("a"), Delta("b"), Delta("c", finished=True, completion_tokens=3)):
+            stream.queue.put_nowait(delta)
+        return [d async for d in _deltas(stream)], stream.finished
+
+    merged, finished = asyncio.run(drain())
+    assert merged == [Delta("abc", finished=True, completion_tokens=3)] and finished

@@ -10,6 +10,7 @@ A request whose client goes away is aborted and its KV blocks are freed.
 """
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -190,8 +191,13 @@ def _engine_failed(last: Delta) -> p.APIError:
 
 
 async def _deltas(stream: RequestStream) -> AsyncIterator[Delta]:
+    """The stream's deltas; those that queued up while the client was being written to
+    are merged into one (one SSE event instead of several when the server is busy)."""
     while True:
         delta = await stream.queue.get()
+        while not delta.finished and not stream.queue.empty():
+            later = stream.queue.get_nowait()
+            delta = dataclasses.replace(later, text=delta.text + later.text)
         if delta.finished:
             stream.finished = True
         yield delta
