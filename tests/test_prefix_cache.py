@@ -338,3 +338,38 @@ def test_disk_entries_of_another_model_are_never_loaded(tmp_path):
     assert same.generate([prompt], GREEDY)[0].metrics.cached_tokens_disk == 96
     assert other.generate([prompt], GREEDY)[0].metrics.cached_tokens_disk == 0
     assert same.engine.model_id != other.engine.model_id
+
+
+def test_a_failing_disk_is_skipped_not_fatal(tmp_path):
+    import shutil
+
+    llm = small_llm(num_blocks=6, host_cache_memory=BLOCK_BYTES, disk_cache_dir=str(tmp_path),
+                    disk_cache_memory=BLOCK_BYTES)  # fmt: skip
+    llm.generate([[256] + [65] * 47], GREEDY)  # 3 full blocks on the device and the disk
+    shutil.rmtree(tmp_path)  # the directory goes away (a full or read-only disk alike)
+    prompt = [256] + [66] * 79  # + 8 new: all 6 blocks; evicts, spills to disk, writes through
+    expected = small_llm(enable_prefix_caching=False).generate([prompt], GREEDY)[0].token_ids
+    assert llm.generate([prompt], GREEDY)[0].token_ids == expected
+    assert llm.kv_stats()["disk_write_errors"] > 0
+    llm.engine.pool.check_integrity()
+    assert llm.kv_stats()["blocks_used"] == 0
+
+
+def test_tier_hits_count_blocks_loaded_not_lookups():
+    llm = small_llm(num_blocks=8, host_cache_memory="1MiB", max_num_seqs=4)
+    base = [256] + [67] * 50  # 3 full blocks
+    llm.generate([base], GREEDY)
+    llm.generate([[256] + [68] * 119], GREEDY)  # needs all 8 blocks: base's go to host
+    engine = llm.engine
+    engine.add_request([256] + [69] * 99, SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()  # holds 7 of 8 blocks for a while
+    waiting = engine.add_request([*base, 9], GREEDY)
+    looks = 0
+    while waiting.status.name == "WAITING":  # looked up at every step until it fits
+        engine.step()
+        looks += 1
+    while engine.has_unfinished:
+        engine.step()
+    assert looks > 1
+    assert waiting.metrics.cached_tokens_host == 48
+    assert llm.kv_stats()["host_hits"] == 3  # three blocks loaded, once

@@ -47,6 +47,10 @@ class _StoreIO:
     def swap_in(self, block_ids: list[int], swapped: torch.Tensor) -> None:
         self.store.write_blocks(block_ids, swapped)
 
+    def loaded(self, sources: list[str]) -> None:
+        if self.tiers is not None:
+            self.tiers.loaded(sources)
+
     def persist(self, block_id: int, key: bytes) -> None:
         # write-through: a new process over the same directory finds every computed block,
         # not only those this one happened to evict before it ended

@@ -94,6 +94,9 @@ class BlockIO(Protocol):
     def persist(self, block_id: int, key: bytes) -> None:
         """A block was just cached: write it through to the disk tier, if there is one."""
 
+    def loaded(self, sources: list[str]) -> None:
+        """Blocks from these lower tiers were loaded into the pool (for the tiers' counters)."""
+
 
 class Scheduler:
     """Decides which tokens of which requests run in each step; owns the block pool."""
@@ -175,6 +178,7 @@ class Scheduler:
             self.io.load(loaded, [contents for _, contents, _ in lower])
             for block_id, (key, _, _) in zip(loaded, lower, strict=True):
                 self.pool.cache(block_id, key)
+            self.io.loaded([source for _, _, source in lower])
         if cached:
             request.block_table.adopt(device + loaded)
             request.num_registered_blocks = len(device) + len(lower)

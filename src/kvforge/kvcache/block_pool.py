@@ -128,8 +128,9 @@ class BlockPool:
             raise NoFreeBlocksError(f"asked for {n} blocks but only {len(self._free)} are free")
         block_ids = [self._free.popitem(last=False)[0] for _ in range(n)]
         for block_id in block_ids:
-            self._evict(block_id)  # its old contents are about to be overwritten
             self._ref_counts[block_id] = 1
+        for block_id in block_ids:  # bookkeeping first: a raising callback loses no block
+            self._evict(block_id)  # its old contents are about to be overwritten
         return block_ids
 
     def ref(self, block_ids: Iterable[int]) -> None:

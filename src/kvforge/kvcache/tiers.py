@@ -17,6 +17,7 @@ reader sees a whole file or none. A missing, truncated or corrupted file, or
 one of another shape or dtype, is a miss (and is deleted), never wrong output.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,9 +46,12 @@ class DiskTier:
         self.directory = Path(directory).expanduser()
         self.directory.mkdir(parents=True, exist_ok=True)
         self.capacity = capacity
-        files = sorted(self.directory.glob(f"*{SUFFIX}"), key=lambda f: f.stat().st_mtime)
+        for leftover in self.directory.glob(f".tmp-*{SUFFIX}"):  # a crashed write
+            leftover.unlink(missing_ok=True)
+        files = sorted(self.directory.glob(f"[!.]*{SUFFIX}"), key=lambda f: f.stat().st_mtime)
         self._lru: OrderedDict[str, None] = OrderedDict((f.stem, None) for f in files)
         self.num_writes = self.num_reads = self.num_rejected = self.num_evictions = 0
+        self.num_write_errors = 0
         self._evict_over_capacity()
 
     def __len__(self) -> int:
@@ -69,10 +73,17 @@ class DiskTier:
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         head = json.dumps(header).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + len(head).to_bytes(4, "little") + head + payload)
-        os.replace(tmp, self._path(name))  # atomic: readers see all of it or nothing
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + len(head).to_bytes(4, "little") + head + payload)
+            os.replace(tmp, self._path(name))  # atomic: readers see all of it or nothing
+        except OSError:  # disk full, directory gone, read-only: the cache is best effort
+            self.num_write_errors += 1
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            return
         self._lru[name] = None
         self.num_writes += 1
         self._evict_over_capacity()
@@ -88,7 +99,8 @@ class DiskTier:
             self._remove(name)
             return None
         self._lru.move_to_end(name)
-        os.utime(self._path(name))  # the file time is the LRU order across restarts
+        with contextlib.suppress(OSError):  # gone meanwhile: the block was read whole
+            os.utime(self._path(name))  # the file time is the LRU order across restarts
         self.num_reads += 1
         return block
 
@@ -136,7 +148,7 @@ class HostTier:
         self.capacity = capacity
         self.lower = lower
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self.num_puts = self.num_hits = self.num_evictions = 0
+        self.num_puts = self.num_evictions = 0
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -157,7 +169,6 @@ class HostTier:
         block = self._blocks.get(key)
         if block is not None:
             self._blocks.move_to_end(key)
-            self.num_hits += 1
         return block
 
 
@@ -166,6 +177,13 @@ class TieredBlocks:
 
     def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
         self.host, self.disk = host, disk
+        self.num_loaded = {"host": 0, "disk": 0}  # blocks loaded back into the device pool
+
+    def loaded(self, sources: list[str]) -> None:
+        """Count blocks a request actually loaded (a lookup whose request then waited
+        for free blocks, and looked again, counts once)."""
+        for source in sources:
+            self.num_loaded[source] += 1
 
     def put(self, key: bytes, block: torch.Tensor) -> None:
         if self.host is not None:
@@ -192,10 +210,11 @@ class TieredBlocks:
         if self.host is not None:
             host = self.host
             out["host_blocks"], out["host_puts"] = len(host), host.num_puts
-            out["host_hits"], out["host_evictions"] = host.num_hits, host.num_evictions
+            out["host_hits"], out["host_evictions"] = self.num_loaded["host"], host.num_evictions
         if self.disk is not None:
             disk = self.disk
             out["disk_blocks"], out["disk_writes"] = len(disk), disk.num_writes
             out["disk_reads"], out["disk_rejected"] = disk.num_reads, disk.num_rejected
-            out["disk_evictions"] = disk.num_evictions
+            out["disk_hits"], out["disk_evictions"] = self.num_loaded["disk"], disk.num_evictions
+            out["disk_write_errors"] = disk.num_write_errors
         return out

@@ -60,7 +60,8 @@ def _tier_metrics(tiers):
     )
     ops = CounterMetricFamily(
         "kvforge_cache_tier_operations",
-        "Blocks moved by a lower tier: put (in), hit (loaded back), evict, reject (bad file).",
+        "Blocks a lower tier took in (put), gave back to the device (hit), evicted, or "
+        "refused (reject: a bad file; write_error: a failed write).",
         labels=["tier", "op"],
     )
     stats = tiers.stats() if tiers is not None else {}
@@ -69,8 +70,8 @@ def _tier_metrics(tiers):
             continue
         blocks.add_metric([tier], stats[f"{tier}_blocks"])
         names = {"host": {"put": "puts", "hit": "hits", "evict": "evictions"},
-                 "disk": {"put": "writes", "hit": "reads", "evict": "evictions",
-                          "reject": "rejected"}}[tier]  # fmt: skip
+                 "disk": {"put": "writes", "hit": "hits", "evict": "evictions",
+                          "reject": "rejected", "write_error": "write_errors"}}[tier]  # fmt: skip
         for op, key in names.items():
             ops.add_metric([tier, op], stats[f"{tier}_{key}"])
     yield blocks
