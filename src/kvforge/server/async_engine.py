@@ -83,7 +83,6 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}
         self._ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="kvforge-engine", daemon=True)
-        self.loop_error: str | None = None
 
     # --- event-loop side ------------------------------------------------------------
 
@@ -130,9 +129,8 @@ class AsyncEngine:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as exc:  # the engine ended the batch's requests; keep serving
-                self.loop_error = f"{type(exc).__name__}: {exc}"
-                events = []
+            except Exception:  # the engine ended the batch's requests (with their error)
+                events = []  # and _publish tells their clients; keep serving the rest
             now = time.perf_counter()
             for event in events:
                 tracked = self._tracked.get(event.request.request_id)

@@ -20,7 +20,7 @@ import torch
 from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
-from kvforge.bench.scenarios.roofline import _decode_step_s
+from kvforge.bench.scenarios.roofline import decode_step_s
 
 FORMATS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4"]
 FULL = {"budget": "256MiB", "context": 1024, "short": 128, "long": 1536, "batch": 8,
@@ -58,7 +58,7 @@ def run(ctx: BenchContext) -> Report:
                          kv_memory="1GiB", enable_prefix_caching=False,
                          max_num_seqs=sizes["batch"],
                          max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
-            step = _decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,
+            step = decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,
                                   ctx.now)  # fmt: skip
             row[f"decode_ms_{name}"] = 1000 * step
         rows.append(row)

@@ -64,7 +64,7 @@ def matmul_rate(size: int, device: str, now: Callable[[], float]) -> float:
     return 2 * size**3 / _best(lambda: a @ b, now)
 
 
-def _decode_step_s(
+def decode_step_s(
     llm, batch: int, context: int, steps: int, vocab_size: int, now: Callable[[], float]
 ) -> float:
     """Median seconds of a decode step with `batch` requests at about `context` tokens."""
@@ -111,8 +111,8 @@ def run(ctx: BenchContext) -> Report:
     bandwidth = memory_bandwidth(sizes["copy_bytes"], ctx.device, ctx.now)
     rate = matmul_rate(sizes["gemm"], ctx.device, ctx.now)
     context, batch = sizes["context"], sizes["batch"]
-    one = _decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"], ctx.now)
-    many = _decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"], ctx.now)
+    one = decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"], ctx.now)
+    many = decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"], ctx.now)
     floor_one = (read_bytes + context * kv_bytes_per_token) / bandwidth
     floor_many = batch * 2 * matmul_params / rate
     rows = [
