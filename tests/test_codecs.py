@@ -73,8 +73,8 @@ def test_int4_nibble_layout_is_low_first():
 
 
 def test_unknown_codec_and_missing_fp8_name_the_alternatives(monkeypatch):
-    with pytest.raises(KVForgeError, match="'int2' has no codec in this version; available"):
-        get_codec("int2", 64)
+    with pytest.raises(KVForgeError, match=r"'int3' has no codec; available: .*int4, int2$"):
+        get_codec("int3", 64)
     monkeypatch.setattr(codecs.torch, "float8_e4m3fn", None, raising=False)
     with pytest.raises(KVForgeError, match=r"use int8 \(the same bytes per token\) or int4"):
         Fp8Codec(64)
@@ -117,6 +117,16 @@ def test_the_same_kv_memory_holds_more_tokens(kv_dtype, ratio):
     assert packed / full == pytest.approx(ratio, abs=0.01)
 
 
+def test_int2_holds_the_expected_tokens_beside_its_window():
+    full = LLM(device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()
+    packed = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=1).kv_stats()
+    # 176 B a token against 1,024 (5.82x), in what one 256 KiB recent window leaves
+    assert full["blocks_total"] * full["block_size"] == 8 * 2**20 // 1024
+    assert packed["blocks_total"] == (8 * 2**20 - 262_144) // (176 * 64) == 721
+    tokens = packed["blocks_total"] * packed["block_size"]
+    assert tokens / (full["blocks_total"] * full["block_size"]) == pytest.approx(5.63, abs=0.01)
+
+
 def test_quantized_blocks_move_packed_through_the_tiers(tmp_path, reference):
     prompt = PROMPTS[0] * 2
     first = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int8", disk_cache_dir=str(tmp_path))
@@ -143,16 +153,15 @@ def test_swap_preemption_with_a_quantized_cache():
     assert tight.kv_stats()["num_preemptions"] > 0
 
 
-def test_cli_generates_with_a_quantized_cache_and_refuses_int2(capsys):
+@pytest.mark.parametrize("kv_dtype", ["int4", "int2"])
+def test_cli_generates_with_a_quantized_cache(kv_dtype, capsys):
     import json
 
     from kvforge.cli import main
 
     assert main(["generate", "--prompt", "The cat sat", "--max-tokens", "4",
-                 "--kv-dtype", "int4", "--device", "cpu", "--json"]) == 0  # fmt: skip
+                 "--kv-dtype", kv_dtype, "--device", "cpu", "--json"]) == 0  # fmt: skip
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
-    assert main(["generate", "--prompt", "x", "--kv-dtype", "int2", "--device", "cpu"]) == 2
-    assert "kv_dtype 'int2' has no codec in this version" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kv_dtype", QUANTIZED)

@@ -133,8 +133,10 @@ def test_bad_engine_options():
         LLM(device="cpu", kv_memory=100)
     with pytest.raises(KVForgeError, match="num_blocks must be a positive integer"):
         LLM(device="cpu", num_blocks=0)
-    with pytest.raises(KVForgeError, match="kv_dtype 'int2' has no codec in this version"):
-        LLM(device="cpu", num_blocks=4, kv_dtype="int2")
+    with pytest.raises(KVForgeError, match="unknown KV dtype 'int3'; choose one of: auto"):
+        LLM(device="cpu", num_blocks=4, kv_dtype="int3")
+    with pytest.raises(KVForgeError, match="block_size must be a positive integer, got 0"):
+        LLM(device="cpu", num_blocks=4, block_size=0)
 
 
 def test_token_id_prompts_and_vocabulary_check(llm):

@@ -80,13 +80,20 @@ def test_gqa_example_of_the_seeds():
         ("fp8", 2 * (128 + 2)),
         ("int8", 2 * (128 + 2)),
         ("int4", 2 * (64 + 8)),
-        ("int2", (32 + 32) + (32 + 8)),
+        ("int2", (32 + 8) + (32 + 8)),  # 64-token blocks: K's 512 B of params / 64
     ],
 )
 def test_every_kv_dtype_for_llama3_8b(kv_dtype, per_head_token):
     plan = plan_kv(get_preset("llama-3-8b"), context=1000, kv_dtype=kv_dtype)
+    block = 64 if kv_dtype == "int2" else 16
+    assert plan.block_size == block
     assert plan.bytes_per_token == 32 * 8 * per_head_token
-    assert plan.bytes_per_block == 16 * 32 * 8 * per_head_token
+    assert plan.bytes_per_block == block * 32 * 8 * per_head_token
+
+
+def test_int2_at_16_token_blocks_pays_for_its_key_params():
+    plan = plan_kv(get_preset("llama-3-8b"), context=1000, kv_dtype="int2", block_size=16)
+    assert plan.bytes_per_token == 32 * 8 * ((32 + 32) + (32 + 8))
 
 
 # --- paged rounding and windows -----------------------------------------------------
@@ -115,12 +122,16 @@ def test_sliding_window_caps_the_cache_at_the_window():
     assert blocks_per_request(spec, 32768, 4096) == 2
 
 
-def test_int2_adds_the_full_precision_recent_tokens():
+def test_int2_adds_the_full_precision_recent_blocks():
     spec = get_preset("llama-3-8b")  # bf16 model: 131,072 B per full-precision token
     plan = plan_kv(spec, context=1000, kv_dtype="int2")
-    assert plan.residual_bytes_per_request == 32 * 131_072
-    assert plan.bytes_per_request == 63 * plan.bytes_per_block + 32 * 131_072
-    assert plan_kv(spec, context=10, kv_dtype="int2").residual_bytes_per_request == 10 * 131_072
+    # the newest 32 tokens span at most 2 blocks of 64, kept whole in full precision
+    assert plan.residual_bytes_per_request == 2 * 64 * 131_072
+    assert plan.bytes_per_request == 16 * plan.bytes_per_block + 2 * 64 * 131_072
+    # a request of one block holds one
+    assert plan_kv(spec, context=10, kv_dtype="int2").residual_bytes_per_request == 64 * 131_072
+    at_16 = plan_kv(spec, context=1000, kv_dtype="int2", block_size=16)
+    assert at_16.residual_bytes_per_request == 3 * 16 * 131_072  # ceil(31 / 16) + 1 blocks
 
 
 # --- memory budgets -----------------------------------------------------------------

@@ -13,7 +13,13 @@ from kvforge import __version__
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS, UNQUANTIZED_FORMATS
 from kvforge.models.checkpoint import resolve_model
-from kvforge.planner import DEFAULT_BLOCK_SIZE, compare_levers, plan_kv, resolve_weights
+from kvforge.planner import (
+    DEFAULT_BLOCK_SIZE,
+    INT2_BLOCK_SIZE,
+    compare_levers,
+    plan_kv,
+    resolve_weights,
+)
 from kvforge.presets import PRESETS, get_preset
 from kvforge.report import render_comparison, render_plan, render_table
 from kvforge.units import format_bytes, format_count, parse_bytes, parse_count
@@ -83,9 +89,8 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--block-size",
         type=positive_int,
-        default=DEFAULT_BLOCK_SIZE,
         help="tokens per KV block; a request holds ceil(tokens / block) "
-        f"(default {DEFAULT_BLOCK_SIZE})",
+        f"(default {DEFAULT_BLOCK_SIZE}; {INT2_BLOCK_SIZE} for int2)",
     )
     p.add_argument(
         "--memory",
@@ -232,9 +237,13 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", *KV_FORMATS],
         help="KV cache format: auto (the model's dtype), fp32, fp16, bf16, or quantized "
-        "int8, fp8, int4 (int2 is planned, not served yet)",
+        "int8, fp8, int4, int2",
     )
-    p.add_argument("--block-size", type=positive_int, default=DEFAULT_BLOCK_SIZE)
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; {INT2_BLOCK_SIZE} for int2)",
+    )
     p.add_argument(
         "--no-prefix-caching",
         action="store_true",

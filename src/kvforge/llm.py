@@ -5,6 +5,7 @@ Builds the model (a checkpoint directory, or the built-in untrained model when
 engine until every request has finished.
 """
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,16 @@ from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.kvcache.store import TORCH_DTYPES, KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
-from kvforge.planner import bytes_per_block, resolve_kv_format
+from kvforge.planner import (
+    bytes_per_block,
+    default_block_size,
+    residual_bytes,
+    resolve_kv_format,
+)
 from kvforge.units import parse_bytes
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
+RECENT_WINDOW_SHARE = 4  # int2's full-precision windows take at most 1/4 of kv_memory
 CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
 KV_POLICIES: tuple[str, ...] = ()  # eviction policies arrive with their own issue
 
@@ -85,9 +92,11 @@ def _tiers(host_memory, disk_dir, disk_memory, block_bytes: int) -> TieredBlocks
     return TieredBlocks(host, disk)
 
 
-def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device) -> KVStore:
+def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device,
+                    max_running: int) -> KVStore:  # fmt: skip
     """The KV store, or an error naming the bytes asked for and what the device has."""
     kv_bytes = num_blocks * bytes_per_block(spec, fmt, block_size)
+    kv_bytes += max_running * residual_bytes(spec, fmt, block_size)
     if device.type == "cpu":
         try:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
@@ -99,7 +108,7 @@ def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.d
                 "free memory: lower kv_memory or num_blocks"
             )
     try:
-        return KVStore(spec, fmt, num_blocks, block_size, device)
+        return KVStore(spec, fmt, num_blocks, block_size, device, max_running)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise KVForgeError(
             f"cannot allocate the KV cache ({kv_bytes:,} B) on {device}: {exc}; "
@@ -154,7 +163,7 @@ class LLM:
         model: str | None = None,
         dtype: str = "auto",
         device: str = "auto",
-        block_size: int = 16,
+        block_size: int | None = None,
         kv_memory: int | str | None = None,
         num_blocks: int | None = None,
         kv_dtype: str = "auto",
@@ -179,7 +188,7 @@ class LLM:
                 "every token's K/V is kept (kv_policy=None)"
             )
         for name, value in (
-            ("block_size", block_size),
+            ("block_size", 1 if block_size is None else block_size),
             ("max_num_batched_tokens", max_num_batched_tokens),
             ("max_num_seqs", max_num_seqs),
         ):
@@ -207,17 +216,20 @@ class LLM:
         if model is not None:
             model_id = model_fingerprint(Path(model).expanduser(), model_dtype)
         fmt = resolve_kv_format(spec, model_dtype if kv_dtype == "auto" else kv_dtype)
+        block_size = default_block_size(fmt.name) if block_size is None else block_size
+        # int2's recent tokens are kept at the precision the model computes in
+        spec = dataclasses.replace(spec, dtype=model_dtype)
         block_bytes = bytes_per_block(spec, fmt, block_size)
-        num_blocks = self._num_blocks(
-            num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
+        num_blocks, max_running = self._pool_size(
+            num_blocks, kv_memory, spec, fmt, block_size, max_num_seqs
         )
-        store = _allocate_store(spec, fmt, num_blocks, block_size, self.device)
+        store = _allocate_store(spec, fmt, num_blocks, block_size, self.device, max_running)
         tiers = _tiers(host_cache_memory, disk_cache_dir, disk_cache_memory, block_bytes)
         self.engine = LLMEngine(
             net,
             tokenizer,
             store,
-            SchedulerConfig(max_num_batched_tokens, max_num_seqs, preemption_mode),
+            SchedulerConfig(max_num_batched_tokens, max_running, preemption_mode),
             max_model_len=spec.max_position_embeddings,
             vocab_size=config.vocab_size,
             device=self.device,
@@ -228,31 +240,44 @@ class LLM:
         )
         self.tokenizer = tokenizer
 
-    def _num_blocks(
-        self, num_blocks, kv_memory, block_bytes, block_size, spec, max_num_seqs
-    ) -> int:
+    def _pool_size(self, num_blocks, kv_memory, spec, fmt, block_size, max_num_seqs):
+        """(blocks in the pool, requests that may run at once).
+
+        int2 also keeps each running request's recent tokens in full precision, outside
+        the blocks: out of kv_memory, windows are reserved for max_num_seqs requests or as
+        many as fit in a quarter of it (that number then caps the running requests).
+        """
+        block_bytes = bytes_per_block(spec, fmt, block_size)
+        window_bytes = residual_bytes(spec, fmt, block_size)  # per running request
         if num_blocks is not None:
             if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
                 raise KVForgeError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-            return num_blocks
+            return num_blocks, max_num_seqs
         if kv_memory is not None:
             kv_bytes = parse_bytes(kv_memory) if isinstance(kv_memory, str) else kv_memory
             if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 1:
                 raise KVForgeError(
                     f"kv_memory must be a positive number of bytes, got {kv_memory!r}"
                 )
-            if kv_bytes < block_bytes:
-                raise KVForgeError(
-                    f"kv_memory {kv_bytes:,} B holds no KV block: one block of {block_size} "
-                    f"tokens takes {block_bytes:,} B"
-                )
-            return kv_bytes // block_bytes
-        # Default: never more than max_num_seqs full-length requests could use.
-        most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
-        if self.device.type == "cuda":
+        elif self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, min(most_useful, int(free_bytes * CUDA_MEMORY_FRACTION) // block_bytes))
-        return max(1, min(most_useful, DEFAULT_CPU_KV_BYTES // block_bytes))
+            kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION)
+        else:
+            kv_bytes = DEFAULT_CPU_KV_BYTES
+        running = max_num_seqs
+        if window_bytes:
+            running = min(max_num_seqs, max(1, kv_bytes // RECENT_WINDOW_SHARE // window_bytes))
+        blocks = (kv_bytes - running * window_bytes) // block_bytes
+        if kv_memory is None:  # never more than max_num_seqs full-length requests could use
+            most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
+            return max(1, min(blocks, most_useful)), running
+        if blocks < 1:
+            window = f" after {running * window_bytes:,} B of recent windows" * bool(window_bytes)
+            raise KVForgeError(
+                f"kv_memory {kv_bytes:,} B holds no KV block{window}: one block of "
+                f"{block_size} tokens takes {block_bytes:,} B"
+            )
+        return blocks, running
 
     # --- generation -----------------------------------------------------------------
 

@@ -21,12 +21,20 @@ from kvforge.errors import PlanError
 from kvforge.kvcache.formats import KV_FORMATS, KVFormat, get_kv_format
 
 DEFAULT_BLOCK_SIZE = 16
+# int2 stores a scale and zero point per key channel per block: 64-token blocks spread
+# them to 0.5 bit a value (2.5 bits in all); 16-token blocks would make it 4 bits.
+INT2_BLOCK_SIZE = 64
 COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 
 
 def resolve_kv_format(spec: ModelSpec, kv_dtype: str) -> KVFormat:
     """'auto' means the model's own precision."""
     return get_kv_format(spec.dtype if kv_dtype == "auto" else kv_dtype)
+
+
+def default_block_size(kv_dtype: str) -> int:
+    """The block size used when none is given: 16 tokens, 64 for int2."""
+    return INT2_BLOCK_SIZE if kv_dtype == "int2" else DEFAULT_BLOCK_SIZE
 
 
 def bytes_per_block(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
@@ -58,17 +66,31 @@ def blocks_per_request(spec: ModelSpec, context: int, block_size: int) -> int:
     return blocks
 
 
-def residual_bytes(spec: ModelSpec, fmt: KVFormat, context: int) -> int:
-    """Full-precision recent tokens a request keeps beside its packed blocks (int2)."""
-    tokens = min(fmt.residual_tokens, cached_tokens(spec, context))
+def recent_blocks(tokens: int, block_size: int) -> int:
+    """Blocks a request keeps in full precision to hold its newest `tokens` tokens: they
+    start anywhere in a block, and a block is packed only once whole and out of the window."""
+    return -(-(tokens - 1) // block_size) + 1
+
+
+def residual_bytes(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int | None = None
+                   ) -> int:  # fmt: skip
+    """Full-precision recent-window slots a request holds beside its packed blocks (int2):
+    whole blocks of tokens at the model's precision (`spec.dtype`)."""
+    if not fmt.residual_tokens:
+        return 0
+    context = spec.max_position_embeddings if context is None else context
+    blocks = min(recent_blocks(fmt.residual_tokens, block_size),
+                 blocks_per_request(spec, context, block_size))  # fmt: skip
     full_bytes = DTYPE_BITS[spec.dtype] // 8
-    return tokens * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * full_bytes
+    return (
+        blocks * block_size * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (full_bytes)
+    )
 
 
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
     return blocks_per_request(spec, context, block_size) * bytes_per_block(
         spec, fmt, block_size
-    ) + residual_bytes(spec, fmt, context)
+    ) + residual_bytes(spec, fmt, block_size, context)
 
 
 def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: int) -> int:
@@ -126,7 +148,8 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-def _number(value: Fraction) -> int | float:
+def as_number(value: Fraction) -> int | float:
+    """A whole number as int, else float."""
     return int(value) if value.denominator == 1 else float(value)
 
 
@@ -179,7 +202,7 @@ def plan_kv(
     context: int | None = None,
     batch: int = 1,
     kv_dtype: str = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     memory_bytes: int | None = None,
     reserve_bytes: int = 0,
     weights: Weights | None = None,
@@ -191,10 +214,11 @@ def plan_kv(
     """
     context = spec.max_position_embeddings if context is None else _positive("context", context)
     _positive("batch", batch)
+    fmt = resolve_kv_format(spec, kv_dtype)
+    block_size = default_block_size(fmt.name) if block_size is None else block_size
     _positive("block size", block_size)
     if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
         raise PlanError(f"reserve must be a non-negative number of bytes, got {reserve_bytes!r}")
-    fmt = resolve_kv_format(spec, kv_dtype)
     weights = weights or resolve_weights(spec)
     warnings = []
     if context > spec.max_position_embeddings:
@@ -250,11 +274,11 @@ def plan_kv(
         block_size=block_size,
         context=context,
         batch=batch,
-        bytes_per_token=_number(bytes_per_token(spec, fmt, block_size)),
+        bytes_per_token=as_number(bytes_per_token(spec, fmt, block_size)),
         bytes_per_block=block_bytes,
         tokens_cached_per_request=cached_tokens(spec, context),
         blocks_per_request=blocks_per_request(spec, context, block_size),
-        residual_bytes_per_request=residual_bytes(spec, fmt, context),
+        residual_bytes_per_request=residual_bytes(spec, fmt, block_size, context),
         bytes_per_request=request_bytes,
         kv_bytes_batch=kv_bytes_batch,
         num_params=weights.num_params,
@@ -300,7 +324,7 @@ def compare_levers(spec: ModelSpec, base: Plan) -> dict:
                 "attention": variant.attention_kind,
                 "num_kv_heads": num_kv_heads,
                 "is_model": num_kv_heads == spec.num_kv_heads,
-                "bytes_per_token": _number(bytes_per_token(variant, fmt, block_size)),
+                "bytes_per_token": as_number(bytes_per_token(variant, fmt, block_size)),
                 "bytes_per_request": request_bytes,
                 "saving_vs_mha": mha_block / bytes_per_block(variant, fmt, block_size),
                 "max_concurrent_requests": fit(request_bytes),
@@ -316,7 +340,7 @@ def compare_levers(spec: ModelSpec, base: Plan) -> dict:
             {
                 "kv_dtype": other.name,
                 "layout": other.summary,
-                "bytes_per_token": _number(bytes_per_token(spec, other, block_size)),
+                "bytes_per_token": as_number(bytes_per_token(spec, other, block_size)),
                 "bytes_per_request": request_bytes,
                 "tokens_vs_fp16": fp16_block / block_bytes,
                 "kv_capacity_tokens": None

@@ -197,8 +197,13 @@ def paged_attention(
         query_len, seq_len = end - start, meta.seq_lens[i]
         fresh = query_len == seq_len and (sliding_window is None or seq_len <= sliding_window)
         # Only when the store keeps K/V exactly as computed, so that reading them back
-        # later (decode, chunked prefill, recompute) sees the same values.
-        exact = k_new is not None and v_new is not None and k_new.dtype == k_cache.dtype
+        # later (decode, chunked prefill, recompute) sees the same values — or when the
+        # cache asks for it (int2: a prompt attends to itself in full precision, as in KIVI).
+        exact = (
+            k_new is not None
+            and v_new is not None
+            and (k_new.dtype == k_cache.dtype or getattr(k_cache, "prefill_full_precision", False))
+        )
         if fresh and exact:
             # 4-D inputs with K/V repeated per query head take PyTorch's fused (flash)
             # CPU kernel; enable_gqa or 3-D inputs fall back to the unfused math path.

@@ -41,11 +41,14 @@ class _StoreIO:
     def load(self, block_ids: list[int], contents: list[torch.Tensor]) -> None:
         self.store.write_blocks(block_ids, torch.stack(contents))
 
-    def swap_out(self, block_ids: list[int]) -> torch.Tensor:
-        return self.store.read_blocks(block_ids)
+    def swap_out(self, block_ids: list[int]):
+        return self.store.swap_out(block_ids)
 
-    def swap_in(self, block_ids: list[int], swapped: torch.Tensor) -> None:
-        self.store.write_blocks(block_ids, swapped)
+    def swap_in(self, block_ids: list[int], swapped) -> None:
+        self.store.swap_in(block_ids, swapped)
+
+    def retire(self, block_ids: list[int], num_tokens: int) -> None:
+        self.store.retire(block_ids, num_tokens)
 
     def loaded(self, sources: list[str]) -> None:
         if self.tiers is not None:
@@ -281,6 +284,8 @@ class LLMEngine:
             "blocks_used": used,
             "bytes_per_token": self.store.bytes_per_token,
             "kv_bytes_allocated": self.store.bytes_allocated,
+            "recent_window_bytes": self.store.recent_bytes_allocated,
+            "max_num_seqs": self.scheduler.config.max_num_seqs,
             "tokens_stored": tokens_stored,
             "waste_ratio": 0.0 if used == 0 else 1 - tokens_stored / (used * block_size),
             "num_preemptions": self.scheduler.num_preemptions,

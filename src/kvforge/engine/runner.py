@@ -47,6 +47,10 @@ class ModelRunner:
             + [0] * (max_blocks - len(item.request.block_table.block_ids))
             for item in batch
         ]
+        self.store.begin_pass(
+            [(item.request.block_table.block_ids, item.request.num_computed_tokens,
+              item.request.num_computed_tokens + item.num_new_tokens) for item in batch]
+        )  # fmt: skip
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_start_loc=tuple(query_start_loc),

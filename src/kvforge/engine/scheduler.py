@@ -91,6 +91,10 @@ class BlockIO(Protocol):
     def swap_in(self, block_ids: list[int], swapped: Any) -> None:
         """Write a `swap_out` copy back into device blocks."""
 
+    def retire(self, block_ids: list[int], num_tokens: int) -> None:
+        """A request lets go of its blocks (finished, or preempted to recompute) after
+        `num_tokens` computed tokens: the store settles what it keeps apart."""
+
     def persist(self, block_id: int, key: bytes) -> None:
         """A block was just cached: write it through to the disk tier, if there is one."""
 
@@ -261,6 +265,7 @@ class Scheduler:
             computed_blocks = -(-request.num_computed_tokens // table.block_size)
             request.swapped = self.io.swap_out(table.block_ids[:computed_blocks])
         else:
+            self._retire(request)
             request.num_computed_tokens = 0
         table.release(self.pool)  # its full blocks stay cached for re-admission
         request.num_registered_blocks = 0
@@ -269,12 +274,17 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _retire(self, request: Request) -> None:
+        if self.io is not None and request.block_table.block_ids:
+            self.io.retire(request.block_table.block_ids, request.num_computed_tokens)
+
     def finish(self, request: Request, reason: str) -> None:
         """End a request (running or waiting) and return its blocks to the pool."""
         if request.status is Status.RUNNING:
             self.running.remove(request)
         elif request.status is Status.WAITING and request in self.waiting:
             self.waiting.remove(request)
+        self._retire(request)
         request.block_table.release(self.pool)
         request.swapped = None
         request.status = Status.FINISHED

@@ -9,7 +9,16 @@ so the store's bytes equal the planner's.
     int8   value int8 [D]        + scale fp16 [1]      symmetric, per token per head
     fp8    value e4m3 bits [D]   + scale fp16 [1]      per token per head
     int4   value uint8 [D/2]     + scale, zero fp16 [G] asymmetric, per 64 channels,
-                                                        two values a byte (low nibble first)
+                                                        two values a byte (low bits first)
+    int2   K: value uint8 [D/4]  + scale, zero fp16 [D] per channel, once per block
+           V: value uint8 [D/4]  + scale, zero fp16 [G] per 64 channels of a token
+
+int2's keys are quantized along tokens (KIVI: key outliers sit in fixed
+channels, so a channel's range over a block is narrow), which needs a whole
+block at once: its codec is "block-wise" — `encode` takes [..., n, block, D]
+and stores its parameters once per block (`Part.per_block`). The store keeps
+a request's most recent tokens in full precision until their block is whole
+and out of the recent window (`store.WindowedCache`).
 """
 
 from dataclasses import dataclass
@@ -18,7 +27,7 @@ from math import ceil
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.formats import INT4_GROUP_SIZE
+from kvforge.kvcache.formats import INT2_GROUP_SIZE, INT4_GROUP_SIZE
 
 PARAM_DTYPE = torch.float16  # scales and zero points
 TINY = 1e-8  # a zero vector still gets a non-zero scale
@@ -31,6 +40,7 @@ class Part:
     name: str
     dtype: torch.dtype
     width: int
+    per_block: bool = False  # stored once per block ([..., 1, width]), not per token
 
 
 class Int8Codec:
@@ -91,53 +101,133 @@ def _casts(dtype: torch.dtype) -> bool:
         return False
 
 
-class Int4Codec:
-    name = "int4"
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned `bits`-bit values [..., D] (uint8) → bytes [..., ceil(D * bits / 8)],
+    the first value in the lowest bits."""
+    per_byte = 8 // bits
+    pad = -q.shape[-1] % per_byte
+    if pad:
+        q = torch.cat((q, q.new_zeros(*q.shape[:-1], pad)), dim=-1)
+    q = q.view(*q.shape[:-1], -1, per_byte)
+    packed = q[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= q[..., i] << (bits * i)
+    return packed
 
-    def __init__(self, head_dim: int, group_size: int = INT4_GROUP_SIZE) -> None:
-        self.head_dim, self.group_size = head_dim, group_size
+
+def unpack(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
+    """The inverse of `pack`: [..., bytes] → uint8 values [..., width]."""
+    mask = (1 << bits) - 1
+    shifts = [(packed >> (bits * i)) & mask for i in range(8 // bits)]
+    return torch.stack(shifts, dim=-1).view(*packed.shape[:-1], -1)[..., :width]
+
+
+def _affine(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, ...]:
+    """Asymmetric quantization of x over `dim`: (values uint8, scale fp16, zero fp16)."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp_min(TINY).to(PARAM_DTYPE)
+    zero = lo.to(PARAM_DTYPE)
+    q = torch.round((x - zero.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
+    return q, scale, zero
+
+
+class GroupCodec:
+    """Asymmetric `bits`-bit values with an fp16 scale and zero point per group of
+    `group_size` channels of a token; 8 / bits values a byte."""
+
+    def __init__(self, head_dim: int, bits: int, group_size: int) -> None:
+        self.head_dim, self.bits, self.group_size = head_dim, bits, group_size
         self.groups = ceil(head_dim / group_size)
         self.parts = (
-            Part("q", torch.uint8, ceil(head_dim / 2)),
+            Part("q", torch.uint8, ceil(head_dim * bits / 8)),
             Part("scale", PARAM_DTYPE, self.groups),
             Part("zero", PARAM_DTYPE, self.groups),
         )
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., G, group]
         pad = self.groups * self.group_size - self.head_dim
-        if pad:  # a shorter last group: pad with its own first value (changes no min/max)
+        if pad:  # a shorter last group: pad with its own last value (changes no min/max)
             x = torch.cat((x, x[..., -1:].expand(*x.shape[:-1], pad)), dim=-1)
         return x.view(*x.shape[:-1], self.groups, self.group_size)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        g = self._grouped(x.float())
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(TINY).to(PARAM_DTYPE)
-        zero = lo.to(PARAM_DTYPE)
-        q = torch.round((g - zero.float()) / scale.float()).clamp_(0, 15).to(torch.uint8)
+        q, scale, zero = _affine(self._grouped(x.float()), -1, self.bits)
         q = q.view(*x.shape[:-1], -1)[..., : self.head_dim]
-        if self.head_dim % 2:
-            q = torch.cat((q, q.new_zeros(*q.shape[:-1], 1)), dim=-1)
-        packed = q[..., 0::2] | (q[..., 1::2] << 4)  # low nibble: even channel
-        return {"q": packed, "scale": scale.squeeze(-1), "zero": zero.squeeze(-1)}
+        return {"q": pack(q, self.bits), "scale": scale.squeeze(-1), "zero": zero.squeeze(-1)}
 
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        packed = parts["q"]
-        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).view(*packed.shape[:-1], -1)
-        q = q[..., : self.head_dim].float()
+        q = unpack(parts["q"], self.bits, self.head_dim).float()
         scale = parts["scale"].float().repeat_interleave(self.group_size, -1)[..., : self.head_dim]
         zero = parts["zero"].float().repeat_interleave(self.group_size, -1)[..., : self.head_dim]
         return q * scale + zero
 
 
-CODECS = {"int8": Int8Codec, "fp8": Fp8Codec, "int4": Int4Codec}
+class Int4Codec(GroupCodec):
+    name = "int4"
+
+    def __init__(self, head_dim: int, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__(head_dim, 4, group_size)
+
+
+class Int2ValueCodec(GroupCodec):
+    """int2's values: quantized per token (KIVI), 2 bits, per 64 channels."""
+
+    name = "int2"
+
+    def __init__(self, head_dim: int, group_size: int = INT2_GROUP_SIZE) -> None:
+        super().__init__(head_dim, 2, group_size)
+
+
+class Int2KeyCodec:
+    """int2's keys: each channel quantized over the tokens of a block (KIVI's per-channel
+    rule), 2 bits; a scale and zero point per channel per block."""
+
+    name = "int2"
+    block_wise = True
+    bits = 2
+
+    def __init__(self, head_dim: int) -> None:
+        self.head_dim = head_dim
+        self.parts = (
+            Part("q", torch.uint8, ceil(head_dim * self.bits / 8)),
+            Part("scale", PARAM_DTYPE, head_dim, per_block=True),
+            Part("zero", PARAM_DTYPE, head_dim, per_block=True),
+        )
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # x [..., n, block, D]
+        q, scale, zero = _affine(x.float(), -2, self.bits)
+        return {"q": pack(q, self.bits), "scale": scale, "zero": zero}
+
+    def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = unpack(parts["q"], self.bits, self.head_dim).float()
+        return q * parts["scale"].float() + parts["zero"].float()
+
+
+# format -> (key codec, value codec)
+CODECS = {
+    "int8": (Int8Codec, Int8Codec),
+    "fp8": (Fp8Codec, Fp8Codec),
+    "int4": (Int4Codec, Int4Codec),
+    "int2": (Int2KeyCodec, Int2ValueCodec),
+}
+
+
+def get_codecs(name: str, head_dim: int) -> tuple:
+    """The (key, value) codecs of a quantized KV format; KVForgeError naming what exists
+    otherwise."""
+    if name not in CODECS:
+        raise KVForgeError(
+            f"kv_dtype {name!r} has no codec; available: fp32, fp16, bf16, {', '.join(CODECS)}"
+        )
+    key, value = CODECS[name]
+    k = key(head_dim)
+    return k, (k if value is key else value(head_dim))
 
 
 def get_codec(name: str, head_dim: int):
-    """The codec of a quantized KV format; KVForgeError naming what exists otherwise."""
-    if name not in CODECS:
-        raise KVForgeError(
-            f"kv_dtype {name!r} has no codec in this version; available: "
-            f"fp32, fp16, bf16, {', '.join(CODECS)}"
-        )
-    return CODECS[name](head_dim)
+    """The codec of a format whose keys and values share one (all but int2)."""
+    k, v = get_codecs(name, head_dim)
+    if k is not v:
+        raise KVForgeError(f"kv_dtype {name!r} has separate key and value codecs")
+    return k
