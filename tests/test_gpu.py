@@ -65,11 +65,13 @@ def test_quantized_codecs_on_cuda():
     prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Hello"]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     full = LLM(device="cuda", kv_memory="8MiB").generate(prompts, params)
-    for kv_dtype in ("int8", "fp8", "int4"):
+    for kv_dtype in ("int8", "fp8", "int4", "int2"):
         llm = LLM(device="cuda", kv_memory="8MiB", kv_dtype=kv_dtype)
         store = llm.engine.store
         assert store.k[0].parts["q"].device.type == "cuda"
-        assert llm.kv_stats()["bytes_per_token"] == bytes_per_token(store.spec, store.format, 16)
+        assert llm.kv_stats()["bytes_per_token"] == bytes_per_token(
+            store.spec, store.format, store.block_size
+        )
         outs = llm.generate(prompts, params)
         agree = sum(a == b for o, f in zip(outs, full, strict=True)
                     for a, b in zip(o.token_ids, f.token_ids, strict=True))  # fmt: skip

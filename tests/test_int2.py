@@ -147,6 +147,18 @@ def test_a_prefill_longer_than_the_window_commits_its_blocks_in_the_same_pass():
     assert sim.store.window.plan.commit_ids.tolist() == sim.tables["A"][:7]
 
 
+def test_a_hot_block_two_requests_share_is_committed_once():
+    sim = Sim()
+    sim.step({"A": 8})  # blocks 0 and 1, both hot
+    # B adopts A's block 0 (a prefix-cache hit) with the same 4 tokens
+    sim.tables["B"] = sim.tables["A"][:1]
+    sim.raw["B"] = [r[:4] for r in sim.raw["A"]]
+    sim.step({"A": 6, "B": 6})  # block 0 leaves both windows in the same pass
+    assert sim.store.window.plan.commit_ids.tolist() == sim.tables["A"][:2]
+    sim.check("A")
+    sim.check("B")
+
+
 def test_retire_commits_whole_hot_blocks_and_drops_the_partial_one():
     sim = Sim()
     sim.step({"A": 14})  # blocks 0..3: 0 cold, 1..3 hot (3 partial)

@@ -275,3 +275,13 @@ def test_compare_without_budget_and_beyond_the_model_limit():
     contexts = {r["context"]: r for r in comparison["contexts"]}
     assert contexts[8192]["within_model_limit"] is False
     assert contexts[4096]["max_concurrent_requests"] is None
+
+
+def test_compare_puts_each_format_at_its_own_default_block_size():
+    spec = get_preset("llama-3.1-8b")
+    plan = plan_kv(spec, context=8192, memory_bytes=24 * 2**30)
+    rows = {r["kv_dtype"]: r for r in compare_levers(spec, plan, own_block_sizes=True)["kv_dtypes"]}
+    assert (rows["int2"]["block_size"], rows["int8"]["block_size"]) == (64, 16)
+    assert rows["int2"]["bytes_per_token"] == 20_480 and rows["int2"]["tokens_vs_fp16"] == 6.4
+    same = {r["kv_dtype"]: r for r in compare_levers(spec, plan)["kv_dtypes"]}
+    assert same["int2"]["block_size"] == 16 and same["int2"]["bytes_per_token"] == 26_624

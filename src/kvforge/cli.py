@@ -198,7 +198,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         reserve_bytes=args.reserve or 0,
         weights=weights,
     )
-    comparison = compare_levers(spec, plan) if args.compare else None
+    comparison = None
+    if args.compare:  # without --block-size, each format at its own default
+        comparison = compare_levers(spec, plan, own_block_sizes=args.block_size is None)
     if args.json:
         out = {"source": source.kind, **plan.to_dict()}
         if comparison is not None:

@@ -298,12 +298,13 @@ def plan_kv(
     )
 
 
-def compare_levers(spec: ModelSpec, base: Plan) -> dict:
+def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -> dict:
     """The seeds' levers side by side, each under the budget of `base`.
 
     attention: MHA vs the model's own GQA vs MQA (same weights budget, only
-    the number of stored KV heads changes); kv_dtypes: every format;
-    contexts: how many requests fit at 1K ... 128K tokens.
+    the number of stored KV heads changes); kv_dtypes: every format, at `base`'s
+    block size or (own_block_sizes) at each format's default; contexts: how many
+    requests fit at 1K ... 128K tokens.
     """
     budget = base.kv_bytes_total if base.memory_bytes is not None else None
     fmt = get_kv_format(base.kv_dtype)
@@ -332,20 +333,20 @@ def compare_levers(spec: ModelSpec, base: Plan) -> dict:
         )
 
     kv_dtypes = []
-    fp16_block = bytes_per_block(spec, KV_FORMATS["fp16"], block_size)
+    fp16_token = bytes_per_token(spec, KV_FORMATS["fp16"], block_size)
     for other in KV_FORMATS.values():
-        request_bytes = bytes_per_request(spec, other, block_size, context)
-        block_bytes = bytes_per_block(spec, other, block_size)
+        size = default_block_size(other.name) if own_block_sizes else block_size
+        request_bytes = bytes_per_request(spec, other, size, context)
+        block_bytes = bytes_per_block(spec, other, size)
         kv_dtypes.append(
             {
                 "kv_dtype": other.name,
                 "layout": other.summary,
-                "bytes_per_token": as_number(bytes_per_token(spec, other, block_size)),
+                "block_size": size,
+                "bytes_per_token": as_number(bytes_per_token(spec, other, size)),
                 "bytes_per_request": request_bytes,
-                "tokens_vs_fp16": fp16_block / block_bytes,
-                "kv_capacity_tokens": None
-                if budget is None
-                else budget // block_bytes * block_size,
+                "tokens_vs_fp16": float(fp16_token / bytes_per_token(spec, other, size)),
+                "kv_capacity_tokens": None if budget is None else budget // block_bytes * size,
                 "max_concurrent_requests": fit(request_bytes),
             }
         )

@@ -136,10 +136,19 @@ def render_comparison(comparison: dict, plan: Plan) -> str:
         ],
     )
     dtypes = render_table(
-        ["KV dtype", "B/token", "B/request", "tokens vs fp16", "token capacity", fit_header],
+        [
+            "KV dtype",
+            "block",
+            "B/token",
+            "B/request",
+            "tokens vs fp16",
+            "token capacity",
+            fit_header,
+        ],
         [
             (
                 r["kv_dtype"],
+                r["block_size"],
                 f"{r['bytes_per_token']:,}",
                 format_bytes(r["bytes_per_request"]),
                 f"{r['tokens_vs_fp16']:.2f}×",

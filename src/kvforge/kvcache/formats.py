@@ -16,7 +16,9 @@ Layouts (per layer, per KV head; K and V alike unless stated):
                          K: an fp16 scale and zero point per channel per block
                             (keys are quantized along tokens, the KIVI per-channel rule),
                          V: an fp16 scale and zero point per group of 64 channels of a token;
-                         plus, per request, the 32 most recent tokens in full precision.
+                         plus, per running request, the blocks that hold its 32 most
+                         recent tokens (ceil(31 / block) + 1 of them) in full precision:
+                         a block is packed once whole and out of that window.
 
 A group that does not divide head_dim leaves a shorter last group. Packed
 values round up to whole bytes per token and head.

@@ -147,6 +147,7 @@ class RecentWindow:
         and the positions [start, end) of its new tokens (rows of the pass, in order)."""
         bs = self.block_size
         commits: list[int] = []
+        committed: set[int] = set()
         stage_recent: tuple[list[int], list[int]] = ([], [])
         stage_new: tuple[list[int], list[int]] = ([], [])
         hot_writes: list[tuple[int, int, int, int]] = []  # block, first pos, row, count
@@ -160,10 +161,11 @@ class RecentWindow:
                     if touched:
                         hot_writes.append((b, lo - j * bs, row + lo - start, hi - lo))
                     continue
-                if b not in self.slots and not touched:
-                    continue  # committed before, or another request's business
+                if (b not in self.slots and not touched) or b in committed:
+                    continue  # committed before (or by a request sharing it this pass)
                 i = len(commits)
                 commits.append(b)
+                committed.add(b)
                 old = (lo - j * bs) if touched else bs  # tokens already in the slot
                 if old:
                     if b not in self.slots:

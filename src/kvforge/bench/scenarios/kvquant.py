@@ -12,7 +12,6 @@ close to exact; what they cost on a trained model is measured by `kvforge eval`.
 """
 
 import json
-import math
 import random
 
 import torch
@@ -21,8 +20,10 @@ from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.scenarios.roofline import decode_step_s
+from kvforge.planner import bytes_per_request
+from kvforge.units import parse_bytes
 
-FORMATS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4"]
+FORMATS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2"]
 FULL = {"budget": "256MiB", "context": 1024, "short": 128, "long": 1536, "batch": 8,
         "steps": 8, "prompts": 8, "prompt_tokens": 256, "new_tokens": 32}  # fmt: skip
 QUICK = {"budget": "4MiB", "context": 128, "short": 16, "long": 96, "batch": 2,
@@ -41,17 +42,21 @@ def run(ctx: BenchContext) -> Report:
 
     rows, runs = [], {}
     for fmt in ctx.progress(FORMATS, "kvquant"):
+        # int2's recent windows are reserved for `batch` running requests out of the budget
         budget = LLM(model=str(model_dir), device=ctx.device, kv_memory=sizes["budget"],
-                     kv_dtype=fmt)  # fmt: skip
+                     kv_dtype=fmt, max_num_seqs=sizes["batch"])  # fmt: skip
         stats = budget.kv_stats()
-        tokens = stats["blocks_total"] * stats["block_size"]
-        per_request = math.ceil(sizes["context"] / stats["block_size"])
+        store = budget.engine.store
+        request_bytes = bytes_per_request(store.spec, store.format, store.block_size,
+                                          sizes["context"])  # fmt: skip
         runs[fmt] = _greedy_with_logprobs(budget, prompts, sizes["new_tokens"])
         row = {
             "kv_dtype": fmt,
+            "block_size": stats["block_size"],
             "bytes_per_token": stats["bytes_per_token"],
-            "tokens_in_budget": tokens,
-            "requests_at_context": stats["blocks_total"] // per_request,
+            "tokens_in_budget": stats["blocks_total"] * stats["block_size"],
+            # the planner's count, windows included: budget // bytes a request
+            "requests_at_context": parse_bytes(sizes["budget"]) // request_bytes,
         }
         for name in ("short", "long"):
             timing = LLM(model=str(model_dir), device=ctx.device, kv_dtype=fmt,
@@ -88,6 +93,9 @@ def run(ctx: BenchContext) -> Report:
             "random-init weights: the quality columns show closeness to the exact cache, "
             "not what a codec costs a trained model",
             "KL: mean over the steps where the run's history still equals the fp32 run's",
+            "int2 uses 64-token blocks and keeps each running request's newest tokens (at "
+            "least 32, whole blocks) in full precision: tokens_in_budget is what the budget "
+            f"holds after windows for {sizes['batch']} requests",
         ],
         plots=[
             Plot(
