@@ -549,3 +549,21 @@ def test_queued_deltas_are_merged_into_one_event():
 
     merged, finished = asyncio.run(drain())
     assert merged == [Delta("abc", finished=True, completion_tokens=3)] and finished
+
+
+def test_a_server_over_an_int2_cache_streams_the_offline_text():
+    llm = new_llm(kv_dtype="int2", kv_memory="8MiB")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3  # 136 tokens: 2 blocks
+    expected = offline_text(new_llm(kv_dtype="int2", kv_memory="8MiB"), prompt, max_tokens=40,
+                            ignore_eos=True)  # fmt: skip
+    s = Server(llm)
+    try:
+        chunks = s.client().completions.create(
+            model=MODEL, prompt=prompt, max_tokens=40, stream=True, **GREEDY
+        )
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+        s.wait_idle()
+        assert llm.engine.store.window.slots == {}
+        llm.engine.pool.check_integrity()
+    finally:
+        s.close()
