@@ -88,13 +88,13 @@ PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
     return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
 @pytest.mark.parametrize("kv_dtype", QUANTIZED)
 def test_generation_with_each_codec_through_the_engine(kv_dtype, reference):
-    llm = LLM(device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype)
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype)
     stats = llm.kv_stats()
     store = llm.engine.store
     assert stats["bytes_per_token"] == bytes_per_token(store.spec, store.format, 16)
@@ -111,15 +111,21 @@ def test_generation_with_each_codec_through_the_engine(kv_dtype, reference):
 
 @pytest.mark.parametrize(("kv_dtype", "ratio"), [("int8", 1.88), ("fp8", 1.88), ("int4", 3.2)])
 def test_the_same_kv_memory_holds_more_tokens(kv_dtype, ratio):
-    full = LLM(device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()["blocks_total"]
-    packed = LLM(device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype).kv_stats()["blocks_total"]
+    full = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()[
+        "blocks_total"
+    ]
+    packed = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype).kv_stats()[
+        "blocks_total"
+    ]
     # head_dim 32: int8 = 32 + 2 B against 64 B (1.88x); int4 = 16 + 4 B (3.2x)
     assert packed / full == pytest.approx(ratio, abs=0.01)
 
 
 def test_int2_holds_the_expected_tokens_beside_its_window():
-    full = LLM(device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()
-    packed = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=1).kv_stats()
+    full = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()
+    packed = LLM(
+        model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=1
+    ).kv_stats()
     # 176 B a token against 1,024 (5.82x), in what one 256 KiB recent window leaves
     assert full["blocks_total"] * full["block_size"] == 8 * 2**20 // 1024
     assert packed["blocks_total"] == (8 * 2**20 - 262_144) // (176 * 64) == 721
@@ -129,24 +135,44 @@ def test_int2_holds_the_expected_tokens_beside_its_window():
 
 def test_quantized_blocks_move_packed_through_the_tiers(tmp_path, reference):
     prompt = PROMPTS[0] * 2
-    first = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int8", disk_cache_dir=str(tmp_path))
+    first = LLM(
+        model="random",
+        device="cpu",
+        kv_memory="8MiB",
+        kv_dtype="int8",
+        disk_cache_dir=str(tmp_path),
+    )
     expected = first.generate([prompt], PARAMS)[0].token_ids
     file = next(tmp_path.glob("*.kvblock"))
     store = first.engine.store
     assert file.stat().st_size < store.block_shape[0] + 400  # packed bytes + a small header
-    again = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int8", disk_cache_dir=str(tmp_path))
+    again = LLM(
+        model="random",
+        device="cpu",
+        kv_memory="8MiB",
+        kv_dtype="int8",
+        disk_cache_dir=str(tmp_path),
+    )
     out = again.generate([prompt], PARAMS)[0]
     assert out.token_ids == expected and out.metrics.cached_tokens_disk > 0
-    fp16 = LLM(device="cpu", kv_memory="8MiB", kv_dtype="fp16", disk_cache_dir=str(tmp_path))
+    fp16 = LLM(
+        model="random",
+        device="cpu",
+        kv_memory="8MiB",
+        kv_dtype="fp16",
+        disk_cache_dir=str(tmp_path),
+    )
     assert fp16.generate([prompt], PARAMS)[0].metrics.cached_tokens_disk == 0  # other codec
 
 
 def test_swap_preemption_with_a_quantized_cache():
     prompts = ["abc" * 33 + str(i) for i in range(4)]  # 101 tokens: 7 blocks, 10 at the end
     params = SamplingParams(max_tokens=60, ignore_eos=True)
-    roomy = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int8", enable_prefix_caching=False)
-    tight = LLM(device="cpu", num_blocks=16, kv_dtype="int8", preemption_mode="swap",
-                enable_prefix_caching=False)  # fmt: skip
+    roomy = LLM(
+        model="random", device="cpu", kv_memory="8MiB", kv_dtype="int8", enable_prefix_caching=False
+    )
+    tight = LLM(model="random", device="cpu", num_blocks=16, kv_dtype="int8",
+                preemption_mode="swap", enable_prefix_caching=False)  # fmt: skip
     assert [o.token_ids for o in tight.generate(prompts, params)] == [
         o.token_ids for o in roomy.generate(prompts, params)
     ]

@@ -8,8 +8,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_builtin_model_on_cuda_matches_cpu_greedy_and_samples_reproducibly():
-    cpu = LLM(device="cpu", kv_memory="8MiB")
-    gpu = LLM(device="cuda", kv_memory="8MiB")
+    cpu = LLM(model="random", device="cpu", kv_memory="8MiB")
+    gpu = LLM(model="random", device="cuda", kv_memory="8MiB")
     assert gpu.engine.store.k[0].device.type == "cuda"
     greedy = SamplingParams(max_tokens=16, ignore_eos=True)
     assert gpu.generate(["The cat sat"], greedy)[0].token_ids == (
@@ -25,14 +25,14 @@ def test_builtin_model_on_cuda_matches_cpu_greedy_and_samples_reproducibly():
 def test_server_on_cuda_streams_and_frees_its_blocks():
     from test_server import GREEDY, MODEL, Server
 
-    s = Server(LLM(device="cuda", kv_memory="8MiB"))
+    s = Server(LLM(model="random", device="cuda", kv_memory="8MiB"))
     try:
         chunks = list(
             s.client().completions.create(
                 model=MODEL, prompt="The cat sat", max_tokens=8, stream=True, **GREEDY
             )
         )
-        cpu = LLM(device="cpu", kv_memory="8MiB")
+        cpu = LLM(model="random", device="cpu", kv_memory="8MiB")
         expected = cpu.generate(["The cat sat"], SamplingParams(max_tokens=8, ignore_eos=True))
         assert "".join(c.choices[0].text for c in chunks) == expected[0].text
         s.wait_idle()
@@ -43,17 +43,21 @@ def test_server_on_cuda_streams_and_frees_its_blocks():
 def test_prefix_cache_and_tiers_on_cuda_keep_outputs(tmp_path):
     prompt = "The quick brown fox jumps over the lazy dog. " * 10
     params = SamplingParams(max_tokens=8, ignore_eos=True)
-    cpu = LLM(device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
+    cpu = LLM(model="random", device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
     expected = cpu.generate([prompt], params)[0].token_ids
     gpu = LLM(
-        device="cuda", num_blocks=40, host_cache_memory="320KiB", disk_cache_dir=str(tmp_path)
+        model="random",
+        device="cuda",
+        num_blocks=40,
+        host_cache_memory="320KiB",
+        disk_cache_dir=str(tmp_path),
     )
     assert gpu.generate([prompt], params)[0].token_ids == expected
     gpu.generate(["Completely different text to push blocks out. " * 12], params)
     again = gpu.generate([prompt], params)[0]
     assert again.token_ids == expected
     assert again.metrics.cached_tokens == 448 and again.metrics.cached_tokens_host > 0
-    restarted = LLM(device="cuda", kv_memory="8MiB", disk_cache_dir=str(tmp_path))
+    restarted = LLM(model="random", device="cuda", kv_memory="8MiB", disk_cache_dir=str(tmp_path))
     out = restarted.generate([prompt], params)[0]
     assert out.token_ids == expected and out.metrics.cached_tokens_disk == 448
     gpu.engine.pool.check_integrity()
@@ -64,9 +68,9 @@ def test_quantized_codecs_on_cuda():
 
     prompts = ["The quick brown fox jumps over the lazy dog. " * 6, "Hello"]
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    full = LLM(device="cuda", kv_memory="8MiB").generate(prompts, params)
+    full = LLM(model="random", device="cuda", kv_memory="8MiB").generate(prompts, params)
     for kv_dtype in ("int8", "fp8", "int4", "int2"):
-        llm = LLM(device="cuda", kv_memory="8MiB", kv_dtype=kv_dtype)
+        llm = LLM(model="random", device="cuda", kv_memory="8MiB", kv_dtype=kv_dtype)
         store = llm.engine.store
         assert store.k[0].parts["q"].device.type == "cuda"
         assert llm.kv_stats()["bytes_per_token"] == bytes_per_token(

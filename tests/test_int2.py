@@ -221,19 +221,21 @@ LONG = ["The quick brown fox jumps over the lazy dog. " * 6, "abc" * 40]
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", enable_prefix_caching=False)
     return {p: llm.generate([p], PARAMS)[0].token_ids for p in [*LONG, "Hello"]}
 
 
 def test_a_request_inside_the_window_is_exact(reference):
-    llm = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2")
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2")
     out = llm.generate(["Hello"], SamplingParams(max_tokens=24, ignore_eos=True))[0]
     # 6 prompt tokens + 24: every token is in a hot block, read in full precision
     assert out.token_ids == reference["Hello"]
 
 
 def test_int2_generates_through_the_engine(reference):
-    llm = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", enable_prefix_caching=False)
+    llm = LLM(
+        model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", enable_prefix_caching=False
+    )
     stats = llm.kv_stats()
     store = llm.engine.store
     assert stats["block_size"] == 64
@@ -253,8 +255,8 @@ def test_int2_generates_through_the_engine(reference):
 def test_chunked_prefill_and_recompute_preemption_with_int2():
     prompts = ["abc" * 60 + str(i) for i in range(3)]  # 182 tokens: 3 blocks of 64
     params = SamplingParams(max_tokens=80, ignore_eos=True)
-    tight = LLM(device="cpu", num_blocks=9, kv_dtype="int2", max_num_batched_tokens=48,
-                max_num_seqs=3)  # fmt: skip
+    tight = LLM(model="random", device="cpu", num_blocks=9, kv_dtype="int2",
+                max_num_batched_tokens=48, max_num_seqs=3)  # fmt: skip
     outs = tight.generate(prompts, params)
     assert all(len(o.token_ids) == 80 for o in outs)
     assert tight.kv_stats()["num_preemptions"] > 0
@@ -265,9 +267,9 @@ def test_chunked_prefill_and_recompute_preemption_with_int2():
 def test_swap_preemption_with_int2_gives_the_roomy_tokens():
     prompts = ["abc" * 60 + str(i) for i in range(3)]
     params = SamplingParams(max_tokens=80, ignore_eos=True)
-    roomy = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", enable_prefix_caching=False,
-                max_num_seqs=3)  # fmt: skip
-    tight = LLM(device="cpu", num_blocks=9, kv_dtype="int2", preemption_mode="swap",
+    roomy = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2",
+                enable_prefix_caching=False, max_num_seqs=3)  # fmt: skip
+    tight = LLM(model="random", device="cpu", num_blocks=9, kv_dtype="int2", preemption_mode="swap",
                 enable_prefix_caching=False, max_num_seqs=3)  # fmt: skip
     assert [o.token_ids for o in tight.generate(prompts, params)] == [
         o.token_ids for o in roomy.generate(prompts, params)
@@ -278,14 +280,26 @@ def test_swap_preemption_with_int2_gives_the_roomy_tokens():
 
 def test_int2_blocks_are_cached_and_move_packed_through_the_disk_tier(tmp_path):
     prompt = LONG[0] * 2  # 541 tokens: 8 whole blocks
-    first = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", disk_cache_dir=str(tmp_path))
+    first = LLM(
+        model="random",
+        device="cpu",
+        kv_memory="8MiB",
+        kv_dtype="int2",
+        disk_cache_dir=str(tmp_path),
+    )
     first.generate([prompt], PARAMS)
     hit = first.generate([prompt], PARAMS)[0]
     assert hit.metrics.cached_tokens == 512
     files = list(tmp_path.glob("*.kvblock"))
     assert len(files) == 8
     assert files[0].stat().st_size < first.engine.store.block_shape[0] + 400
-    again = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", disk_cache_dir=str(tmp_path))
+    again = LLM(
+        model="random",
+        device="cpu",
+        kv_memory="8MiB",
+        kv_dtype="int2",
+        disk_cache_dir=str(tmp_path),
+    )
     out = again.generate([prompt], PARAMS)[0]
     assert out.metrics.cached_tokens_disk == 512
     assert out.token_ids == hit.token_ids  # the same packed blocks, read the same way
@@ -294,11 +308,11 @@ def test_int2_blocks_are_cached_and_move_packed_through_the_disk_tier(tmp_path):
 def test_the_window_share_caps_running_requests_and_is_named_when_memory_is_short():
     from kvforge.errors import KVForgeError
 
-    llm = LLM(device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=2)
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=2)
     assert llm.kv_stats()["max_num_seqs"] == 2
     assert llm.kv_stats()["recent_window_bytes"] == 2 * 262_144
     with pytest.raises(KVForgeError, match="holds no KV block after 262,144 B of recent windows"):
-        LLM(device="cpu", kv_memory=262_144 + 1000, kv_dtype="int2", max_num_seqs=1)
+        LLM(model="random", device="cpu", kv_memory=262_144 + 1000, kv_dtype="int2", max_num_seqs=1)
 
 
 def test_get_codecs_gives_int2_separate_key_and_value_codecs():

@@ -12,7 +12,7 @@ from kvforge.errors import KVForgeError
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(device="cpu", kv_memory="8MiB")
+    return LLM(model="random", device="cpu", kv_memory="8MiB")
 
 
 def assert_pool_whole(llm):
@@ -106,7 +106,7 @@ def test_too_long_requests_are_refused_while_others_run(llm):
     assert [o.finish_reason for o in outs] == ["length", "abort", "length"]
     assert "exceeds the model's context of 4096 tokens" in outs[1].error
     assert_pool_whole(llm)
-    small = LLM(device="cpu", num_blocks=100)
+    small = LLM(model="random", device="cpu", num_blocks=100)
     big = SamplingParams(max_tokens=4000, ignore_eos=True)
     outs = small.generate(["fine", "y"], [ok, big])
     assert outs[0].finish_reason == "length"
@@ -130,13 +130,13 @@ def test_bad_sampling_params_name_the_limit():
 
 def test_bad_engine_options():
     with pytest.raises(KVForgeError, match="kv_memory 100 B holds no KV block"):
-        LLM(device="cpu", kv_memory=100)
+        LLM(model="random", device="cpu", kv_memory=100)
     with pytest.raises(KVForgeError, match="num_blocks must be a positive integer"):
-        LLM(device="cpu", num_blocks=0)
+        LLM(model="random", device="cpu", num_blocks=0)
     with pytest.raises(KVForgeError, match="unknown KV dtype 'int3'; choose one of: auto"):
-        LLM(device="cpu", num_blocks=4, kv_dtype="int3")
+        LLM(model="random", device="cpu", num_blocks=4, kv_dtype="int3")
     with pytest.raises(KVForgeError, match="block_size must be a positive integer, got 0"):
-        LLM(device="cpu", num_blocks=4, block_size=0)
+        LLM(model="random", device="cpu", num_blocks=4, block_size=0)
 
 
 def test_token_id_prompts_and_vocabulary_check(llm):
@@ -168,7 +168,7 @@ def test_stream_abandoned_early_frees_blocks(llm):
     assert_pool_whole(llm)
 
 
-def test_generate_cli_with_no_model():
+def test_generate_cli_with_no_model_runs_the_shipped_trained_model():
     result = subprocess.run(
         [sys.executable, "-m", "kvforge", "generate", "--prompt", "The cat sat",
          "--max-tokens", "16", "--json", "--ignore-eos"],
@@ -176,25 +176,26 @@ def test_generate_cli_with_no_model():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
-    assert data["model"] == "kvforge-builtin-untrained"
+    assert data["model"] == "kvforge-mini"
     assert len(data["token_ids"]) == 16 and data["finish_reason"] == "length"
-    assert data["metrics"]["prompt_tokens"] == 12
-    assert data["kv_peak"]["blocks_used"] == 2  # 12 + 16 tokens in blocks of 16
-    expected = LLM(device="cpu", kv_memory="8MiB").generate(
-        ["The cat sat"], SamplingParams(max_tokens=16, ignore_eos=True)
-    )[0]
+    llm = LLM(device="cpu", kv_memory="8MiB")
+    prompt_tokens = len(llm.engine.tokenizer.encode("The cat sat"))
+    assert data["metrics"]["prompt_tokens"] == prompt_tokens
+    assert data["kv_peak"]["blocks_used"] == -(-(prompt_tokens + 16) // 16)
+    expected = llm.generate(["The cat sat"], SamplingParams(max_tokens=16, ignore_eos=True))[0]
     assert data["token_ids"] == expected.token_ids
 
 
 def test_generate_cli_streams_and_refuses_bad_input():
     result = subprocess.run(
-        [sys.executable, "-m", "kvforge", "generate", "--prompt", "hi", "--max-tokens", "4"],
+        [sys.executable, "-m", "kvforge", "generate", "--model", "random", "--prompt", "hi",
+         "--max-tokens", "4"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "random weights" in result.stderr and "TTFT" in result.stderr
     too_long = subprocess.run(
-        [sys.executable, "-m", "kvforge", "generate", "--prompt", "x" * 5000],
+        [sys.executable, "-m", "kvforge", "generate", "--model", "random", "--prompt", "x" * 5000],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert too_long.returncode == 2
@@ -262,15 +263,15 @@ def test_a_failing_forward_pass_aborts_its_requests_and_frees_blocks(llm, monkey
 def test_scheduler_limits_and_devices_are_checked():
     with pytest.raises(KVForgeError, match=r"max_num_batched_tokens \(8\) must be at least "
                                            r"max_num_seqs \(16\)"):  # fmt: skip
-        LLM(device="cpu", num_blocks=4, max_num_batched_tokens=8, max_num_seqs=16)
+        LLM(model="random", device="cpu", num_blocks=4, max_num_batched_tokens=8, max_num_seqs=16)
     with pytest.raises(KVForgeError, match="unknown device 'tpu'; use auto, cpu or cuda"):
-        LLM(device="tpu", num_blocks=4)
+        LLM(model="random", device="tpu", num_blocks=4)
     with pytest.raises(KVForgeError, match="device 'mps' is not supported"):
-        LLM(device="mps", num_blocks=4)
+        LLM(model="random", device="mps", num_blocks=4)
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(KVForgeError, match="device 'cuda' asked for, but torch sees no CUDA"):
-            LLM(device="cuda", num_blocks=4)
+            LLM(model="random", device="cuda", num_blocks=4)
     with pytest.raises(KVForgeError, match=r"the KV cache needs .* B but this machine has"):
-        LLM(device="cpu", kv_memory="100TiB")
+        LLM(model="random", device="cpu", kv_memory="100TiB")

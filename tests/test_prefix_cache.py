@@ -98,7 +98,7 @@ def test_pool_refuses_bad_cache_operations():
 
 
 def small_llm(**options) -> LLM:
-    return LLM(device="cpu", **{"kv_memory": "8MiB", **options})
+    return LLM(model="random", device="cpu", **{"kv_memory": "8MiB", **options})
 
 
 SYSTEM = "You are a helpful assistant. Answer briefly and exactly. " * 4

@@ -58,7 +58,7 @@ class Server:
 
 
 def new_llm(**options) -> LLM:
-    return LLM(device="cpu", kv_memory=options.pop("kv_memory", "4MiB"), **options)
+    return LLM(model="random", device="cpu", kv_memory=options.pop("kv_memory", "4MiB"), **options)
 
 
 @pytest.fixture(scope="module")
@@ -410,8 +410,8 @@ def test_kvforge_serve_command_answers_the_openai_client(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvforge", "serve", "--port", str(port), "--kv-memory", "4MiB",
-         "--device", "cpu", "--api-key", KEY],
+        [sys.executable, "-m", "kvforge", "serve", "--model", "random", "--port", str(port),
+         "--kv-memory", "4MiB", "--device", "cpu", "--api-key", KEY],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:

@@ -8,10 +8,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from kvforge import __version__
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS, UNQUANTIZED_FORMATS
+from kvforge.models.builtin import RANDOM_MODEL
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import (
     DEFAULT_BLOCK_SIZE,
@@ -225,7 +227,8 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """Model and KV cache options shared by the commands that run the engine."""
     p.add_argument(
         "--model",
-        help="an HF checkpoint directory (default: the built-in untrained model)",
+        help="an HF checkpoint directory (default: the built-in trained kvforge-mini; "
+        "'random': an untrained byte-level model)",
     )
     p.add_argument("--dtype", default="auto", choices=["auto", *UNQUANTIZED_FORMATS])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -323,7 +326,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     llm = _engine_from_args(args)
-    if args.model is None and not args.json:
+    if args.model == RANDOM_MODEL and not args.json:
         print(f"[{llm.model_name}: random weights, the text is noise]", file=sys.stderr)
     peak, out = llm.kv_stats(), None
     for event in llm.stream([args.prompt], params):
@@ -420,6 +423,115 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _number_list(convert, what: str):
+    def parse(text: str) -> list:
+        try:
+            values = [convert(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return values
+
+    return parse
+
+
+EVAL_TASKS = ("perplexity", "passkey", "agreement")
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="measure what a cache setting costs in quality: perplexity, passkey, agreement",
+        description="Quality of a cache setting next to the KV bytes it uses. perplexity: "
+        "held-out text (default: the standard-library modules kept out of the built-in "
+        "model's training) scored through the cache; passkey: retrieval accuracy over "
+        "context lengths x needle depths; agreement: greedy tokens and next-token KL "
+        "against the full-precision, full cache.",
+        epilog="example: kvforge eval passkey --kv-dtype int4 --json",
+    )
+    p.add_argument("task", choices=EVAL_TASKS)
+    _add_engine_options(p)
+    p.add_argument("--kv-policy", help="KV eviction policy (none in this version)")
+    p.add_argument("--kv-budget", type=positive_int, help="tokens kept per request by the policy")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", type=Path, help="also write TASK.json (and passkey's heat map PNG)")
+    p.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file instead")
+    p.add_argument("--context", type=positive_int, default=1024,
+                   help="perplexity: tokens per scored window (default 1024)")  # fmt: skip
+    p.add_argument("--max-tokens", type=positive_int, default=16_384,
+                   help="perplexity: tokens scored at most (default 16384)")  # fmt: skip
+    p.add_argument("--chunk", type=positive_int, default=64,
+                   help="perplexity: tokens a pass through the cache (default 64)")  # fmt: skip
+    p.add_argument("--lengths", type=_number_list(int, "context lengths like 256,512,1024"),
+                   help="passkey: context lengths (default 256,512,1024,1536,2000)")  # fmt: skip
+    p.add_argument("--depths", type=_number_list(float, "depths in 0..1 like 0,0.5,1"),
+                   help="passkey: needle depths, 0 = start (default 0,.25,.5,.75,1)")  # fmt: skip
+    p.add_argument("--trials", type=positive_int, default=4, help="passkey: keys per cell")
+    p.add_argument("--prompts", type=positive_int, default=8, help="agreement: prompts")
+    p.add_argument("--prompt-tokens", type=positive_int, default=256,
+                   help="agreement: tokens per prompt (default 256)")  # fmt: skip
+    p.add_argument("--new-tokens", type=positive_int, default=64,
+                   help="agreement: greedy tokens generated per prompt (default 64)")  # fmt: skip
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvforge.eval import tasks
+
+    if args.depths and not all(0 <= d <= 1 for d in args.depths):
+        raise KVForgeError(f"--depths must lie in 0..1, got {args.depths}")
+    llm = _engine_from_args(args, kv_policy=args.kv_policy, kv_budget=args.kv_budget)
+    if args.task == "perplexity":
+        text = None
+        if args.text is not None:
+            try:
+                text = args.text.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise KVForgeError(f"cannot read --text {args.text}: {exc}") from None
+        result = tasks.perplexity(llm, text, args.context, args.max_tokens, args.chunk)
+    elif args.task == "passkey":
+        result = tasks.passkey(llm, args.lengths or tasks.DEFAULT_LENGTHS,
+                               args.depths or tasks.DEFAULT_DEPTHS, args.trials)  # fmt: skip
+    else:
+        from kvforge.llm import LLM
+
+        # the same model with the full-precision, full cache
+        reference = LLM(model=args.model, dtype=args.dtype, device=args.device,
+                        kv_memory=args.kv_memory, kv_dtype="fp32")  # fmt: skip
+        result = tasks.agreement(llm, reference, args.prompts, args.prompt_tokens,
+                                 args.new_tokens)  # fmt: skip
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.task}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if args.task == "passkey":
+            tasks.heat_map(result, args.out / "passkey.png")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(_eval_summary(result))
+    return EXIT_OK
+
+
+def _eval_summary(r: dict) -> str:
+    head = (f"{r['task']} · {r['model']} · kv_dtype {r['kv_dtype']} (block {r['block_size']}, "
+            f"{r['bytes_per_token']:,} B/token)")  # fmt: skip
+    if r["task"] == "perplexity":
+        return (f"{head}\nperplexity {r['perplexity']:.3f} over {r['tokens_scored']:,} tokens "
+                f"({r['source']}); KV per {r['context']}-token request "
+                f"{r['kv_bytes_per_request']:,} B")  # fmt: skip
+    if r["task"] == "agreement":
+        return (f"{head}\ntoken agreement {r['token_agreement']:.3f}, mean KL "
+                f"{r['mean_kl']:.4g} vs the {r['reference_kv_dtype']} cache; KV per request "
+                f"{r['kv_bytes_per_request']:,} B")  # fmt: skip
+    rows = [["context", *[f"{d:.0%}" for d in r["depths"]], "KV bytes"]]
+    for n, row in zip(r["lengths"], r["accuracy"], strict=True):
+        rows.append([str(n), *[f"{a:.0%}" for a in row], f"{r['kv_bytes_per_request'][str(n)]:,}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join([head, *lines, f"mean accuracy {r['mean_accuracy']:.1%}"])
+
+
 def _add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "serve",
@@ -475,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_parser(commands)
     _add_bench_parser(commands)
     _add_serve_parser(commands)
+    _add_eval_parser(commands)
     return parser
 
 

@@ -178,7 +178,14 @@ class LLM:
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = "4GiB",
     ) -> None:
-        from kvforge.models.builtin import BUILTIN_NAME, BUILTIN_SEED, builtin_model
+        from kvforge.models.builtin import (
+            BUILTIN_NAME,
+            BUILTIN_SEED,
+            DEFAULT_MODEL_DIR,
+            DEFAULT_MODEL_NAME,
+            RANDOM_MODEL,
+            builtin_model,
+        )
         from kvforge.models.checkpoint import model_fingerprint
         from kvforge.models.loader import load_model, load_tokenizer
 
@@ -195,12 +202,13 @@ class LLM:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
         self.device = _resolve_device(device)
-        if model is None:
+        if model == RANDOM_MODEL:
             self.model_name = BUILTIN_NAME
             model_id = f"{BUILTIN_NAME}:seed={BUILTIN_SEED}"
             net, tokenizer = builtin_model(self.device)
         else:
-            self.model_name = str(model)
+            self.model_name = DEFAULT_MODEL_NAME if model is None else str(model)
+            model = DEFAULT_MODEL_DIR if model is None else model
             net = load_model(model, dtype=dtype, device=self.device)
             try:
                 tokenizer = load_tokenizer(model)
@@ -213,7 +221,7 @@ class LLM:
         spec = config.spec
         weights_dtype = next(net.parameters()).dtype
         model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
-        if model is not None:
+        if model != RANDOM_MODEL:
             model_id = model_fingerprint(Path(model).expanduser(), model_dtype)
         fmt = resolve_kv_format(spec, model_dtype if kv_dtype == "auto" else kv_dtype)
         block_size = default_block_size(fmt.name) if block_size is None else block_size

@@ -18,7 +18,7 @@ import torch
 from kvforge.engine.request import Request, RequestMetrics, Status
 from kvforge.engine.runner import ModelRunner
 from kvforge.engine.sampling import SamplingParams
-from kvforge.engine.scheduler import Scheduler, SchedulerConfig
+from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
@@ -183,6 +183,45 @@ class LLMEngine:
                 f"{blocks} KV blocks of {block_size} tokens; the pool has {self.pool.num_blocks} "
                 f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
             )
+
+    def score(self, token_ids: list[int], chunk_size: int = 64) -> torch.Tensor:
+        """log p(token i | tokens < i) for i = 1 .. n-1, [n - 1] float32, teacher-forced.
+
+        The tokens go through the KV cache `chunk_size` at a time, as a prompt's chunked
+        prefill would: each chunk reads the earlier ones from the cache as stored, so the
+        result measures what the cache setting (codec, later a policy) costs. Needs an
+        idle engine; its blocks are returned at the end.
+        """
+        if self.scheduler.has_unfinished:
+            raise KVForgeError("score needs an engine with no requests in flight")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise KVForgeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.check_request(token_ids[:-1], SamplingParams(max_tokens=1))
+        r = Request(
+            request_id=f"score-{next(self._ids)}",
+            prompt=None,
+            prompt_token_ids=list(token_ids),
+            params=SamplingParams(max_tokens=1),
+            block_table=BlockTable(self.store.block_size),
+            metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
+            eos_token_ids=frozenset(),
+        )
+        targets = torch.tensor(token_ids[1:], dtype=torch.long)
+        out = []
+        try:
+            while r.num_computed_tokens < len(token_ids) - 1:
+                n = min(chunk_size, len(token_ids) - 1 - r.num_computed_tokens)
+                blocks = self.pool.allocate(r.block_table.blocks_needed(n))
+                slots = r.block_table.append_tokens(n, blocks)
+                logits = self.runner.all_logits([ScheduledRequest(r, n, slots)])
+                start = r.num_computed_tokens
+                logprobs = torch.log_softmax(logits.cpu(), dim=-1)
+                out.append(logprobs.gather(1, targets[start : start + n, None]).squeeze(1))
+                r.num_computed_tokens += n
+        finally:
+            self.store.retire(r.block_table.block_ids, r.num_computed_tokens)
+            r.block_table.release(self.pool)
+        return torch.cat(out)
 
     @property
     def max_request_tokens(self) -> int:

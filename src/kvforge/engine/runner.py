@@ -63,6 +63,12 @@ class ModelRunner:
         return ids, pos, meta
 
     @torch.inference_mode()
+    def all_logits(self, batch: list[ScheduledRequest]) -> torch.Tensor:
+        """One forward pass; the logits after every new token, [T, vocab] float32 (scoring)."""
+        ids, pos, meta = self.prepare(batch)
+        return self.model.compute_logits(self.model(ids, pos, self.store, meta))
+
+    @torch.inference_mode()
     def run(self, batch: list[ScheduledRequest]) -> list[int | None]:
         """The sampled token of each scheduled request, or None mid-prefill."""
         ids, pos, meta = self.prepare(batch)

@@ -1,15 +1,24 @@
-"""The built-in default model: a small untrained Llama over UTF-8 bytes, built in memory.
+"""The built-in models.
 
-It lets every command and test run with no checkpoint and no download. Its
-weights are random but fixed (seeded), so its outputs are reproducible and
-meaningless: it exercises the engine, not language.
+`DEFAULT_MODEL_DIR` (kvforge-mini) is the default of every command: a small Llama
+trained by `kvforge.training.train` on Python sources and retrieval documents, shipped
+in the package as an HF checkpoint (docs/model-card.md).
+
+`RANDOM_MODEL` ("random") is a small untrained Llama over UTF-8 bytes, built in
+memory. Its weights are random but fixed (seeded), so its outputs are reproducible
+and meaningless: it exercises the engine, not language (the tests use it).
 """
+
+from pathlib import Path
 
 import torch
 
 from kvforge.config import ModelSpec
 from kvforge.models.llama import LlamaForCausalLM, ModelConfig
 
+DEFAULT_MODEL_DIR = Path(__file__).parent / "kvforge-mini"
+DEFAULT_MODEL_NAME = "kvforge-mini"
+RANDOM_MODEL = "random"  # model= / --model value for the untrained model below
 BUILTIN_NAME = "kvforge-builtin-untrained"
 NUM_BYTE_TOKENS = 256  # token i < 256 is the byte i
 BOS_TOKEN_ID = 256

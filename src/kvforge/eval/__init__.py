@@ -1,0 +1,1 @@
+"""`kvforge eval`: quality measured next to the KV bytes each cache setting uses."""

@@ -1,0 +1,202 @@
+"""`kvforge eval` tasks: what a cache setting costs in quality, next to the KV bytes it used.
+
+    perplexity  held-out text scored token by token through the cache (teacher-forced,
+                in chunks, so later tokens read earlier ones as the cache stores them)
+    passkey     a 5-digit key hidden at a depth of a filler document, asked for at the
+                end: accuracy over a grid of context lengths x depths
+    agreement   greedy tokens and next-token distributions against the full-precision,
+                full cache of the same model on a fixed prompt set
+
+Each returns a JSON-ready dict with the setting (kv_dtype, block size, bytes per token)
+and the KV bytes one request of the measured length holds (the planner's count, which
+the store allocates exactly; int2's recent windows included).
+"""
+
+import math
+
+from kvforge.errors import KVForgeError
+from kvforge.planner import bytes_per_request
+from kvforge.training.data import passkey_prompt, python_sources, read_sources
+
+DEFAULT_LENGTHS = (256, 512, 1024, 1536, 2000)  # + 8 answer tokens: within 2,048
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+ANSWER_TOKENS = 8  # generated after a passkey prompt: enough for 5 digits and a period
+
+
+def setting(llm) -> dict:
+    store = llm.engine.store
+    return {
+        "model": llm.model_name,
+        "kv_dtype": store.format.name,
+        "kv_policy": None,
+        "kv_budget": None,
+        "block_size": store.block_size,
+        "bytes_per_token": store.bytes_per_token,
+    }
+
+
+def kv_bytes(llm, tokens: int) -> int:
+    """KV bytes one request of `tokens` tokens holds under this setting."""
+    store = llm.engine.store
+    return bytes_per_request(store.spec, store.format, store.block_size, tokens)
+
+
+# --- perplexity ---------------------------------------------------------------------------
+
+
+def held_out_text() -> str:
+    """The standard-library modules kept out of the built-in model's training."""
+    return "\n".join(read_sources(python_sources(held_out=True)))
+
+
+def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: int = 16_384,
+               chunk: int = 64) -> dict:  # fmt: skip
+    """Perplexity over windows of `context` tokens (each opened by BOS), up to `max_tokens`
+    scored tokens; `text` defaults to the held-out standard-library modules."""
+    source = "held-out stdlib modules" if text is None else "text"
+    text = held_out_text() if text is None else text
+    tokenizer = llm.engine.tokenizer
+    ids = tokenizer.encode(text)  # with BOS, if the tokenizer adds one
+    bos = ids[:1] if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else []
+    body = ids[len(bos) :]
+    step = context - len(bos)
+    if step < 2:
+        raise KVForgeError(f"context must be at least {len(bos) + 2} tokens, got {context}")
+    total_nll, scored, windows = 0.0, 0, 0
+    for start in range(0, len(body), step):
+        take = min(step, max_tokens - scored + 1 - len(bos))  # never more than max_tokens
+        window = bos + body[start : start + take]
+        if len(window) < 2:
+            break
+        logprobs = llm.engine.score(window, chunk_size=chunk)
+        total_nll -= float(logprobs.sum())
+        scored += logprobs.numel()
+        windows += 1
+    if not scored:
+        raise KVForgeError("the text is too short to score (fewer than 2 tokens)")
+    return {
+        "task": "perplexity",
+        **setting(llm),
+        "source": source,
+        "context": context,
+        "chunk": chunk,
+        "windows": windows,
+        "tokens_scored": scored,
+        "nll": total_nll / scored,
+        "perplexity": math.exp(total_nll / scored),
+        "kv_bytes_per_request": kv_bytes(llm, context),
+    }
+
+
+# --- passkey ------------------------------------------------------------------------------
+
+
+def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4) -> dict:
+    """Greedy passkey retrieval: accuracy[length][depth] over `trials` keys each."""
+    from kvforge import SamplingParams
+
+    limit = llm.engine.max_request_tokens - ANSWER_TOKENS
+    too_long = [n for n in lengths if n > limit]
+    if too_long:
+        raise KVForgeError(
+            f"passkey length {too_long[0]} + {ANSWER_TOKENS} answer tokens exceeds what one "
+            f"request may hold ({limit + ANSWER_TOKENS} tokens: context and KV pool)"
+        )
+    encode = llm.engine.tokenizer.encode
+    cells, prompts = [], []
+    for length in lengths:
+        for depth in depths:
+            for trial in range(trials):
+                seed = 1000 * length + round(100 * depth) * 10 + trial
+                ids, key = passkey_prompt(encode, length, depth, seed)
+                cells.append((length, depth, key, len(ids)))
+                prompts.append(ids)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=ANSWER_TOKENS, ignore_eos=True))
+    hits: dict[tuple[int, float], int] = {}
+    for (length, depth, key, _), out in zip(cells, outs, strict=True):
+        hits[length, depth] = hits.get((length, depth), 0) + out.text.strip().startswith(key)
+    grid = [[hits[n, d] / trials for d in depths] for n in lengths]
+    prompt_tokens = {n: max(c[3] for c in cells if c[0] == n) for n in lengths}
+    return {
+        "task": "passkey",
+        **setting(llm),
+        "lengths": list(lengths),
+        "depths": list(depths),
+        "trials": trials,
+        "accuracy": grid,
+        "accuracy_by_length": {
+            str(n): sum(row) / len(row) for n, row in zip(lengths, grid, strict=True)
+        },
+        "mean_accuracy": sum(map(sum, grid)) / (len(lengths) * len(depths)),
+        "kv_bytes_per_request": {
+            str(n): kv_bytes(llm, prompt_tokens[n] + ANSWER_TOKENS) for n in lengths
+        },
+    }
+
+
+def heat_map(result: dict, path) -> None:
+    """The passkey grid as a PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise KVForgeError("the passkey heat map needs matplotlib: pip install matplotlib") from exc
+    fig, ax = plt.subplots(figsize=(6, 4))
+    image = ax.imshow(result["accuracy"], vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(result["depths"])), [f"{d:.0%}" for d in result["depths"]])
+    ax.set_yticks(range(len(result["lengths"])), [str(n) for n in result["lengths"]])
+    ax.set_xlabel("needle depth")
+    ax.set_ylabel("context tokens")
+    for i, row in enumerate(result["accuracy"]):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
+    title = f"passkey, kv_dtype {result['kv_dtype']}"
+    if result.get("kv_policy"):
+        title += f", {result['kv_policy']} budget {result['kv_budget']}"
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- agreement ----------------------------------------------------------------------------
+
+
+def agreement_prompts(encode, count: int = 8, tokens: int = 256) -> list[list[int]]:
+    """The fixed prompt set: the openings of held-out modules, then passkey documents."""
+    prompts = []
+    for text in read_sources(python_sources(held_out=True)):
+        ids = encode(text)
+        if len(ids) >= tokens and len(prompts) < count // 2:
+            prompts.append(ids[:tokens])
+    seed = 0
+    while len(prompts) < count:
+        prompts.append(passkey_prompt(encode, tokens, 0.5 * (seed % 3) / 2, seed)[0])
+        seed += 1
+    return prompts
+
+
+def agreement(llm, reference, count: int = 8, tokens: int = 256, new_tokens: int = 64) -> dict:
+    """Greedy token agreement and mean next-token KL of `llm` against `reference` (the same
+    model with the full-precision, full cache)."""
+    from kvforge.eval.quality import agreement as compare
+    from kvforge.eval.quality import greedy_with_logprobs
+
+    prompts = agreement_prompts(llm.engine.tokenizer.encode, count, tokens)
+    ours = greedy_with_logprobs(llm, prompts, new_tokens)
+    theirs = greedy_with_logprobs(reference, prompts, new_tokens)
+    agree, kl = compare(ours, theirs)
+    return {
+        "task": "agreement",
+        **setting(llm),
+        "reference_kv_dtype": reference.engine.store.format.name,
+        "prompts": len(prompts),
+        "prompt_tokens": tokens,
+        "new_tokens": new_tokens,
+        "token_agreement": agree,
+        "mean_kl": kl,
+        "kv_bytes_per_request": kv_bytes(llm, tokens + new_tokens),
+    }
