@@ -16,7 +16,7 @@ $(BIN)/kvforge: pyproject.toml
 	touch $@
 
 demo: $(BIN)/kvforge
-	$(BIN)/kvforge generate --prompt "The cat sat" --max-tokens 32
+	$(BIN)/kvforge generate --prompt "def fibonacci(n):" --max-tokens 48
 
 test: $(BIN)/kvforge
 	$(BIN)/ruff check .

@@ -7,19 +7,20 @@ quality against the fp32 cache (exact for this float32 model): greedy token
 agreement over a fixed prompt set, and the mean KL divergence of next-token
 distributions over the steps where both runs have the same history so far.
 
-On a random-init model the quality columns only show that the codecs are
-close to exact; what they cost on a trained model is measured by `kvforge eval`.
+Bytes, capacity and speed are measured on the sized random-init benchmark model;
+quality on a trained one (--model, else the built-in kvforge-mini), whose attention
+means something. `kvforge eval` measures quality in more depth (perplexity, passkey).
 """
 
 import json
-import random
-
-import torch
 
 from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.scenarios.roofline import decode_step_s
+from kvforge.eval.quality import agreement, greedy_with_logprobs
+from kvforge.eval.tasks import agreement_prompts
+from kvforge.models.builtin import DEFAULT_MODEL_DIR
 from kvforge.planner import bytes_per_request
 from kvforge.units import parse_bytes
 
@@ -34,11 +35,12 @@ def run(ctx: BenchContext) -> Report:
     from kvforge import LLM
 
     sizes = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()
+    model_dir = ctx.checkpoint()  # memory and speed: the sized benchmark model
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, vocab) for _ in range(sizes["prompt_tokens"])]
-               for _ in range(sizes["prompts"])]  # fmt: skip
+    # quality: a trained model (--model, else the built-in kvforge-mini) on the fixed
+    # prompt set of `kvforge eval agreement`: random weights would only show closeness
+    quality_dir = ctx.model_dir or DEFAULT_MODEL_DIR
+    quality_prompts = None
 
     rows, runs = [], {}
     for fmt in ctx.progress(FORMATS, "kvquant"):
@@ -49,7 +51,11 @@ def run(ctx: BenchContext) -> Report:
         store = budget.engine.store
         request_bytes = bytes_per_request(store.spec, store.format, store.block_size,
                                           sizes["context"])  # fmt: skip
-        runs[fmt] = _greedy_with_logprobs(budget, prompts, sizes["new_tokens"])
+        judged = LLM(model=str(quality_dir), device=ctx.device, kv_dtype=fmt)
+        if quality_prompts is None:
+            encode = judged.engine.tokenizer.encode
+            quality_prompts = agreement_prompts(encode, sizes["prompts"], sizes["prompt_tokens"])
+        runs[fmt] = greedy_with_logprobs(judged, quality_prompts, sizes["new_tokens"])
         row = {
             "kv_dtype": fmt,
             "block_size": stats["block_size"],
@@ -71,7 +77,7 @@ def run(ctx: BenchContext) -> Report:
     by = {r["kv_dtype"]: r for r in rows}
     reference = runs["fp32"]
     for row in rows:
-        agree, kl = _quality(runs[row["kv_dtype"]], reference)
+        agree, kl = agreement(runs[row["kv_dtype"]], reference)
         row["token_agreement"], row["mean_kl"] = agree, kl
         row["tokens_vs_fp16"] = row["tokens_in_budget"] / by["fp16"]["tokens_in_budget"]
         for name in ("short", "long"):
@@ -90,8 +96,9 @@ def run(ctx: BenchContext) -> Report:
         results=rows,
         ratios=ratios,
         notes=[
-            "random-init weights: the quality columns show closeness to the exact cache, "
-            "not what a codec costs a trained model",
+            f"bytes, capacity and decode speed on the sized random-init model ({model_dir.name}); "
+            f"quality on the trained model {quality_dir.name} (held-out code and passkey "
+            "prompts, the prompt set of `kvforge eval agreement`)",
             "KL: mean over the steps where the run's history still equals the fp32 run's",
             "int2 uses 64-token blocks and keeps each running request's newest tokens (at "
             "least 32, whole blocks) in full precision: tokens_in_budget is what the budget "
@@ -107,35 +114,3 @@ def run(ctx: BenchContext) -> Report:
             )
         ],
     )
-
-
-def _greedy_with_logprobs(llm, prompts, new_tokens: int):
-    """Each prompt's greedy tokens and the log-probabilities each one was chosen from."""
-    from kvforge import SamplingParams
-
-    logprobs: dict[str, list[torch.Tensor]] = {}
-
-    def record(requests, logits):
-        for r, row in zip(requests, torch.log_softmax(logits.float(), -1), strict=True):
-            logprobs.setdefault(r.request_id, []).append(row.cpu())
-
-    llm.engine.runner.logits_hook = record
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    outs = llm.generate(prompts, params)
-    llm.engine.runner.logits_hook = None
-    return [(o.token_ids, logprobs[o.request_id]) for o in outs]
-
-
-def _quality(run, reference) -> tuple[float, float]:
-    """(share of positions whose greedy token equals the reference's, mean KL(ref || run)
-    over the steps whose history is still the reference's)."""
-    same = total = 0
-    kls = []
-    for (tokens, logprobs), (ref_tokens, ref_logprobs) in zip(run, reference, strict=True):
-        same += sum(a == b for a, b in zip(tokens, ref_tokens, strict=True))
-        total += len(ref_tokens)
-        for i, (lp, ref_lp) in enumerate(zip(logprobs, ref_logprobs, strict=True)):
-            kls.append(float((ref_lp.exp() * (ref_lp - lp)).sum()))
-            if tokens[i] != ref_tokens[i]:
-                break  # later steps have another history: not comparable
-    return same / total, sum(kls) / len(kls)
