@@ -20,6 +20,12 @@ def plot_loss(record: dict, path: Path, smooth: int = 20) -> None:
     if len(loss) >= smooth:
         mean = [sum(loss[i - smooth + 1 : i + 1]) / smooth for i in range(smooth - 1, len(loss))]
         ax.plot(steps[smooth - 1 :], mean, label=f"mean of {smooth} steps")
+    copy_steps = record["config"].get("copy_steps", 0)
+    if copy_steps:
+        ax.axvline(copy_steps, color="grey", linestyle="--", linewidth=1)
+        ax.text(copy_steps, max(loss), " stage 2: code + retrieval + copy", va="top",
+                fontsize=8)  # fmt: skip
+        ax.text(0, max(loss), " stage 1: copying", va="top", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title(f"kvforge-mini training loss ({record['seconds'] / 60:.0f} min on CPU)")
