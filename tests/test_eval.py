@@ -140,8 +140,10 @@ def test_eval_cli_json_out_and_errors(tmp_path, capsys):
     assert (tmp_path / "passkey.json").exists() and (tmp_path / "passkey.png").exists()
     assert main(["eval", "passkey", "--depths", "2", "--device", "cpu"]) == 2
     assert "--depths must lie in 0..1" in capsys.readouterr().err
-    assert main(["eval", "passkey", "--kv-policy", "h2o", "--kv-budget", "64"]) == 2
-    assert "kv_policy 'h2o' is not available" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "passkey", "--kv-policy", "lru", "--kv-budget", "64"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'lru'" in capsys.readouterr().err
     assert main(["eval", "passkey", "--lengths", "9000", "--device", "cpu"]) == 2
     assert "passkey length 9000 + 8 answer tokens exceeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -156,7 +158,8 @@ def test_the_training_script_runs_and_resumes_exactly(tmp_path):
 
     tiny = TrainConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2,
                        num_heads=2, num_kv_heads=1, max_position_embeddings=128, seq_len=64,
-                       batch_size=2, long_every=2, steps=3, warmup=1, checkpoint_every=2,
+                       batch_size=2, long_every=2, copy_steps=1, copy_seq_len=32, copy_batch_size=2,
+                       steps=2, warmup=1, checkpoint_every=2,
                        tokenizer_chars=20_000, max_files=3)  # fmt: skip
     first = train(tiny, tmp_path / "a", log=lambda _: None)
     assert len(first["loss"]) == 3 and all(math.isfinite(x) for x in first["loss"])

@@ -567,3 +567,25 @@ def test_a_server_over_an_int2_cache_streams_the_offline_text():
         llm.engine.pool.check_integrity()
     finally:
         s.close()
+
+
+def test_a_request_names_its_eviction_policy():
+    prompt = "The quick brown fox jumps over the lazy dog. " * 2
+    policy = new_llm(kv_policy="streaming", kv_budget=32)
+    expected = offline_text(policy, prompt, max_tokens=120, ignore_eos=True)
+    full = offline_text(new_llm(), prompt, max_tokens=120, ignore_eos=True)
+    assert expected != full  # the policy changes what the model sees
+    s = Server(new_llm())
+    try:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 120, "ignore_eos": True,
+                "kv_policy": "streaming", "kv_budget": 32, "temperature": 0}  # fmt: skip
+        r = httpx.post(f"{s.url}/v1/completions", json=body,
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        bad = httpx.post(f"{s.url}/v1/completions", json={**body, "kv_policy": "lru"},
+                         headers={"Authorization": f"Bearer {KEY}"}, timeout=60)  # fmt: skip
+        assert bad.status_code == 400
+        assert "unknown kv_policy 'lru'" in bad.json()["error"]["message"]
+        s.wait_idle()
+    finally:
+        s.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 from kvforge import __version__
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS, UNQUANTIZED_FORMATS
+from kvforge.kvcache.policy import POLICIES
 from kvforge.models.builtin import RANDOM_MODEL
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import (
@@ -223,8 +224,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _add_engine_options(p: argparse.ArgumentParser) -> None:
-    """Model and KV cache options shared by the commands that run the engine."""
+def budget_value(text: str) -> int | float:
+    """--kv-budget: a positive number of tokens, or a share like 25% (a float in (0, 1])."""
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise argparse.ArgumentTypeError(f"expected a share in (0%, 100%], got {text!r}")
+        return share
+    return positive_int(text)
+
+
+def _add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -> None:
+    """Model and KV cache options shared by the commands that run the engine
+    (`budget_share`: --kv-budget may be a share of each prompt, as eval's is)."""
     p.add_argument(
         "--model",
         help="an HF checkpoint directory (default: the built-in trained kvforge-mini; "
@@ -272,6 +287,18 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         default="recompute",
         help="what happens to a preempted request's blocks (default recompute)",
     )
+    p.add_argument(
+        "--kv-policy",
+        choices=list(POLICIES),
+        help="evict tokens past --kv-budget: sliding (drop oldest), streaming (attention "
+        "sinks + recent), h2o (heavy hitters + recent), snapkv (prompt compressed once)",
+    )
+    p.add_argument(
+        "--kv-budget",
+        type=budget_value if budget_share else positive_int,
+        help="tokens of KV kept per request under --kv-policy"
+        + (" (eval: or a share of each prompt, e.g. 25%%)" if budget_share else ""),
+    )
 
 
 def _engine_from_args(args: argparse.Namespace, **options):
@@ -290,7 +317,7 @@ def _engine_from_args(args: argparse.Namespace, **options):
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_memory=args.disk_cache_memory,
         preemption_mode=args.preemption_mode,
-        **options,
+        **{"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, **options},
     )
 
 
@@ -451,9 +478,7 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
         epilog="example: kvforge eval passkey --kv-dtype int4 --json",
     )
     p.add_argument("task", choices=EVAL_TASKS)
-    _add_engine_options(p)
-    p.add_argument("--kv-policy", help="KV eviction policy (none in this version)")
-    p.add_argument("--kv-budget", type=positive_int, help="tokens kept per request by the policy")
+    _add_engine_options(p, budget_share=True)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, help="also write TASK.json (and passkey's heat map PNG)")
     p.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file instead")
@@ -462,7 +487,8 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=16_384,
                    help="perplexity: tokens scored at most (default 16384)")  # fmt: skip
     p.add_argument("--chunk", type=positive_int, default=64,
-                   help="perplexity: tokens a pass through the cache (default 64)")  # fmt: skip
+                   help="tokens a pass through the cache: perplexity's, and with a "
+                   "--kv-policy every prompt's (default 64)")  # fmt: skip
     p.add_argument("--lengths", type=_number_list(int, "context lengths like 256,512,1024"),
                    help="passkey: context lengths (default 256,512,1024,1536,2000)")  # fmt: skip
     p.add_argument("--depths", type=_number_list(float, "depths in 0..1 like 0,0.5,1"),
@@ -481,7 +507,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.depths and not all(0 <= d <= 1 for d in args.depths):
         raise KVForgeError(f"--depths must lie in 0..1, got {args.depths}")
-    llm = _engine_from_args(args, kv_policy=args.kv_policy, kv_budget=args.kv_budget)
+    if args.kv_budget is not None and args.kv_policy is None:
+        raise KVForgeError("--kv-budget needs --kv-policy")
+    if args.kv_policy is not None and args.kv_budget is None:
+        raise KVForgeError(f"--kv-policy {args.kv_policy} needs --kv-budget")
+    policy = None if args.kv_policy is None else (args.kv_policy, args.kv_budget)
+    options = {"kv_policy": None, "kv_budget": None}
+    if policy is not None:
+        # prompts go through the cache `--chunk` tokens a pass, so that a policy that
+        # evicts as it goes (all but snapkv) holds its budget while reading the prompt
+        options.update(max_num_batched_tokens=args.chunk, max_num_seqs=args.chunk)
+    llm = _engine_from_args(args, **options)
     if args.task == "perplexity":
         text = None
         if args.text is not None:
@@ -489,10 +525,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 text = args.text.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise KVForgeError(f"cannot read --text {args.text}: {exc}") from None
-        result = tasks.perplexity(llm, text, args.context, args.max_tokens, args.chunk)
+        result = tasks.perplexity(llm, text, args.context, args.max_tokens, args.chunk, policy)
     elif args.task == "passkey":
         result = tasks.passkey(llm, args.lengths or tasks.DEFAULT_LENGTHS,
-                               args.depths or tasks.DEFAULT_DEPTHS, args.trials)  # fmt: skip
+                               args.depths or tasks.DEFAULT_DEPTHS, args.trials,
+                               policy)  # fmt: skip
     else:
         from kvforge.llm import LLM
 
@@ -500,7 +537,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference = LLM(model=args.model, dtype=args.dtype, device=args.device,
                         kv_memory=args.kv_memory, kv_dtype="fp32")  # fmt: skip
         result = tasks.agreement(llm, reference, args.prompts, args.prompt_tokens,
-                                 args.new_tokens)  # fmt: skip
+                                 args.new_tokens, policy)  # fmt: skip
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.task}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -516,6 +553,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_summary(r: dict) -> str:
     head = (f"{r['task']} · {r['model']} · kv_dtype {r['kv_dtype']} (block {r['block_size']}, "
             f"{r['bytes_per_token']:,} B/token)")  # fmt: skip
+    if r["kv_policy"]:
+        head += f" · kv_policy {r['kv_policy']}, budget {r['kv_budget']}"
     if r["task"] == "perplexity":
         return (f"{head}\nperplexity {r['perplexity']:.3f} over {r['tokens_scored']:,} tokens "
                 f"({r['source']}); KV per {r['context']}-token request "

@@ -18,6 +18,7 @@ from kvforge.engine.request import Request, RequestMetrics, RequestOutput
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
+from kvforge.kvcache.policy import make_policy
 from kvforge.kvcache.store import TORCH_DTYPES, KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
@@ -189,11 +190,7 @@ class LLM:
         from kvforge.models.checkpoint import model_fingerprint
         from kvforge.models.loader import load_model, load_tokenizer
 
-        if kv_policy is not None or kv_budget is not None:
-            raise KVForgeError(
-                f"kv_policy {kv_policy!r} is not available in this version; "
-                "every token's K/V is kept (kv_policy=None)"
-            )
+        policy = make_policy(kv_policy, kv_budget)
         for name, value in (
             ("block_size", 1 if block_size is None else block_size),
             ("max_num_batched_tokens", max_num_batched_tokens),
@@ -245,6 +242,7 @@ class LLM:
             model_id=model_id,
             enable_prefix_caching=enable_prefix_caching,
             tiers=tiers,
+            kv_policy=policy,
         )
         self.tokenizer = tokenizer
 

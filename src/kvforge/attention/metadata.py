@@ -1,6 +1,7 @@
 """The layout of one forward pass, shared by every attention layer of that pass."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ class AttentionMetadata:
     seq_lens: tuple[int, ...]  # [B]
     block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with block 0
     block_size: int
+    # sequences whose attention this pass gathers (eviction policies), and the totals
+    collect: Any = None  # kvforge.kvcache.policy.Collected | None
     # what attention reads, built by the first layer and reused by the others
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 

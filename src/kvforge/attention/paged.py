@@ -84,9 +84,13 @@ def _attend(
     v_cache: torch.Tensor,
     tiles: tuple[_Tile, ...],
     group: int,
-) -> torch.Tensor:  # [kv_heads, B, group * Lq, D] float32
+    collect: torch.Tensor | None = None,  # [B, group * Lq]: weight of each row's attention
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output [kv_heads, B, group * Lq, D] float32, and with `collect` the attention
+    each key received from the weighted rows, [kv_heads, B, keys of all tiles])."""
     kv_heads, batch, rows, _ = q.shape
     m = denom = acc = None  # running max, softmax denominator, weighted sum of V
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # with collect: (p, m_safe) a tile
     for tile in tiles:
         k, k_scale = _gather(k_cache, tile.ids)
         v, v_scale = _gather(v_cache, tile.ids)
@@ -100,11 +104,15 @@ def _attend(
         if len(tiles) == 1:
             # One tile holds every key (the common case): a plain softmax. Each row sees
             # at least its own position, so no row is all -inf.
-            return _weight(torch.softmax(scores, dim=-1), v_scale) @ v
+            p = torch.softmax(scores, dim=-1)
+            received = None if collect is None else torch.einsum("br,hbrl->hbl", collect, p)
+            return _weight(p, v_scale) @ v, received
         tile_max = scores.amax(-1)  # [kv_heads, B, rows]
         m_new = tile_max if m is None else torch.maximum(m, tile_max)
         m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows with no key yet
         p = torch.exp(scores - m_safe[..., None])
+        if collect is not None:
+            kept.append((p, m_safe))
         pv = _weight(p, v_scale) @ v  # [kv_heads, B, rows, D]
         if m is None:
             denom, acc = p.sum(-1), pv
@@ -113,7 +121,14 @@ def _attend(
             denom = denom * correction + p.sum(-1)
             acc = acc * correction[..., None] + pv
         m = m_new
-    return acc / denom[..., None]
+    received = None
+    if collect is not None:  # each tile's p, rescaled to the final max and denominator
+        m_final = torch.where(torch.isinf(m), 0.0, m)
+        received = torch.cat(
+            [torch.einsum("hbr,hbrl->hbl", collect * torch.exp(m_t - m_final) / denom, p_t)
+             for p_t, m_t in kept], dim=-1,
+        )  # fmt: skip
+    return acc / denom[..., None], received
 
 
 def _weight(p: torch.Tensor, v_scale: torch.Tensor | None) -> torch.Tensor:
@@ -122,6 +137,22 @@ def _weight(p: torch.Tensor, v_scale: torch.Tensor | None) -> torch.Tensor:
         return p
     kv_heads, batch, _, length = p.shape
     return p * v_scale.view(kv_heads, batch, 1, length)
+
+
+def _wanted(meta: AttentionMetadata, decode: list[int]) -> list[int]:
+    """Positions in `decode` of the sequences whose attention this pass gathers."""
+    if meta.collect is None:
+        return []
+    return [b for b, i in enumerate(decode) if i in meta.collect.modes]
+
+
+def _add_received(meta: AttentionMetadata, i: int, received: torch.Tensor, start: int) -> None:
+    """Add one layer's attention received by sequence i's keys ([kv_heads, keys read from
+    position `start`]) to the pass's totals, as [kv_heads, seq_len]."""
+    seq_len = meta.seq_lens[i]
+    full = received.new_zeros(received.shape[0], seq_len)
+    full[:, start:] = received[:, : seq_len - start]
+    meta.collect.add(i, full)
 
 
 def _first_block(min_q_pos: int, sliding_window: int | None, block_size: int) -> int:
@@ -185,7 +216,17 @@ def paged_attention(
                      lambda: _decode_plan(meta, decode, sliding_window, kv_row_bytes))  # fmt: skip
         q_dec = q if plan.rows is None else q[plan.rows]
         q_dec = q_dec.float().view(len(decode), kv_heads, group, head_dim).transpose(0, 1)
-        o = _attend(q_dec * scale, k_cache, v_cache, plan.tiles, group)  # [kv_heads, B, group, D]
+        wanted = _wanted(meta, decode)
+        collect = None
+        if wanted:
+            collect = torch.zeros(len(decode), group, device=q.device)
+            collect[wanted] = 1.0
+        o, received = _attend(q_dec * scale, k_cache, v_cache, plan.tiles, group, collect)
+        if received is not None:
+            first = _first_block(min(meta.seq_lens[i] for i in decode) - 1, sliding_window,
+                                 meta.block_size)  # fmt: skip
+            for b in wanted:
+                _add_received(meta, decode[b], received[:, b], first * meta.block_size)
         o = o.transpose(0, 1).reshape(len(decode), num_heads, head_dim).to(q.dtype)
         if plan.rows is None:
             out = o
@@ -204,7 +245,8 @@ def paged_attention(
             and v_new is not None
             and (k_new.dtype == k_cache.dtype or getattr(k_cache, "prefill_full_precision", False))
         )
-        if fresh and exact:
+        mode = meta.collect.modes.get(i) if meta.collect is not None else None
+        if fresh and exact and mode is None:
             # 4-D inputs with K/V repeated per query head take PyTorch's fused (flash)
             # CPU kernel; enable_gqa or 3-D inputs fall back to the unfused math path.
             o = F.scaled_dot_product_attention(
@@ -223,7 +265,16 @@ def paged_attention(
         # [Lq, H, D] -> [kv_heads, 1, group * Lq, D]: rows of one KV head are (query head, token)
         q_i = q[start:end].float().view(query_len, kv_heads, group, head_dim).permute(1, 2, 0, 3)
         q_i = q_i.reshape(kv_heads, 1, group * query_len, head_dim)
-        o = _attend(q_i * scale, k_cache, v_cache, plan.tiles, group)
+        collect = None
+        if mode is not None:
+            counted = query_len if mode == "all" else min(query_len, meta.collect.window[i])
+            collect = torch.zeros(1, group, query_len, device=q.device)
+            collect[..., query_len - counted :] = 1.0
+            collect = collect.view(1, group * query_len)
+        o, received = _attend(q_i * scale, k_cache, v_cache, plan.tiles, group, collect)
+        if received is not None:
+            first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
+            _add_received(meta, i, received[:, 0], first * meta.block_size)
         o = o.view(kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
         out[start:end] = o.reshape(query_len, num_heads, head_dim).to(q.dtype)
     return out

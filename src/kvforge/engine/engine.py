@@ -16,15 +16,18 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.engine.request import Request, RequestMetrics, Status
-from kvforge.engine.runner import ModelRunner
+from kvforge.engine.runner import ModelRunner, prefill_done
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.policy import KVPolicy, SnapKV, pool_votes
 from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
+
+MAX_POSITION = 1 << 24  # with a policy, positions may run past the context up to here
 
 
 class _StoreIO:
@@ -49,6 +52,9 @@ class _StoreIO:
 
     def retire(self, block_ids: list[int], num_tokens: int) -> None:
         self.store.retire(block_ids, num_tokens)
+
+    def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        self.store.move_tokens(src_slots, dst_slots)
 
     def loaded(self, sources: list[str]) -> None:
         if self.tiers is not None:
@@ -89,12 +95,16 @@ class LLMEngine:
         model_id: str = "",
         enable_prefix_caching: bool = True,
         tiers: TieredBlocks | None = None,
+        kv_policy: KVPolicy | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.kv_policy = kv_policy  # every request's, unless it names its own
+        self.last_score_peak_kv_tokens = 0  # the most tokens the last `score` held
         # what the prefix cache's keys say computed and stored the blocks
         self.model_id = model_id
         self.enable_prefix_caching = enable_prefix_caching
         self.store = store
+        self.check_policy(kv_policy)
         self.pool = BlockPool(store.num_blocks)
         self.tiers = tiers if enable_prefix_caching else None
         if self.tiers is not None:
@@ -116,14 +126,17 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        kv_policy: KVPolicy | None = None,
     ) -> Request:
         """Validate and queue a request; KVForgeError (naming the limit) if it can never run.
 
-        Requests with different `cache_salt` never share prefix-cache blocks."""
+        Requests with different `cache_salt` never share prefix-cache blocks.
+        `kv_policy`: this request's eviction policy (default: the engine's)."""
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise KVForgeError(f"cache_salt must be a string, got {cache_salt!r}")
+        policy = kv_policy if kv_policy is not None else self.kv_policy
         text, token_ids = self.tokenize(prompt)
-        self.check_request(token_ids, params)
+        self.check_request(token_ids, params, policy)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise KVForgeError(f"request id {request_id!r} is already in use")
@@ -142,6 +155,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
             eos_token_ids=frozenset() if params.ignore_eos else self.tokenizer.eos_token_ids,
             generator=generator,
+            kv_policy=policy,
         )
         if self.enable_prefix_caching:
             request.cache_seed = chain_seed(
@@ -158,9 +172,25 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+    def check_policy(self, policy: KVPolicy | None) -> None:
+        """KVForgeError if this store cannot apply `policy`."""
+        if policy is not None and not self.store.token_moves:
+            raise KVForgeError(
+                f"kv_policy {policy.name!r} cannot be combined with kv_dtype "
+                f"{self.store.format.name!r}: its keys are quantized per channel over whole "
+                "blocks, so single tokens cannot be moved out of them"
+            )
+
+    def check_request(
+        self, token_ids: list[int], params: SamplingParams, policy: KVPolicy | None = None
+    ) -> None:
         """KVForgeError naming the limit if this request could never run. Reads only the
-        engine's fixed limits, so any thread may call it (the server checks before queueing)."""
+        engine's fixed limits, so any thread may call it (the server checks before queueing).
+
+        With an eviction policy a request holds at most twice its budget and a block (a
+        piece of prompt read on top of a full budget), or snapkv's whole prompt, so it
+        may run past the model's context: positions go on, the cache does not grow."""
+        self.check_policy(policy)
         if not token_ids:
             raise KVForgeError("the prompt is empty")
         bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
@@ -170,7 +200,20 @@ class LLMEngine:
                 f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})"
             )
         total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
+        if policy is not None:
+            if total > MAX_POSITION:
+                raise KVForgeError(f"prompt + max_tokens = {total} exceeds {MAX_POSITION:,}")
+            grown = policy.budget + self.store.block_size
+            if isinstance(policy, SnapKV):  # holds the whole prompt, then compresses it
+                if len(token_ids) > self.max_model_len:
+                    raise KVForgeError(
+                        f"the prompt ({len(token_ids)} tokens) exceeds the model's context of "
+                        f"{self.max_model_len} tokens (snapkv reads a prompt whole)"
+                    )
+                total = min(total, max(len(token_ids) + 1, grown))
+            else:  # evicts as it reads the prompt, in pieces of at most budget + block
+                total = min(total, 2 * grown)
+        elif total > self.max_model_len:
             raise KVForgeError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's context of {self.max_model_len} tokens"
@@ -184,19 +227,24 @@ class LLMEngine:
                 f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
             )
 
-    def score(self, token_ids: list[int], chunk_size: int = 64) -> torch.Tensor:
+    def score(
+        self, token_ids: list[int], chunk_size: int = 64, kv_policy: KVPolicy | None = None
+    ) -> torch.Tensor:
         """log p(token i | tokens < i) for i = 1 .. n-1, [n - 1] float32, teacher-forced.
 
         The tokens go through the KV cache `chunk_size` at a time, as a prompt's chunked
         prefill would: each chunk reads the earlier ones from the cache as stored, so the
-        result measures what the cache setting (codec, later a policy) costs. Needs an
-        idle engine; its blocks are returned at the end.
+        result measures what the cache setting (codec, eviction policy) costs. With a
+        policy, every chunk counts as the end of a prefill (snapkv compresses after each)
+        and the cache is compacted as in generation. Needs an idle engine; its blocks are
+        returned at the end.
         """
         if self.scheduler.has_unfinished:
             raise KVForgeError("score needs an engine with no requests in flight")
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise KVForgeError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-        self.check_request(token_ids[:-1], SamplingParams(max_tokens=1))
+        policy = kv_policy if kv_policy is not None else self.kv_policy
+        self.check_request(token_ids[:-1], SamplingParams(max_tokens=1), policy)
         r = Request(
             request_id=f"score-{next(self._ids)}",
             prompt=None,
@@ -205,6 +253,7 @@ class LLMEngine:
             block_table=BlockTable(self.store.block_size),
             metrics=RequestMetrics(arrival_s=time.perf_counter(), prompt_tokens=len(token_ids)),
             eos_token_ids=frozenset(),
+            kv_policy=policy,
         )
         targets = torch.tensor(token_ids[1:], dtype=torch.long)
         out = []
@@ -213,13 +262,17 @@ class LLMEngine:
                 n = min(chunk_size, len(token_ids) - 1 - r.num_computed_tokens)
                 blocks = self.pool.allocate(r.block_table.blocks_needed(n))
                 slots = r.block_table.append_tokens(n, blocks)
-                logits = self.runner.all_logits([ScheduledRequest(r, n, slots)])
+                item = ScheduledRequest(r, n, slots, ends_prefill=True)
+                logits = self.runner.all_logits([item])
                 start = r.num_computed_tokens
                 logprobs = torch.log_softmax(logits.cpu(), dim=-1)
                 out.append(logprobs.gather(1, targets[start : start + n, None]).squeeze(1))
                 r.num_computed_tokens += n
+                collected = self.runner.collected
+                self._after_pass(r, True, collected.scores.get(0) if collected else None)
         finally:
-            self.store.retire(r.block_table.block_ids, r.num_computed_tokens)
+            self.last_score_peak_kv_tokens = r.metrics.peak_kv_tokens
+            self.store.retire(r.block_table.block_ids, r.num_kv_tokens)
             r.block_table.release(self.pool)
         return torch.cat(out)
 
@@ -258,14 +311,45 @@ class LLMEngine:
     def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:
         now = time.perf_counter()
         events = []
-        for item, token in zip(batch, token_ids, strict=True):
+        collected = self.runner.collected
+        for i, (item, token) in enumerate(zip(batch, token_ids, strict=True)):
             r = item.request
+            ends_prefill = prefill_done(item)
             r.num_computed_tokens += item.num_new_tokens
             self.scheduler.register_computed_blocks(r)
+            self._after_pass(r, ends_prefill, collected.scores.get(i) if collected else None)
             if token is not None:
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))
         return events
+
+    def _after_pass(self, r: Request, done_now: bool, received: torch.Tensor | None) -> None:
+        """Count the request's cache peak; with a policy, add the attention its tokens
+        received in this pass (`done_now`: the pass ended its prefill) and compact when
+        the policy says so."""
+        held = r.num_kv_tokens
+        r.metrics.peak_kv_tokens = max(r.metrics.peak_kv_tokens, held)
+        policy = r.kv_policy
+        if policy is None:
+            return
+        state = r.policy_state
+        if received is not None:
+            if isinstance(policy, SnapKV):
+                received = pool_votes(received, policy.kernel)
+            received = received.sum(0).cpu()  # over KV heads
+            if state.scores is not None and len(state.scores) < held:
+                grown = torch.zeros(held)
+                grown[: len(state.scores)] = state.scores
+                state.scores = grown
+            state.scores = received if state.scores is None else state.scores + received
+        if done_now:
+            state.prefilled = True
+        if policy.compact_now(state, held, self.store.block_size, done_now):
+            if state.scores is not None and len(state.scores) < held:
+                state.scores = torch.cat([state.scores, torch.zeros(held - len(state.scores))])
+            keep = policy.select(state, held)
+            if self.scheduler.compact(r, keep) and state.scores is not None:
+                state.scores = state.scores[keep]
 
     def _append_token(self, r: Request, token: int, now: float) -> None:
         r.output_token_ids.append(token)

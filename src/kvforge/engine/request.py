@@ -7,6 +7,7 @@ import torch
 
 from kvforge.engine.sampling import SamplingParams
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.policy import KVPolicy, PolicyState
 from kvforge.kvcache.prefix_cache import extend_keys
 
 
@@ -29,6 +30,7 @@ class RequestMetrics:
     cached_tokens_host: int = 0  # of those, loaded back from the host-memory tier
     cached_tokens_disk: int = 0  # and from the disk tier (the rest were on the device)
     preemptions: int = 0
+    peak_kv_tokens: int = 0  # the most tokens the request held in the cache at any moment
 
     @property
     def ttft_s(self) -> float | None:
@@ -63,10 +65,15 @@ class RequestOutput:
 
 @dataclass
 class Request:
-    """Engine-side state. Tokens 0 .. num_computed_tokens-1 have their K/V in the cache.
+    """Engine-side state. Tokens 0 .. num_computed_tokens-1 have been computed; their
+    K/V are in the cache, but for the `num_dropped` an eviction policy let go of.
 
     all_token_ids: | prompt ............ | output ...... |
                    |<- num_computed ->|<- to compute ->|
+
+    The cache holds `num_kv_tokens` = num_computed_tokens - num_dropped of them, in the
+    order computed, in the block table's first slots; a new token goes on at position
+    num_computed_tokens (its RoPE position) but at cache index num_kv_tokens.
     """
 
     request_id: str
@@ -89,6 +96,14 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     swapped: torch.Tensor | None = None  # its blocks in host memory while preempted by swap
+    kv_policy: KVPolicy | None = None  # None: keep every token
+    policy_state: PolicyState = field(default_factory=PolicyState)
+    num_dropped: int = 0  # computed tokens evicted from the cache by the policy
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Computed tokens still in the cache."""
+        return self.num_computed_tokens - self.num_dropped
 
     @property
     def num_tokens(self) -> int:

@@ -11,7 +11,18 @@ import torch
 from kvforge.attention import AttentionMetadata
 from kvforge.engine.sampling import sample
 from kvforge.engine.scheduler import ScheduledRequest
+from kvforge.kvcache.policy import Collected
 from kvforge.kvcache.store import KVStore
+
+
+def prefill_done(item: ScheduledRequest) -> bool:
+    """Whether this pass completes the request's prompt (the first time: a recompute
+    after a preemption goes on from there as generation)."""
+    if item.ends_prefill is not None:
+        return item.ends_prefill
+    r = item.request
+    end = r.num_computed_tokens + item.num_new_tokens
+    return not r.policy_state.prefilled and end >= len(r.prompt_token_ids)
 
 
 class ModelRunner:
@@ -24,6 +35,8 @@ class ModelRunner:
         # called with (requests, their next-token logits [N, vocab]) before sampling:
         # how benchmarks compare the distributions of two cache settings
         self.logits_hook = None
+        # the attention gathered in the last pass for eviction policies (None: none asked)
+        self.collected: Collected | None = None
 
     def prepare(
         self, batch: list[ScheduledRequest]
@@ -33,30 +46,38 @@ class ModelRunner:
         slots: list[int] = []
         query_start_loc = [0]
         seq_lens = []
-        for item in batch:
+        windows = []
+        collect = Collected(modes={})
+        for i, item in enumerate(batch):
             r, start = item.request, item.request.num_computed_tokens
             end = start + item.num_new_tokens
             input_ids += r.token_ids(start, end)
-            positions += range(start, end)
+            positions += range(start, end)  # RoPE positions: every token computed counts
             slots += item.slot_mapping
             query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
-            seq_lens.append(end)
+            kv_end = r.block_table.num_tokens  # cache indices: evicted tokens do not
+            seq_lens.append(kv_end)
+            windows.append((r.block_table.block_ids, kv_end - item.num_new_tokens, kv_end))
+            if r.kv_policy is not None:
+                mode = r.kv_policy.wants_scores(r.policy_state, prefill_done(item))
+                if mode is not None:
+                    collect.modes[i] = mode
+                    collect.window[i] = getattr(r.kv_policy, "observation_window", 0)
         max_blocks = max(len(item.request.block_table.block_ids) for item in batch)
         tables = [
             item.request.block_table.block_ids
             + [0] * (max_blocks - len(item.request.block_table.block_ids))
             for item in batch
         ]
-        self.store.begin_pass(
-            [(item.request.block_table.block_ids, item.request.num_computed_tokens,
-              item.request.num_computed_tokens + item.num_new_tokens) for item in batch]
-        )  # fmt: skip
+        self.store.begin_pass(windows)
+        self.collected = collect if collect.modes else None
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_start_loc=tuple(query_start_loc),
             seq_lens=tuple(seq_lens),
             block_tables=torch.tensor(tables, dtype=torch.long, device=self.device),
             block_size=self.store.block_size,
+            collect=self.collected,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)

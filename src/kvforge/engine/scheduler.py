@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from kvforge.engine.request import Request, Status
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
+from kvforge.kvcache.policy import PolicyState
 
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -68,12 +69,25 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     slot_mapping: list[int]
+    # whether this pass ends a prefill, for eviction policies (None: the first pass that
+    # samples; scoring treats every chunk as one)
+    ends_prefill: bool | None = None
 
     @property
     def samples(self) -> bool:
         """True when this step computes the request's last known token: a new one follows."""
         r = self.request
         return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+def _cap(request: Request, budget: int) -> int:
+    """The most tokens one pass computes for `request`: the step's budget, and under an
+    eviction policy its KV budget and a block, so that a long prompt (or a recompute) is
+    read in pieces the policy compacts between."""
+    policy = request.kv_policy
+    if policy is None:
+        return budget
+    return min(budget, policy.budget + request.block_table.block_size)
 
 
 class BlockIO(Protocol):
@@ -97,6 +111,9 @@ class BlockIO(Protocol):
 
     def persist(self, block_id: int, key: bytes) -> None:
         """A block was just cached: write it through to the disk tier, if there is one."""
+
+    def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        """Copy tokens' K/V between slots, every layer (sources read before writes)."""
 
     def loaded(self, sources: list[str]) -> None:
         """Blocks from these lower tiers were loaded into the pool (for the tiers' counters)."""
@@ -131,7 +148,7 @@ class Scheduler:
                 break
             if request.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - request.num_computed_tokens, _cap(request, budget))
             while request.block_table.blocks_needed(num_new) > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -170,7 +187,7 @@ class Scheduler:
         block_size = request.block_table.block_size
         device, lower = self._prefix_hits(request)
         cached = (len(device) + len(lower)) * block_size
-        num_new = min(request.num_tokens - cached, budget)
+        num_new = min(request.num_tokens - cached, _cap(request, budget))
         # new blocks (lower-tier hits included), plus device hits that leave the free queue
         needed = -(-(cached + num_new) // block_size) - len(device)
         reused = sum(1 for b in device if self.pool.ref_count(b) == 0)
@@ -192,9 +209,9 @@ class Scheduler:
 
     def _admit_swapped(self, request: Request, budget: int) -> ScheduledRequest | None:
         """Copy a swapped-out request's blocks back and go on where it stopped."""
-        computed = request.num_computed_tokens
+        computed = request.num_kv_tokens
         num_blocks = -(-computed // request.block_table.block_size)
-        num_new = min(request.num_tokens - computed, budget)
+        num_new = min(request.num_tokens - request.num_computed_tokens, _cap(request, budget))
         total = -(-(computed + num_new) // request.block_table.block_size)
         if total > self.pool.num_free:
             return None
@@ -262,11 +279,12 @@ class Scheduler:
         table = request.block_table
         if self.config.preemption_mode == "swap" and request.num_computed_tokens > 0:
             # the blocks of computed tokens (slots reserved this step hold nothing yet)
-            computed_blocks = -(-request.num_computed_tokens // table.block_size)
+            computed_blocks = -(-request.num_kv_tokens // table.block_size)
             request.swapped = self.io.swap_out(table.block_ids[:computed_blocks])
         else:
             self._retire(request)
-            request.num_computed_tokens = 0
+            request.num_computed_tokens = request.num_dropped = 0
+            request.policy_state = PolicyState()  # recomputed from the start, pruned again
         table.release(self.pool)  # its full blocks stay cached for re-admission
         request.num_registered_blocks = 0
         request.status = Status.WAITING
@@ -276,7 +294,60 @@ class Scheduler:
 
     def _retire(self, request: Request) -> None:
         if self.io is not None and request.block_table.block_ids:
-            self.io.retire(request.block_table.block_ids, request.num_computed_tokens)
+            self.io.retire(request.block_table.block_ids, request.num_kv_tokens)
+
+    def compact(self, request: Request, keep: list[int]) -> bool:
+        """Keep only the cached tokens at indices `keep` (sorted), moved to the table's
+        first slots in order; blocks no longer needed go back to the pool. False (and
+        nothing changed) when the pool lacks the fresh blocks it would take.
+
+        A destination block that receives exactly one whole old block takes that block
+        as it is (no copy). Any other is written: into the request's own old block at
+        that place when no one else holds it and the prefix cache does not (its content
+        changes), else into a fresh block, so shared and cached blocks are never
+        modified. The request stops publishing blocks to the prefix cache: its blocks
+        no longer hold its token prefix.
+        """
+        table, bs = request.block_table, request.block_table.block_size
+        old = table.block_ids
+        held = request.num_kv_tokens
+        if len(keep) == held:
+            return True
+        n_blocks = -(-len(keep) // bs)
+        whole: dict[int, int] = {}  # destination index -> old block id taken as it is
+        for j in range(n_blocks):
+            part = keep[j * bs : (j + 1) * bs]
+            if len(part) == bs and part[0] % bs == 0 and part[-1] - part[0] == bs - 1:
+                whole[j] = old[part[0] // bs]
+        taken = set(whole.values())
+        writable = {
+            j: old[j]
+            for j in range(n_blocks)
+            if j not in whole and j < len(old) and old[j] not in taken
+            and self.pool.ref_count(old[j]) == 1 and self.pool.key_of(old[j]) is None
+        }  # fmt: skip
+        fresh = n_blocks - len(whole) - len(writable)
+        kept_ids = taken | set(writable.values())
+        released = [b for b in old if b not in kept_ids]
+        freed = sum(1 for b in released if self.pool.ref_count(b) == 1)
+        if fresh > self.pool.num_free + freed:
+            return False
+        src, dst_index = [], []
+        for j in range(n_blocks):
+            if j not in whole:
+                part = keep[j * bs : (j + 1) * bs]
+                src += [old[p // bs] * bs + p % bs for p in part]
+                dst_index += [j * bs + o for o in range(len(part))]
+        self.pool.release(reversed(released))
+        new_ids = self.pool.allocate(fresh)
+        table.block_ids = [whole[j] if j in whole else writable[j] if j in writable
+                           else new_ids.pop(0) for j in range(n_blocks)]  # fmt: skip
+        if src:
+            self.io.move_tokens(src, [table.block_ids[d // bs] * bs + d % bs for d in dst_index])
+        table.num_tokens = len(keep)
+        request.num_dropped += held - len(keep)
+        request.cache_seed = None
+        return True
 
     def finish(self, request: Request, reason: str) -> None:
         """End a request (running or waiting) and return its blocks to the pool."""

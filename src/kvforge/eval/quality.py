@@ -5,8 +5,11 @@ the kvquant benchmark)."""
 import torch
 
 
-def greedy_with_logprobs(llm, prompts, new_tokens: int) -> list[tuple[list[int], list]]:
-    """Each prompt's greedy tokens and the log-probabilities each one was chosen from."""
+def greedy_with_logprobs(
+    llm, prompts, new_tokens: int, peaks: list[int] | None = None
+) -> list[tuple[list[int], list]]:
+    """Each prompt's greedy tokens and the log-probabilities each one was chosen from
+    (`peaks`, if given, receives each request's peak KV tokens)."""
     from kvforge import SamplingParams
 
     logprobs: dict[str, list[torch.Tensor]] = {}
@@ -20,6 +23,8 @@ def greedy_with_logprobs(llm, prompts, new_tokens: int) -> list[tuple[list[int],
         outs = llm.generate(prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     finally:
         llm.engine.runner.logits_hook = None
+    if peaks is not None:
+        peaks.extend(o.metrics.peak_kv_tokens for o in outs)
     return [(o.token_ids, logprobs[o.request_id]) for o in outs]
 
 

@@ -15,6 +15,7 @@ the store allocates exactly; int2's recent windows included).
 import math
 
 from kvforge.errors import KVForgeError
+from kvforge.kvcache.policy import make_policy
 from kvforge.planner import bytes_per_request
 from kvforge.training.data import passkey_prompt, python_sources, read_sources
 
@@ -23,16 +24,31 @@ DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ANSWER_TOKENS = 8  # generated after a passkey prompt: enough for 5 digits and a period
 
 
-def setting(llm) -> dict:
+def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
     store = llm.engine.store
+    budget = None if policy is None else policy[1]
     return {
         "model": llm.model_name,
         "kv_dtype": store.format.name,
-        "kv_policy": None,
-        "kv_budget": None,
+        "kv_policy": None if policy is None else policy[0],
+        "kv_budget": f"{budget:.0%}" if isinstance(budget, float) else budget,
         "block_size": store.block_size,
         "bytes_per_token": store.bytes_per_token,
     }
+
+
+def use_policy(llm, policy: tuple[str, int | float] | None, tokens: int) -> int | None:
+    """Make `policy` (name, budget in tokens or as a share of `tokens`) the engine's
+    default for the next requests; returns the budget in tokens (None: no policy)."""
+    if policy is None:
+        llm.engine.kv_policy = None
+        return None
+    name, budget = policy
+    if isinstance(budget, float):
+        budget = max(1, round(budget * tokens))
+    llm.engine.kv_policy = make_policy(name, budget)
+    llm.engine.check_policy(llm.engine.kv_policy)
+    return budget
 
 
 def kv_bytes(llm, tokens: int) -> int:
@@ -50,7 +66,7 @@ def held_out_text() -> str:
 
 
 def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: int = 16_384,
-               chunk: int = 64) -> dict:  # fmt: skip
+               chunk: int = 64, policy=None) -> dict:  # fmt: skip
     """Perplexity over windows of `context` tokens (each opened by BOS), up to `max_tokens`
     scored tokens; `text` defaults to the held-out standard-library modules."""
     source = "held-out stdlib modules" if text is None else "text"
@@ -62,13 +78,15 @@ def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: in
     step = context - len(bos)
     if step < 2:
         raise KVForgeError(f"context must be at least {len(bos) + 2} tokens, got {context}")
-    total_nll, scored, windows = 0.0, 0, 0
+    budget = use_policy(llm, policy, context)
+    total_nll, scored, windows, peak = 0.0, 0, 0, 0
     for start in range(0, len(body), step):
         take = min(step, max_tokens - scored + 1 - len(bos))  # never more than max_tokens
         window = bos + body[start : start + take]
         if len(window) < 2:
             break
         logprobs = llm.engine.score(window, chunk_size=chunk)
+        peak = max(peak, llm.engine.last_score_peak_kv_tokens)
         total_nll -= float(logprobs.sum())
         scored += logprobs.numel()
         windows += 1
@@ -76,7 +94,8 @@ def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: in
         raise KVForgeError("the text is too short to score (fewer than 2 tokens)")
     return {
         "task": "perplexity",
-        **setting(llm),
+        **setting(llm, policy),
+        "kv_budget_tokens": budget,
         "source": source,
         "context": context,
         "chunk": chunk,
@@ -84,15 +103,18 @@ def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: in
         "tokens_scored": scored,
         "nll": total_nll / scored,
         "perplexity": math.exp(total_nll / scored),
-        "kv_bytes_per_request": kv_bytes(llm, context),
+        "peak_kv_tokens": peak,
+        "kv_bytes_per_request": kv_bytes(llm, peak),
     }
 
 
 # --- passkey ------------------------------------------------------------------------------
 
 
-def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4) -> dict:
-    """Greedy passkey retrieval: accuracy[length][depth] over `trials` keys each."""
+def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4,
+            policy=None) -> dict:  # fmt: skip
+    """Greedy passkey retrieval: accuracy[length][depth] over `trials` keys each; with
+    `policy` (name, budget: tokens or a share of each length), under that policy."""
     from kvforge import SamplingParams
 
     limit = llm.engine.max_request_tokens - ANSWER_TOKENS
@@ -103,23 +125,28 @@ def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4
             f"request may hold ({limit + ANSWER_TOKENS} tokens: context and KV pool)"
         )
     encode = llm.engine.tokenizer.encode
-    cells, prompts = [], []
+    hits: dict[tuple[int, float], int] = {}
+    peaks: dict[int, int] = {}
+    budgets: dict[str, int | None] = {}
     for length in lengths:
+        budgets[str(length)] = use_policy(llm, policy, length)
+        cells, prompts = [], []
         for depth in depths:
             for trial in range(trials):
                 seed = 1000 * length + round(100 * depth) * 10 + trial
                 ids, key = passkey_prompt(encode, length, depth, seed)
-                cells.append((length, depth, key, len(ids)))
+                cells.append((depth, key))
                 prompts.append(ids)
-    outs = llm.generate(prompts, SamplingParams(max_tokens=ANSWER_TOKENS, ignore_eos=True))
-    hits: dict[tuple[int, float], int] = {}
-    for (length, depth, key, _), out in zip(cells, outs, strict=True):
-        hits[length, depth] = hits.get((length, depth), 0) + out.text.strip().startswith(key)
+        outs = llm.generate(prompts, SamplingParams(max_tokens=ANSWER_TOKENS, ignore_eos=True))
+        for (depth, key), out in zip(cells, outs, strict=True):
+            hits[length, depth] = hits.get((length, depth), 0) + out.text.strip().startswith(key)
+            peaks[length] = max(peaks.get(length, 0), out.metrics.peak_kv_tokens)
+    use_policy(llm, None, 0)
     grid = [[hits[n, d] / trials for d in depths] for n in lengths]
-    prompt_tokens = {n: max(c[3] for c in cells if c[0] == n) for n in lengths}
     return {
         "task": "passkey",
-        **setting(llm),
+        **setting(llm, policy),
+        "kv_budget_tokens": budgets,
         "lengths": list(lengths),
         "depths": list(depths),
         "trials": trials,
@@ -128,9 +155,8 @@ def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4
             str(n): sum(row) / len(row) for n, row in zip(lengths, grid, strict=True)
         },
         "mean_accuracy": sum(map(sum, grid)) / (len(lengths) * len(depths)),
-        "kv_bytes_per_request": {
-            str(n): kv_bytes(llm, prompt_tokens[n] + ANSWER_TOKENS) for n in lengths
-        },
+        "peak_kv_tokens": {str(n): peaks[n] for n in lengths},
+        "kv_bytes_per_request": {str(n): kv_bytes(llm, peaks[n]) for n in lengths},
     }
 
 
@@ -179,24 +205,31 @@ def agreement_prompts(encode, count: int = 8, tokens: int = 256) -> list[list[in
     return prompts
 
 
-def agreement(llm, reference, count: int = 8, tokens: int = 256, new_tokens: int = 64) -> dict:
+def agreement(llm, reference, count: int = 8, tokens: int = 256, new_tokens: int = 64,
+              policy=None) -> dict:  # fmt: skip
     """Greedy token agreement and mean next-token KL of `llm` against `reference` (the same
     model with the full-precision, full cache)."""
     from kvforge.eval.quality import agreement as compare
     from kvforge.eval.quality import greedy_with_logprobs
 
     prompts = agreement_prompts(llm.engine.tokenizer.encode, count, tokens)
-    ours = greedy_with_logprobs(llm, prompts, new_tokens)
+    budget = use_policy(llm, policy, tokens)
+    peaks: list[int] = []
+    ours = greedy_with_logprobs(llm, prompts, new_tokens, peaks)
+    use_policy(llm, None, 0)
+    peak = max(peaks)
     theirs = greedy_with_logprobs(reference, prompts, new_tokens)
     agree, kl = compare(ours, theirs)
     return {
         "task": "agreement",
-        **setting(llm),
+        **setting(llm, policy),
+        "kv_budget_tokens": budget,
         "reference_kv_dtype": reference.engine.store.format.name,
         "prompts": len(prompts),
         "prompt_tokens": tokens,
         "new_tokens": new_tokens,
         "token_agreement": agree,
         "mean_kl": kl,
-        "kv_bytes_per_request": kv_bytes(llm, tokens + new_tokens),
+        "peak_kv_tokens": peak,
+        "kv_bytes_per_request": kv_bytes(llm, peak),
     }

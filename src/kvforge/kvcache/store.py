@@ -404,6 +404,25 @@ class KVStore:
                 1, ids, chunk.reshape(len(block_ids), heads, block, width).transpose(0, 1)
             )
 
+    def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
+        """Copy the K/V of every layer from `src_slots` to `dst_slots`, as stored (a
+        quantized token keeps its codes and scale: nothing is re-encoded). All sources
+        are read before any destination is written, so the two may overlap."""
+        if self.window is not None:
+            raise AssertionError("tokens of a windowed (int2) cache cannot move")
+        device = self.k[0].device
+        src = torch.tensor(src_slots, dtype=torch.long, device=device)
+        dst = torch.tensor(dst_slots, dtype=torch.long, device=device)
+        for t in self._tensors():
+            flat = t.view(t.shape[0], -1, t.shape[-1])  # [kv_heads, slots, width]
+            flat.index_copy_(1, dst, flat.index_select(1, src))
+
+    @property
+    def token_moves(self) -> bool:
+        """Whether single tokens can move between slots (eviction policies compact them):
+        every format but those with per-block parameters and a recent window (int2)."""
+        return self.window is None
+
     @property
     def block_shape(self) -> tuple[int, ...]:
         """The shape of one block in `read_blocks`' layout."""

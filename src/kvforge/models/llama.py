@@ -189,11 +189,22 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(spec.head_dim, config.rope_theta, config.rope_scaling)
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = positions[:, None] * inv_freq  # [P, D/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
+            self._extend(int(positions.max()) + 1)
         return self.cos[positions], self.sin[positions]  # [T, D/2] each
+
+    def _extend(self, size: int) -> None:
+        """Tables for positions past the context (a request whose eviction policy bounds
+        its cache may run longer): doubled, computed as the first ones were."""
+        size = max(size, 2 * self.cos.shape[0])
+        positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = positions[:, None] * self.inv_freq
+        self.cos, self.sin = freqs.cos(), freqs.sin()
 
 
 def apply_rope(

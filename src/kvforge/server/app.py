@@ -85,7 +85,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 code="model_not_found",
             )
 
-    def submit(token_ids: list[int], params, cache_salt: str | None) -> RequestStream:
+    def submit(token_ids: list[int], params, body) -> RequestStream:
         if aengine.num_active >= aengine.max_requests:
             raise p.APIError(
                 429,
@@ -95,7 +95,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 code="rate_limit_exceeded",
             )
         try:
-            return aengine.submit(token_ids, params, cache_salt)
+            return aengine.submit(token_ids, params, body.cache_salt, body.kv_policy_choice())
         except KVForgeError as exc:
             raise p.APIError(400, str(exc)) from None
 
@@ -132,7 +132,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         max_tokens = p.COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         params = body.sampling_params(max_tokens)
         token_ids = await asyncio.to_thread(tokenize, body.prompt)
-        stream = submit(token_ids, params, body.cache_salt)
+        stream = submit(token_ids, params, body)
         return await respond("text", body, stream, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -154,7 +154,7 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                     param="messages",
                 )
         params = body.sampling_params(max_tokens)
-        stream = submit(token_ids, params, body.cache_salt)
+        stream = submit(token_ids, params, body)
         return await respond("chat", body, stream, request)
 
     async def respond(kind: str, body, stream: RequestStream, request: Request):

@@ -22,6 +22,7 @@ from kvforge.engine.engine import LLMEngine
 from kvforge.engine.request import Request, Status
 from kvforge.engine.sampling import SamplingParams
 from kvforge.errors import KVForgeError
+from kvforge.kvcache.policy import KVPolicy
 from kvforge.server.metrics import ServerMetrics
 
 
@@ -99,14 +100,18 @@ class AsyncEngine:
         return self._thread.is_alive()
 
     def submit(
-        self, token_ids: list[int], params: SamplingParams, cache_salt: str | None = None
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        kv_policy: KVPolicy | None = None,
     ) -> RequestStream:
         """Queue a validated request; its deltas arrive on the returned stream."""
-        self.engine.check_request(token_ids, params)
+        self.engine.check_request(token_ids, params, kv_policy or self.engine.kv_policy)
         stream = RequestStream(f"srv-{next(self._ids)}", asyncio.get_running_loop())
         with self._count_lock:
             self.num_active += 1
-        self._commands.put(("add", stream, token_ids, params, cache_salt))
+        self._commands.put(("add", stream, token_ids, params, cache_salt, kv_policy))
         self._wake.set()
         return stream
 
@@ -159,14 +164,16 @@ class AsyncEngine:
         token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None,
+        kv_policy: KVPolicy | None = None,
     ) -> None:
         if stream.finished:  # the client left before the request reached the engine
             self._ended()
             return
         try:
             request = self.engine.add_request(
-                token_ids, params, request_id=stream.request_id, cache_salt=cache_salt
-            )
+                token_ids, params, request_id=stream.request_id, cache_salt=cache_salt,
+                kv_policy=kv_policy,
+            )  # fmt: skip
         except KVForgeError as exc:
             self._ended()
             stream.put(Delta("", finished=True, finish_reason="error", error=str(exc)))

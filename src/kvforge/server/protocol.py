@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvforge.engine.sampling import SamplingParams
 from kvforge.errors import KVForgeError
+from kvforge.kvcache.policy import KVPolicy, make_policy
 
 OPENAI_DEFAULT_TEMPERATURE = 1.0  # OpenAI's default; send 0 for greedy
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -65,6 +66,9 @@ class _SamplingRequest(BaseModel):
     # an extension (vLLM too): requests with different salts never share prefix-cache
     # blocks, so one tenant cannot learn from timing what another sent
     cache_salt: str | None = Field(default=None, min_length=1)
+    # an extension: this request's eviction policy and budget (default: the server's)
+    kv_policy: str | None = None
+    kv_budget: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
@@ -79,6 +83,15 @@ class _SamplingRequest(BaseModel):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) != 0:
                 raise APIError(400, f"{name} is not supported; send 0 or leave it out", param=name)
+
+    def kv_policy_choice(self) -> KVPolicy | None:
+        """The request's own eviction policy (None: the server's); a 400 names a bad one."""
+        if self.kv_policy is None and self.kv_budget is None:
+            return None
+        try:
+            return make_policy(self.kv_policy, self.kv_budget)
+        except KVForgeError as exc:
+            raise APIError(400, str(exc), param="kv_policy") from None
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's parameters; KVForgeError (a 400) names a value out of range."""

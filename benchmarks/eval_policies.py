@@ -1,0 +1,149 @@
+"""Every eviction policy at 10%, 25% and 50% of the context, alone and with int8/int4, on
+the built-in trained model: KV memory next to passkey accuracy, perplexity and agreement
+(the table and the memory-vs-quality plot in docs/eval/).
+
+    python benchmarks/eval_policies.py --out docs/eval          # ~20 min on a 2-core CPU
+    python benchmarks/eval_policies.py --out /tmp/e --quick      # a smoke run
+
+Each setting is `kvforge eval passkey|perplexity|agreement --kv-policy P --kv-budget S%`
+with prompts fed 64 tokens a pass (so that policies that evict as they go hold their
+budget while reading a prompt; snapkv holds the whole prompt, then compresses it once).
+The budget is a share of each measured length: of each passkey prompt, of perplexity's
+1,024-token windows, of agreement's 256-token prompts.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kvforge import LLM
+from kvforge.eval import tasks
+
+POLICIES = ["sliding", "streaming", "h2o", "snapkv"]
+SHARES = [0.1, 0.25, 0.5]
+CHUNK = 64
+
+
+def settings(quick: bool) -> list[tuple[str, str | None, float | None]]:
+    rows = [("fp32", None, None)]
+    rows += [("fp32", p, s) for p in POLICIES for s in SHARES]
+    rows += [(codec, None, None) for codec in ("int8", "int4")]
+    rows += [(codec, p, 0.25) for codec in ("int8", "int4") for p in POLICIES]
+    if quick:
+        rows = rows[:3]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    sizes = {"lengths": (256, 512, 1024, 2000), "trials": 2, "max_tokens": 4096, "prompts": 8}
+    if args.quick:
+        sizes = {"lengths": (128, 256), "trials": 1, "max_tokens": 256, "prompts": 2}
+    reference = LLM(model=args.model, kv_dtype="fp32", kv_memory="1GiB")
+    rows = []
+    for codec, name, share in settings(args.quick):
+        started = time.perf_counter()
+        llm = LLM(model=args.model, kv_dtype=codec, kv_memory="1GiB",
+                  max_num_batched_tokens=CHUNK, max_num_seqs=CHUNK)  # fmt: skip
+        policy = None if name is None else (name, share)
+        key = tasks.passkey(llm, lengths=sizes["lengths"], trials=sizes["trials"],
+                            policy=policy)  # fmt: skip
+        ppl = tasks.perplexity(llm, max_tokens=sizes["max_tokens"], chunk=CHUNK, policy=policy)
+        agree = tasks.agreement(llm, reference, count=sizes["prompts"], policy=policy)
+        short = [row for n, row in zip(key["lengths"], key["accuracy"], strict=True) if n <= 1024]
+        rows.append({
+            "kv_dtype": codec,
+            "kv_policy": name,
+            "budget_share": share,
+            "bytes_per_token": key["bytes_per_token"],
+            "kv_bytes_1024": key["kv_bytes_per_request"].get("1024"),
+            "peak_kv_tokens_1024": key["peak_kv_tokens"].get("1024"),
+            "passkey_le_1024": sum(map(sum, short)) / sum(map(len, short)),
+            "passkey_all": key["mean_accuracy"],
+            "passkey_by_depth": [sum(c) / len(c) for c in zip(*key["accuracy"], strict=True)],
+            "perplexity": ppl["perplexity"],
+            "token_agreement": agree["token_agreement"],
+            "mean_kl": agree["mean_kl"],
+            "seconds": time.perf_counter() - started,
+            "details": {"perplexity": ppl, "passkey": key, "agreement": agree},
+        })  # fmt: skip
+        label = f"{codec} {name or 'full'} {'' if share is None else f'{share:.0%}'}"
+        print(f"{label}: passkey {key['mean_accuracy']:.2f}, ppl {ppl['perplexity']:.2f}, "
+              f"agreement {agree['token_agreement']:.3f}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    base = rows[0]
+    for row in rows:
+        row["perplexity_delta"] = row["perplexity"] - base["perplexity"]
+    (args.out / "policies.json").write_text(json.dumps({"sizes": sizes, "rows": rows}, indent=1))
+    (args.out / "policies.md").write_text(render(rows, sizes, base))
+    plot(rows, args.out / "policies.png")
+    print(f"wrote {args.out / 'policies.md'}")
+
+
+def _label(r: dict) -> str:
+    if r["kv_policy"] is None:
+        return f"{r['kv_dtype']}, full cache"
+    return f"{r['kv_dtype']} + {r['kv_policy']} {r['budget_share']:.0%}"
+
+
+def render(rows: list[dict], sizes: dict, base: dict) -> str:
+    depths = [f"{d:.0%}" for d in base["details"]["passkey"]["depths"]]
+    lines = [
+        "| setting | KV at 1,024 tokens | vs full fp32 | passkey ≤1,024 | passkey all | "
+        "perplexity (Δ) | agreement | mean KL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {_label(r)} | {r['kv_bytes_1024']:,} B | "
+            f"{r['kv_bytes_1024'] / base['kv_bytes_1024']:.2f}× | {r['passkey_le_1024']:.0%} | "
+            f"{r['passkey_all']:.0%} | {r['perplexity']:.2f} ({r['perplexity_delta']:+.2f}) | "
+            f"{r['token_agreement']:.3f} | {r['mean_kl']:.2g} |"
+        )
+    lines += ["", "Passkey accuracy by needle depth (all lengths):", "",
+              "| setting | " + " | ".join(depths) + " |",
+              "|---|" + "---:|" * len(depths)]  # fmt: skip
+    for r in rows:
+        cells = " | ".join(f"{a:.0%}" for a in r["passkey_by_depth"])
+        lines.append(f"| {_label(r)} | {cells} |")
+    lines += ["", f"Sizes: {json.dumps(sizes)}; prompts fed {CHUNK} tokens a pass.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = {None: "*", "sliding": "o", "streaming": "s", "h2o": "^", "snapkv": "D"}
+    colors = {"fp32": "tab:blue", "int8": "tab:orange", "int4": "tab:green"}
+    for r in rows:
+        x = r["kv_bytes_1024"] / 2**20
+        style = {"marker": markers[r["kv_policy"]], "color": colors[r["kv_dtype"]], "s": 40}
+        axes[0].scatter(x, r["passkey_le_1024"], **style)
+        axes[1].scatter(x, r["perplexity"], **style)
+    for ax, name in zip(axes, ["passkey accuracy (≤ 1,024 tokens)", "held-out perplexity"],
+                        strict=True):  # fmt: skip
+        ax.set_xlabel("KV bytes of a 1,024-token request (MiB)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=k or "full cache")
+               for k, m in markers.items()]  # fmt: skip
+    handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
+    axes[0].legend(handles=handles, fontsize=8)
+    fig.suptitle("kvforge-mini: eviction policies (10/25/50% budgets) and codecs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

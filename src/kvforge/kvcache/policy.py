@@ -1,0 +1,210 @@
+"""Eviction policies: which of a request's cached tokens to keep when its budget is full.
+
+A policy keeps at most `budget` tokens of a request's KV. The engine lets the cache
+grow to `budget + block_size` tokens, then asks the policy which `budget` to keep,
+compacts them into the first blocks of the request's table and gives the other
+blocks back to the pool (`Scheduler.compact`). Compacting once a block, not once a
+token, keeps the copying to one pass over the budget every `block_size` tokens.
+
+Kept tokens keep their original positions: their keys were rotated (RoPE) at the
+position they were computed at, and new tokens go on from the request's true length.
+Relative distances inside the cache stay exact, which is what the model was trained
+on; StreamingLLM re-numbers positions inside the cache instead, which lets a model
+run past its context without extrapolating. Here a request may run past the model's
+context when a policy bounds its cache; the distances to far-back kept tokens (sinks,
+heavy hitters) then exceed what the model saw in training.
+
+The four policies share one interface: `select(state, held)` returns the sorted
+indices (into the request's cache, 0 = oldest kept) of the tokens to keep. Those that
+rank tokens by attention read it from `state.scores`, gathered inside the attention
+read of the passes that asked for it (`wants_scores`).
+"""
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvforge.errors import KVForgeError
+
+DEFAULT_SINKS = 4
+DEFAULT_OBSERVATION_WINDOW = 32
+DEFAULT_POOL_KERNEL = 7
+
+
+@dataclass
+class PolicyState:
+    """What a policy keeps about one request's cached tokens, indexed like its cache."""
+
+    scores: torch.Tensor | None = None  # [held] float32: attention each token received
+    prefilled: bool = False  # the pass that computed the last prompt token has run
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Keep at most `budget` tokens per request (see the module docstring)."""
+
+    name: ClassVar[str]
+    budget: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise KVForgeError(f"kv_budget must be a positive integer, got {self.budget!r}")
+
+    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
+        """Which attention this pass should gather for the request: "all" (every new
+        token's), "window" (the prompt's last `observation_window` tokens, in the pass
+        that completes the prompt), or None."""
+        return None
+
+    def compact_now(self, state: PolicyState, held: int, block_size: int,
+                    prompt_done: bool) -> bool:  # fmt: skip
+        """Whether to compact after this pass (`prompt_done`: it completed the prompt):
+        when the cache reached budget + one block."""
+        return held >= self.budget + block_size
+
+    def select(self, state: PolicyState, held: int) -> list[int]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{self.name}, budget {self.budget}"
+
+
+@dataclass(frozen=True)
+class Sliding(KVPolicy):
+    """Drop-oldest: keep the most recent `budget` tokens."""
+
+    name: ClassVar[str] = "sliding"
+
+    def select(self, state: PolicyState, held: int) -> list[int]:
+        return list(range(max(0, held - self.budget), held))
+
+
+@dataclass(frozen=True)
+class Streaming(KVPolicy):
+    """StreamingLLM (Xiao et al., 2023): the first tokens soak up attention that has
+    nowhere else to go ("attention sinks"); keep `sinks` of them (default 4) and the
+    most recent `budget - sinks`, and a model stays stable over any length."""
+
+    name: ClassVar[str] = "streaming"
+    sinks: int = DEFAULT_SINKS
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.sinks < self.budget:
+            raise KVForgeError(f"streaming keeps {self.sinks} sink tokens: kv_budget must "
+                               f"exceed that, got {self.budget}")  # fmt: skip
+
+    def select(self, state: PolicyState, held: int) -> list[int]:
+        if held <= self.budget:
+            return list(range(held))
+        return list(range(self.sinks)) + list(range(held - (self.budget - self.sinks), held))
+
+
+def _recent_plus_top(scores: torch.Tensor, held: int, budget: int, recent: int) -> list[int]:
+    """The last `recent` tokens, and the `budget - recent` others with the highest score
+    (ties: the later token), sorted."""
+    if held <= budget:
+        return list(range(held))
+    recent = min(recent, budget)
+    older = held - recent
+    top = budget - recent
+    chosen: list[int] = []
+    if top > 0:
+        # a stable sort of the reversed scores: equal scores keep the later token first
+        ranked = torch.sort(scores[:older].flip(0), descending=True, stable=True).indices
+        chosen = (older - 1 - ranked[:top]).tolist()
+    return sorted(chosen) + list(range(older, held))
+
+
+@dataclass(frozen=True)
+class H2O(KVPolicy):
+    """Heavy-Hitter Oracle (Zhang et al., 2023): a few tokens receive most attention;
+    keep the `budget - recent` with the largest attention accumulated over every query
+    so far (all heads and layers summed), and the `recent` most recent tokens (default
+    half the budget, as the paper's equal split). Scores are gathered in every pass."""
+
+    name: ClassVar[str] = "h2o"
+    recent: int | None = None
+
+    @property
+    def recent_tokens(self) -> int:
+        return self.budget // 2 if self.recent is None else self.recent
+
+    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
+        return "all"
+
+    def select(self, state: PolicyState, held: int) -> list[int]:
+        scores = state.scores if state.scores is not None else torch.zeros(held)
+        return _recent_plus_top(scores, held, self.budget, self.recent_tokens)
+
+
+@dataclass(frozen=True)
+class SnapKV(KVPolicy):
+    """SnapKV (Li et al., 2024): what the last prompt tokens (the observation window,
+    default 32) attend to predicts what generation will need. Once, at the end of the
+    prefill, each KV head's votes (attention from the window's queries, summed over the
+    head's query group and the layers) are max-pooled along the prompt (kernel 7,
+    keeping a hit's neighbours) and summed over heads; the top prompt tokens and the
+    window itself are kept. Later, as generation fills the budget, tokens outside the
+    most recent `observation_window` with the fewest votes go first (generated tokens
+    have none, so the oldest of them go before the chosen prompt tokens)."""
+
+    name: ClassVar[str] = "snapkv"
+    observation_window: int = DEFAULT_OBSERVATION_WINDOW
+    kernel: int = DEFAULT_POOL_KERNEL
+
+    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
+        return "window" if prompt_done_this_pass else None
+
+    def compact_now(self, state: PolicyState, held: int, block_size: int,
+                    prompt_done: bool) -> bool:  # fmt: skip
+        if prompt_done:  # compress the prompt once, to the budget
+            return held > self.budget
+        return state.prefilled and held >= self.budget + block_size
+
+    def select(self, state: PolicyState, held: int) -> list[int]:
+        scores = state.scores if state.scores is not None else torch.zeros(held)
+        return _recent_plus_top(scores, held, self.budget, self.observation_window)
+
+
+POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (Sliding, Streaming, H2O, SnapKV)}
+
+
+def pool_votes(votes: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV's pooling: [heads, L] votes max-pooled along L (odd kernel, same length)."""
+    if kernel <= 1:
+        return votes
+    return torch.nn.functional.max_pool1d(votes[:, None], kernel, stride=1,
+                                          padding=kernel // 2)[:, 0]  # fmt: skip
+
+
+def make_policy(name: str | None, budget: int | None) -> KVPolicy | None:
+    """The policy named `name` with `budget` tokens; None without a name; KVForgeError
+    naming the choices for an unknown name, or a budget given without a policy."""
+    if name is None:
+        if budget is not None:
+            raise KVForgeError("kv_budget needs a kv_policy (one of " + ", ".join(POLICIES) + ")")
+        return None
+    if name not in POLICIES:
+        raise KVForgeError(f"unknown kv_policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if budget is None:
+        raise KVForgeError(f"kv_policy {name!r} needs kv_budget (tokens kept per request)")
+    return POLICIES[name](budget)
+
+
+@dataclass
+class Collected:
+    """Attention gathered in one forward pass for the sequences that asked for it:
+    per batch index, [kv_heads, seq_len] summed over the asked query rows, the query
+    heads of each group and the layers."""
+
+    modes: dict[int, str]  # batch index -> "all" or "window"
+    window: dict[int, int] = field(default_factory=dict)  # batch index -> rows counted
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, i: int, scores: torch.Tensor) -> None:
+        if i in self.scores:
+            self.scores[i] += scores
+        else:
+            self.scores[i] = scores.clone()

@@ -1,0 +1,359 @@
+"""Eviction policies: exact kept indices, exact compaction (block ids and contents),
+the attention gathered for them, and the engine under a budget."""
+
+import pytest
+import torch
+
+from kvforge import LLM, SamplingParams
+from kvforge.attention import AttentionMetadata, paged_attention
+from kvforge.cli import main
+from kvforge.config import ModelSpec
+from kvforge.engine.request import Request, RequestMetrics
+from kvforge.engine.scheduler import Scheduler, SchedulerConfig
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.block_pool import BlockPool
+from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.formats import KV_FORMATS
+from kvforge.kvcache.policy import (
+    H2O,
+    Collected,
+    PolicyState,
+    Sliding,
+    SnapKV,
+    Streaming,
+    make_policy,
+    pool_votes,
+)
+from kvforge.kvcache.store import KVStore
+
+# --- which tokens each policy keeps -------------------------------------------------------
+
+
+def test_sliding_keeps_the_most_recent():
+    assert Sliding(8).select(PolicyState(), 20) == list(range(12, 20))
+    assert Sliding(8).select(PolicyState(), 5) == [0, 1, 2, 3, 4]
+
+
+def test_streaming_keeps_sinks_and_the_most_recent():
+    assert Streaming(8).select(PolicyState(), 20) == [0, 1, 2, 3, 16, 17, 18, 19]
+    assert Streaming(8, sinks=2).select(PolicyState(), 20) == [0, 1, 14, 15, 16, 17, 18, 19]
+    with pytest.raises(KVForgeError, match="streaming keeps 4 sink tokens: kv_budget must"):
+        Streaming(4)
+
+
+def test_h2o_keeps_heavy_hitters_and_a_recent_window():
+    scores = torch.full((20,), 0.1)
+    scores[[2, 5, 9, 11]] = torch.tensor([3.0, 1.0, 2.0, 0.5])
+    scores[17] = 9.0  # recent anyway: not counted twice
+    # budget 8: the last 4 (recent half) and the 4 heaviest of the 16 older tokens
+    assert H2O(8).select(PolicyState(scores=scores), 20) == [2, 5, 9, 11, 16, 17, 18, 19]
+    # 2 heavy hitters with recent 6
+    assert H2O(8, recent=6).select(PolicyState(scores=scores), 20) == [
+        2, 9, 14, 15, 16, 17, 18, 19
+    ]  # fmt: skip
+    # equal scores: the later token stays
+    assert H2O(6).select(PolicyState(scores=torch.ones(12)), 12) == [6, 7, 8, 9, 10, 11]
+
+
+def test_snapkv_pools_votes_and_keeps_the_window():
+    votes = torch.zeros(2, 12)
+    votes[0, 3] = 1.0  # head 0 wants token 3 (and, pooled, its neighbours)
+    votes[1, 8] = 0.5
+    pooled = pool_votes(votes, 3)
+    assert pooled[0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert pooled[1].tolist() == [0, 0, 0, 0, 0, 0, 0, 0.5, 0.5, 0.5, 0, 0]
+    state = PolicyState(scores=pooled.sum(0))
+    # budget 7, window 4: the 3 best voted of tokens 0..7 (2, 3, 4 beat 7) + 8..11
+    assert SnapKV(7, observation_window=4).select(state, 12) == [2, 3, 4, 8, 9, 10, 11]
+    assert SnapKV(7).wants_scores(state, True) == "window"
+    assert SnapKV(7).wants_scores(state, False) is None
+
+
+def test_compaction_triggers():
+    state = PolicyState()
+    assert not Sliding(8).compact_now(state, 11, 4, False)
+    assert Sliding(8).compact_now(state, 12, 4, False)  # budget + one block
+    # snapkv: once the prompt is done (over budget), then at budget + one block
+    assert SnapKV(8).compact_now(state, 9, 4, True)
+    assert not SnapKV(8).compact_now(PolicyState(prefilled=True), 11, 4, False)
+    assert SnapKV(8).compact_now(PolicyState(prefilled=True), 12, 4, False)
+
+
+def test_make_policy_errors_name_the_choices():
+    assert make_policy(None, None) is None
+    with pytest.raises(KVForgeError, match="unknown kv_policy 'lru'; choose one of sliding, "
+                       "streaming, h2o, snapkv"):  # fmt: skip
+        make_policy("lru", 8)
+    with pytest.raises(KVForgeError, match="kv_policy 'h2o' needs kv_budget"):
+        make_policy("h2o", None)
+    with pytest.raises(KVForgeError, match="kv_budget needs a kv_policy"):
+        make_policy(None, 8)
+    with pytest.raises(KVForgeError, match="kv_budget must be a positive integer, got 0"):
+        make_policy("sliding", 0)
+
+
+# --- compaction: exact block ids and contents ---------------------------------------------
+
+SPEC = ModelSpec(name="tiny", architecture="llama", num_layers=2, num_attention_heads=4,
+                 num_kv_heads=2, head_dim=8, hidden_size=32, max_position_embeddings=256,
+                 dtype="fp32")  # fmt: skip
+BLOCK = 4
+
+
+class _IO:
+    def __init__(self, store):
+        self.store = store
+        self.moves = 0
+
+    def move_tokens(self, src, dst):
+        self.moves += len(src)
+        self.store.move_tokens(src, dst)
+
+    def retire(self, block_ids, num_tokens):
+        pass
+
+
+def _setup(fmt="fp32", num_blocks=12):
+    store = KVStore(SPEC, KV_FORMATS[fmt], num_blocks, BLOCK)
+    pool = BlockPool(num_blocks)
+    io = _IO(store)
+    return store, pool, Scheduler(pool, SchedulerConfig(), io), io
+
+
+def _request(pool, tokens: int) -> Request:
+    r = Request(request_id="r", prompt=None, prompt_token_ids=list(range(tokens)),
+                params=SamplingParams(max_tokens=8), block_table=BlockTable(BLOCK),
+                metrics=RequestMetrics(arrival_s=0.0), eos_token_ids=frozenset())  # fmt: skip
+    r.block_table.append_tokens(tokens, pool.allocate(-(-tokens // BLOCK)))
+    r.num_computed_tokens = tokens
+    r.cache_seed = b"seed"
+    return r
+
+
+def _fill(store, r):
+    """Token t's K (every layer, head, channel) = t + 1 and its V = -(t + 1), as stored."""
+    for layer in range(SPEC.num_layers):
+        for t in range(r.num_kv_tokens):
+            value = torch.full((1, SPEC.num_kv_heads, SPEC.head_dim), float(t + 1))
+            slot = torch.tensor([r.block_table.slot(t)])
+            store.write(layer, slot, value, -value)
+
+
+def _read(store, r, layer=0, head=0):
+    """What the cache holds for the request, in cache order (K channel 0)."""
+    k = store.k[layer].view(SPEC.num_kv_heads, -1, SPEC.head_dim)
+    return [k[head, r.block_table.slot(t), 0].item() for t in range(r.block_table.num_tokens)]
+
+
+def test_compaction_moves_kept_tokens_to_the_front_and_frees_blocks():
+    store, pool, sched, io = _setup()
+    r = _request(pool, 22)  # 6 blocks, 22 tokens
+    old = list(r.block_table.block_ids)
+    _fill(store, r)
+    keep = [0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # streaming-like: 4 sinks
+    assert sched.compact(r, keep)
+    # tokens 0-3, 12-15 and 16-19 are old blocks 0, 3 and 4 whole: taken as they are.
+    # Tokens 20-21 go to place 3, whose old block is taken (for place 1): a fresh block.
+    assert r.block_table.block_ids[:3] == [old[0], old[3], old[4]]
+    assert r.block_table.block_ids[3] not in (old[0], old[3], old[4])
+    assert r.block_table.num_tokens == 14 and r.num_dropped == 8 and r.num_kv_tokens == 14
+    assert _read(store, r) == [t + 1.0 for t in keep]
+    v = store.v[1].view(SPEC.num_kv_heads, -1, SPEC.head_dim)
+    assert [v[1, r.block_table.slot(i), 7].item() for i in range(14)] == [-(t + 1.0) for t in keep]
+    assert io.moves == 2  # only tokens 20 and 21 were copied
+    assert r.cache_seed is None  # a pruned request publishes nothing more
+    pool.check_integrity()
+    assert pool.num_free == 12 - 4
+
+
+def test_compaction_never_writes_a_shared_or_cached_block():
+    store, pool, sched, _ = _setup()
+    r = _request(pool, 12)  # 3 blocks
+    old = list(r.block_table.block_ids)
+    _fill(store, r)
+    pool.cache(old[0], b"k0")  # the first block is in the prefix cache
+    before = store.read_blocks([old[0]])
+    assert sched.compact(r, [0, 1, 5, 6, 7, 9, 10, 11])  # nothing whole: every block written
+    assert old[0] not in r.block_table.block_ids  # the cached block is left as it was
+    assert torch.equal(store.read_blocks([old[0]]), before)
+    assert r.block_table.block_ids[1] == old[1]  # own, uncached, unshared: written in place
+    assert _read(store, r) == [1.0, 2.0, 6.0, 7.0, 8.0, 10.0, 11.0, 12.0]
+    pool.check_integrity()
+    assert pool.ref_count(old[0]) == 0 and pool.lookup(b"k0") == old[0]  # cached, free
+
+
+def test_compaction_of_quantized_tokens_copies_their_codes():
+    store, pool, sched, _ = _setup("int4")
+    r = _request(pool, 10)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(10, SPEC.num_kv_heads, SPEC.head_dim, generator=gen)
+    slots = torch.tensor([r.block_table.slot(t) for t in range(10)])
+    store.write(0, slots, x, x)
+    decoded_before = store.k[0].gather(torch.tensor(r.block_table.block_ids))
+    flat = decoded_before.reshape(SPEC.num_kv_heads, -1, SPEC.head_dim)
+    assert sched.compact(r, [1, 4, 8, 9])
+    after = store.k[0].gather(torch.tensor(r.block_table.block_ids))
+    assert torch.equal(after.reshape(SPEC.num_kv_heads, -1, SPEC.head_dim)[:, :4],
+                       flat[:, [1, 4, 8, 9]])  # fmt: skip
+
+
+# --- attention gathered inside the read ---------------------------------------------------
+
+
+@pytest.mark.parametrize("tile_tokens", [512, 8])
+def test_gathered_attention_equals_the_softmax(monkeypatch, tile_tokens):
+    import kvforge.attention.paged as paged
+
+    monkeypatch.setattr(paged, "TILE_TOKENS", tile_tokens)
+    if tile_tokens == 8:
+        monkeypatch.setattr(paged, "DECODE_TILE_BYTES", 0)
+    gen = torch.Generator().manual_seed(1)
+    kv_heads, heads, dim, bs = 2, 4, 8, 4
+    k_cache = torch.randn(kv_heads, 16, bs, dim, generator=gen)
+    v_cache = torch.randn(kv_heads, 16, bs, dim, generator=gen)
+    # seq 0: decode at 13 keys; seq 1: a 5-token chunk after 10 cached (15 keys)
+    tables = torch.tensor([[3, 7, 1, 9], [2, 5, 11, 4]])
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(6, dtype=torch.long), query_start_loc=(0, 1, 6),
+        seq_lens=(13, 15), block_tables=tables, block_size=bs,
+        collect=Collected(modes={0: "all", 1: "window"}, window={1: 2}),
+    )  # fmt: skip
+    q = torch.randn(6, heads, dim, generator=gen)
+    paged_attention(q, k_cache, v_cache, meta, 0.5)
+
+    def expected(seq, rows, seq_len):
+        keys = k_cache[:, tables[seq]].reshape(kv_heads, -1, dim)[:, :seq_len]
+        total = torch.zeros(kv_heads, seq_len)
+        for row, pos in rows:
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                s = (keys[g, : pos + 1] @ q[row, h]) * 0.5
+                total[g, : pos + 1] += torch.softmax(s, -1)
+        return total
+
+    got = meta.collect.scores
+    torch.testing.assert_close(got[0], expected(0, [(0, 12)], 13), rtol=1e-5, atol=1e-6)
+    # "window" 2: only the chunk's last two queries (positions 13, 14) vote
+    torch.testing.assert_close(got[1], expected(1, [(4, 13), (5, 14)], 15), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+
+
+# --- the engine under a budget ------------------------------------------------------------
+
+POLICY_NAMES = ["sliding", "streaming", "h2o", "snapkv"]
+
+
+def _llm(**options):
+    return LLM(model="random", device="cpu", kv_memory="2MiB", **options)
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_a_budget_above_the_sequence_changes_nothing(name):
+    prompts = ["The cat sat on the mat. " * 3, "def f(x):\n    return x * 2\n" * 4]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain = [
+        o.token_ids
+        for o in _llm(max_num_batched_tokens=32, max_num_seqs=8).generate(prompts, params)
+    ]
+    llm = _llm(kv_policy=name, kv_budget=512, max_num_batched_tokens=32, max_num_seqs=8)
+    assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("kv_dtype", ["fp32", "int8", "int4"])
+def test_the_budget_holds_over_a_long_generation(name, kv_dtype):
+    llm = _llm(kv_policy=name, kv_budget=48, kv_dtype=kv_dtype)
+    outs = llm.generate(["Once upon a time", "x = [1, 2, 3]\n" * 20],
+                        SamplingParams(max_tokens=100, ignore_eos=True))  # fmt: skip
+    block = llm.engine.store.block_size
+    prompt = len(outs[1].prompt_token_ids)
+    assert prompt > 2 * 48 + block and [len(o.token_ids) for o in outs] == [100, 100]
+    assert outs[0].metrics.peak_kv_tokens == 48 + block  # compacted at budget + one block
+    if name == "snapkv":  # holds the whole prompt, then compresses it once
+        assert outs[1].metrics.peak_kv_tokens == prompt
+    else:  # reads the prompt in pieces of budget + block, compacting in between
+        assert outs[1].metrics.peak_kv_tokens <= 2 * 48 + block
+    llm.engine.pool.check_integrity()
+    assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+
+
+def test_streaming_4096_tokens_within_budget_plus_a_block():
+    llm = _llm(kv_policy="streaming", kv_budget=256)
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=4096, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4096
+    assert out.metrics.peak_kv_tokens <= 256 + llm.engine.store.block_size
+
+
+def test_a_policy_lets_a_request_run_past_the_context():
+    llm = _llm(kv_policy="streaming", kv_budget=64)
+    context = llm.engine.max_model_len
+    prompt = [(7 * i) % 200 + 3 for i in range(context + 40)]  # read 80 tokens a pass
+    out = llm.generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert out.error is None and len(out.token_ids) == 5
+    assert out.metrics.peak_kv_tokens <= 2 * 64 + 16
+    refused = _llm().generate([prompt], SamplingParams(max_tokens=5))[0]
+    assert refused.finish_reason == "abort" and "exceeds the model's context" in refused.error
+    snap = _llm(kv_policy="snapkv", kv_budget=64).generate([prompt], SamplingParams(max_tokens=5))
+    assert "(snapkv reads a prompt whole)" in snap[0].error
+
+
+def test_int2_refuses_a_policy_with_the_reason():
+    with pytest.raises(KVForgeError, match="kv_policy 'h2o' cannot be combined with kv_dtype "
+                       "'int2': its keys are quantized per channel"):  # fmt: skip
+        _llm(kv_policy="h2o", kv_budget=64, kv_dtype="int2")
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_preemption_under_a_policy(mode):
+    # 7 blocks of 16: three running requests of 2 blocks each cannot all take a third
+    prompts = [f"request {i}: hello" for i in range(3)]  # 17 tokens each
+    params = SamplingParams(max_tokens=120, ignore_eos=True)
+    roomy = _llm(kv_policy="sliding", kv_budget=32).generate(prompts, params)
+    llm = LLM(model="random", device="cpu", num_blocks=7, kv_policy="sliding", kv_budget=32,
+              preemption_mode=mode)  # fmt: skip
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [len(o.token_ids) for o in outs] == [120] * 3
+    if mode == "swap":  # the pruned cache comes back as it was: the same tokens
+        assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    llm.engine.pool.check_integrity()
+    assert llm.engine.pool.num_free == 7
+
+
+def test_a_pruned_request_publishes_no_stale_prefix():
+    llm = _llm(kv_policy="sliding", kv_budget=32)
+    first = llm.generate(["The quick brown fox " * 4],
+                         SamplingParams(max_tokens=100, ignore_eos=True))[0]  # fmt: skip
+    # its prompt and output, asked again without a policy, must not reuse pruned blocks
+    llm.engine.kv_policy = None
+    ids = first.prompt_token_ids + first.token_ids
+    again = llm.generate([ids], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    fresh = _llm().generate([ids], SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert again.token_ids == fresh.token_ids
+    # only the prompt's full blocks were published (before the first compaction)
+    assert again.metrics.cached_tokens <= len(first.prompt_token_ids) // 16 * 16
+
+
+def test_eval_with_a_policy(capsys, tmp_path):
+    import json
+
+    assert main(["eval", "passkey", "--model", "random", "--device", "cpu", "--lengths",
+                 "200", "--depths", "0,1", "--trials", "1", "--kv-policy", "snapkv",
+                 "--kv-budget", "25%", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["kv_policy"] == "snapkv" and result["kv_budget"] == "25%"
+    assert result["kv_budget_tokens"] == {"200": 50}
+    assert result["peak_kv_tokens"]["200"] <= 200 + 8
+    assert main(["eval", "perplexity", "--model", "random", "--device", "cpu", "--context",
+                 "128", "--max-tokens", "200", "--kv-policy", "streaming", "--kv-budget",
+                 "32", "--json"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    # window 1: 127 tokens in chunks of 64 and 63, compacted to 32 at 64 held: 32 + 63
+    assert result["tokens_scored"] == 200 and result["peak_kv_tokens"] == 32 + 63
+    assert main(["eval", "passkey", "--kv-budget", "64"]) == 2
+    assert "--kv-budget needs --kv-policy" in capsys.readouterr().err
+    assert main(["eval", "passkey", "--kv-policy", "h2o", "--kv-budget", "64",
+                 "--kv-dtype", "int2", "--device", "cpu", "--model", "random"]) == 2  # fmt: skip
+    assert "cannot be combined with kv_dtype 'int2'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", "passkey", "--kv-policy", "h2o", "--kv-budget", "150%"])
