@@ -22,7 +22,7 @@ from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfi
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
-from kvforge.kvcache.policy import KVPolicy, SnapKV, pool_votes
+from kvforge.kvcache.policy import KVPolicy, SnapKV
 from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
@@ -334,19 +334,11 @@ class LLMEngine:
             return
         state = r.policy_state
         if received is not None:
-            if isinstance(policy, SnapKV):
-                received = pool_votes(received, policy.kernel)
-            received = received.sum(0).cpu()  # over KV heads
-            if state.scores is not None and len(state.scores) < held:
-                grown = torch.zeros(held)
-                grown[: len(state.scores)] = state.scores
-                state.scores = grown
-            state.scores = received if state.scores is None else state.scores + received
+            state.add(policy.token_scores(received).cpu(), held)
         if done_now:
             state.prefilled = True
         if policy.compact_now(state, held, self.store.block_size, done_now):
-            if state.scores is not None and len(state.scores) < held:
-                state.scores = torch.cat([state.scores, torch.zeros(held - len(state.scores))])
+            state.grow(held)
             keep = policy.select(state, held)
             if self.scheduler.compact(r, keep) and state.scores is not None:
                 state.scores = state.scores[keep]

@@ -39,6 +39,16 @@ class PolicyState:
     scores: torch.Tensor | None = None  # [held] float32: attention each token received
     prefilled: bool = False  # the pass that computed the last prompt token has run
 
+    def grow(self, held: int) -> None:
+        """Scores for tokens added since the last update start at zero."""
+        if self.scores is not None and len(self.scores) < held:
+            self.scores = torch.cat([self.scores, torch.zeros(held - len(self.scores))])
+
+    def add(self, received: torch.Tensor, held: int) -> None:
+        """Add one pass's per-token attention ([held], float32)."""
+        self.grow(held)
+        self.scores = received if self.scores is None else self.scores + received
+
 
 @dataclass(frozen=True)
 class KVPolicy:
@@ -65,6 +75,10 @@ class KVPolicy:
 
     def select(self, state: PolicyState, held: int) -> list[int]:
         raise NotImplementedError
+
+    def token_scores(self, received: torch.Tensor) -> torch.Tensor:
+        """One pass's gathered attention, [kv_heads, held], as one score per token."""
+        return received.sum(0)
 
     def describe(self) -> str:
         return f"{self.name}, budget {self.budget}"
@@ -166,6 +180,10 @@ class SnapKV(KVPolicy):
     def select(self, state: PolicyState, held: int) -> list[int]:
         scores = state.scores if state.scores is not None else torch.zeros(held)
         return _recent_plus_top(scores, held, self.budget, self.observation_window)
+
+    def token_scores(self, received: torch.Tensor) -> torch.Tensor:
+        """Each KV head's votes pooled along the prompt, then summed over heads."""
+        return pool_votes(received, self.kernel).sum(0)
 
 
 POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (Sliding, Streaming, H2O, SnapKV)}
