@@ -23,6 +23,7 @@ from kvforge.kvcache.policy import (
     Streaming,
     make_policy,
     pool_votes,
+    whole_blocks,
 )
 from kvforge.kvcache.store import KVStore
 
@@ -90,6 +91,57 @@ def test_make_policy_errors_name_the_choices():
         make_policy(None, 8)
     with pytest.raises(KVForgeError, match="kv_budget must be a positive integer, got 0"):
         make_policy("sliding", 0)
+    own = Streaming(64, sinks=8, positions="original")
+    assert make_policy(own, None) is own and make_policy(own, 64) is own
+    with pytest.raises(KVForgeError, match="kv_budget 32 disagrees with the policy's \\(64\\)"):
+        make_policy(own, 32)
+    with pytest.raises(KVForgeError, match="streaming positions must be 'cache' or 'original'"):
+        Streaming(64, positions="absolute")
+
+
+def test_only_streaming_sinks_move_and_only_in_cache_positions():
+    assert Streaming(64).moved == 4 and Streaming(64, sinks=2).moved == 2
+    assert Streaming(64, positions="original").moved == 0
+    assert Sliding(64).moved == H2O(64).moved == SnapKV(64).moved == 0
+
+
+# --- RoPE past the tables, and keys moved to another position -----------------------------
+
+
+def _rotary(max_positions=32, head_dim=8):
+    from kvforge.models.llama import ModelConfig, RotaryEmbedding
+
+    spec = ModelSpec(name="r", architecture="llama", num_layers=1, num_attention_heads=1,
+                     num_kv_heads=1, head_dim=head_dim, hidden_size=head_dim,
+                     max_position_embeddings=max_positions, dtype="fp32", vocab_size=16,
+                     intermediate_size=16)  # fmt: skip
+    return RotaryEmbedding(ModelConfig(spec=spec, rope_theta=10000.0))
+
+
+def test_rope_past_its_tables_is_computed_exactly_and_the_tables_do_not_grow():
+    rope = _rotary()
+    positions = torch.tensor([3, 31, 32, 1000, 5_000_000])
+    cos, sin = rope(positions)
+    assert rope.cos.shape == (32, 4)  # no table growth
+    assert torch.equal(cos[:2], rope.cos[[3, 31]]) and torch.equal(sin[:2], rope.sin[[3, 31]])
+    exact = positions[2:, None].double() * rope.inv_freq.double()
+    torch.testing.assert_close(cos[2:], exact.cos().float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(sin[2:], exact.sin().float(), rtol=0, atol=1e-7)
+
+
+def test_shifting_a_key_equals_computing_it_later():
+    from kvforge.models.llama import apply_rope
+
+    rope = _rotary()
+    k = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(0))  # [T, heads, D]
+    at = torch.tensor([0, 1, 2, 3, 4])
+    cos, sin = rope(at)
+    cos2, sin2 = rope(at + 977)
+    computed_later = apply_rope(k, cos2[:, None], sin2[:, None])
+    moved = rope.shift(apply_rope(k, cos[:, None], sin[:, None]), 977)
+    torch.testing.assert_close(moved, computed_later, rtol=0, atol=1e-5)
+    back = rope.shift(moved, -977)  # and back
+    torch.testing.assert_close(back, apply_rope(k, cos[:, None], sin[:, None]), rtol=0, atol=1e-5)
 
 
 # --- compaction: exact block ids and contents ---------------------------------------------
@@ -108,6 +160,13 @@ class _IO:
     def move_tokens(self, src, dst):
         self.moves += len(src)
         self.store.move_tokens(src, dst)
+
+    def copy_blocks(self, src, dst):
+        self.store.copy_blocks(src, dst)
+
+    @property
+    def token_moves(self):
+        return self.store.token_moves
 
     def retire(self, block_ids, num_tokens):
         pass
@@ -152,15 +211,14 @@ def test_compaction_moves_kept_tokens_to_the_front_and_frees_blocks():
     _fill(store, r)
     keep = [0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # streaming-like: 4 sinks
     assert sched.compact(r, keep)
-    # tokens 0-3, 12-15 and 16-19 are old blocks 0, 3 and 4 whole: taken as they are.
-    # Tokens 20-21 go to place 3, whose old block is taken (for place 1): a fresh block.
-    assert r.block_table.block_ids[:3] == [old[0], old[3], old[4]]
-    assert r.block_table.block_ids[3] not in (old[0], old[3], old[4])
+    # tokens 0-3, 12-15 and 16-19 are old blocks 0, 3 and 4 whole, and tokens 20-21 the
+    # partial last block 5: all taken as they are, nothing copied
+    assert r.block_table.block_ids == [old[0], old[3], old[4], old[5]]
     assert r.block_table.num_tokens == 14 and r.num_dropped == 8 and r.num_kv_tokens == 14
     assert _read(store, r) == [t + 1.0 for t in keep]
     v = store.v[1].view(SPEC.num_kv_heads, -1, SPEC.head_dim)
     assert [v[1, r.block_table.slot(i), 7].item() for i in range(14)] == [-(t + 1.0) for t in keep]
-    assert io.moves == 2  # only tokens 20 and 21 were copied
+    assert io.moves == 0
     assert r.cache_seed is None  # a pruned request publishes nothing more
     pool.check_integrity()
     assert pool.num_free == 12 - 4
@@ -180,6 +238,28 @@ def test_compaction_never_writes_a_shared_or_cached_block():
     assert _read(store, r) == [1.0, 2.0, 6.0, 7.0, 8.0, 10.0, 11.0, 12.0]
     pool.check_integrity()
     assert pool.ref_count(old[0]) == 0 and pool.lookup(b"k0") == old[0]  # cached, free
+
+
+def test_tokens_to_be_rewritten_never_stay_in_a_cached_block():
+    store, pool, sched, io = _setup()
+    r = _request(pool, 12)  # 3 blocks
+    old = list(r.block_table.block_ids)
+    _fill(store, r)
+    pool.cache(old[0], b"k0")  # the sinks' block is in the prefix cache
+    before = store.read_blocks([old[0]])
+    # tokens 0-3 are old block 0 whole, but the first 4 kept will be rewritten (moved
+    # sinks): they go to a fresh block; tokens 8-11 are old block 2 whole, taken as is
+    assert sched.compact(r, [0, 1, 2, 3, 8, 9, 10, 11], rewritten=4)
+    assert r.block_table.block_ids[0] not in old and r.block_table.block_ids[1] == old[2]
+    assert io.moves == 4 and _read(store, r) == [1.0, 2.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]
+    assert torch.equal(store.read_blocks([old[0]]), before)
+    pool.check_integrity()
+    # without rewriting, the same block is taken as it is
+    store, pool, sched, io = _setup()
+    r = _request(pool, 12)
+    old = list(r.block_table.block_ids)
+    assert sched.compact(r, [0, 1, 2, 3, 8, 9, 10, 11])
+    assert r.block_table.block_ids == [old[0], old[2]] and io.moves == 0
 
 
 def test_compaction_of_quantized_tokens_copies_their_codes():
@@ -297,10 +377,160 @@ def test_a_policy_lets_a_request_run_past_the_context():
     assert "(snapkv reads a prompt whole)" in snap[0].error
 
 
-def test_int2_refuses_a_policy_with_the_reason():
-    with pytest.raises(KVForgeError, match="kv_policy 'h2o' cannot be combined with kv_dtype "
-                       "'int2': its keys are quantized per channel"):  # fmt: skip
+@pytest.fixture(scope="module")
+def one_layer(tmp_path_factory):
+    """A one-layer Llama with sharp attention (weights drawn wider than usual): its cached
+    K/V depend only on each token and its position, so a pruned cache can be compared with
+    a fresh read of the kept tokens alone."""
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=211, max_position_embeddings=128,
+                                      initializer_range=0.2)  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("one-layer")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+def _held_when_predicting(n: int, budget: int, block: int, sinks: int = 4) -> list[list[int]]:
+    """Which tokens streaming holds when token t's pass predicts token t + 1, one per pass."""
+    held, out = [], []
+    for t in range(n):
+        held.append(t)
+        out.append(list(held))
+        if len(held) >= budget + block:
+            held = held[:sinks] + held[-(budget - sinks) :]
+    return out
+
+
+@pytest.mark.parametrize(("kv_dtype", "atol"), [("fp32", 1e-5), ("fp16", 5e-3)])
+def test_streaming_sees_its_cache_as_a_fresh_sequence(one_layer, kv_dtype, atol):
+    # StreamingLLM numbers positions inside the cache: the model sees the sinks, then the
+    # window, as one short sequence. With the sinks moved along, what the pruned cache
+    # predicts equals a fresh read of the kept tokens alone; with their original
+    # positions it does not. 300 tokens run past this model's context of 128.
+    engine = LLM(model=one_layer, device="cpu", num_blocks=64, kv_dtype=kv_dtype).engine
+    budget, block = 24, engine.store.block_size
+    ids = torch.randint(0, 211, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    held = _held_when_predicting(len(ids) - 1, budget, block)
+    checked = [40, 50, 150, 250, 295]  # after 1, 1, 7, 14 and 16 moves
+
+    def errors(positions):
+        got = engine.score(ids, chunk_size=1, kv_policy=Streaming(budget, positions=positions))
+        fresh = [engine.score([ids[j] for j in held[t]] + [ids[t + 1]])[-1] for t in checked]
+        return [abs(float(got[t] - f)) for t, f in zip(checked, fresh, strict=True)]
+
+    assert [len(held[t]) for t in checked] == [25, 35, 39, 27, 40]
+    assert max(errors("cache")) < atol
+    assert max(errors("original")) > 0.1  # the sinks drifted 256 positions away
+
+
+def test_moved_sinks_are_encoded_once_from_their_first_keys(one_layer):
+    # int8: each move re-encodes the sinks from their keys as first stored, rotated to the
+    # new place, so after many moves they are as close to the exact keys as after one
+    # (within two quantization steps), not drifting with every re-encoding.
+    from kvforge.models.llama import apply_rope
+
+    llm = LLM(model=one_layer, device="cpu", num_blocks=64, kv_dtype="int8",
+              kv_policy=Streaming(24))  # fmt: skip
+    engine, seen = llm.engine, []
+
+    def record(requests, logits):
+        r = requests[0]
+        if r.num_dropped:
+            slots = [r.block_table.slot(i) for i in range(4)]
+            seen.append((r.num_dropped, engine.store.read_keys(slots)[0]))  # layer 0
+
+    engine.runner.logits_hook = record
+    prompt = [5, 17, 42, 9, 100, 3, 77, 8]
+    llm.generate([prompt], SamplingParams(max_tokens=200, ignore_eos=True))
+    model = engine.runner.model.model
+    attention = model.layers[0].self_attn
+    with torch.no_grad():
+        qk, _ = attention._project(model.layers[0].input_layernorm(
+            model.embed_tokens(torch.tensor(prompt[:4]))))  # fmt: skip
+    k = qk[:, attention.num_heads :]  # [4, kv_heads, D], before RoPE
+    moves = sorted({dropped for dropped, _ in seen})
+    assert moves == list(range(16, 177, 16))  # 11 moves of 16 tokens (207 computed)
+    for dropped, stored in seen:
+        cos, sin = model.rotary_emb(torch.arange(4) + dropped)
+        exact = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # [kv_heads, 4, D]
+        step = exact.abs().amax(-1, keepdim=True) / 127
+        assert ((stored - exact).abs() <= 2 * step).all(), dropped
+
+
+def test_whole_blocks_for_a_cache_whose_tokens_cannot_move():
+    # streaming, budget 40, 70 held in blocks of 8: the sinks' block 0, the partial last
+    # block 8 (64-69), and the 3 blocks (26 tokens of room) holding most kept tokens
+    keep = Streaming(40).select(PolicyState(), 70)
+    assert keep == [0, 1, 2, 3, *range(34, 70)]
+    assert whole_blocks(keep, 70, 8, 40, pinned=4) == list(range(8)) + list(range(40, 70))
+    # h2o-like: heavy hitters 1, 2 (block 0), 9 (block 1), 17-19 (block 2), recent 60-69;
+    # budget 24: the last block (6 tokens) and 2 more: block 7 (4 kept), block 2 (3)
+    keep = [1, 2, 9, 17, 18, 19, *range(60, 70)]
+    assert whole_blocks(keep, 70, 8, 24) == list(range(16, 24)) + list(range(56, 70))
+
+
+def test_int2_keeps_and_drops_whole_blocks():
+    with pytest.raises(KVForgeError, match="kv_budget 64 is too small for kv_dtype 'int2': it "
+                       "keeps whole blocks of 64 tokens and its 32 newest tokens in full "
+                       "precision, so a policy needs kv_budget >= 160"):  # fmt: skip
         _llm(kv_policy="h2o", kv_budget=64, kv_dtype="int2")
+    for name in POLICY_NAMES:
+        llm = _llm(kv_policy=name, kv_budget=160, kv_dtype="int2")
+        outs = llm.generate(["Once upon a time", "x = [1, 2, 3]\n" * 30],
+                            SamplingParams(max_tokens=300, ignore_eos=True))  # fmt: skip
+        prompt = len(outs[1].prompt_token_ids)
+        assert [len(o.token_ids) for o in outs] == [300, 300] and prompt == 421
+        assert outs[0].metrics.peak_kv_tokens == 160 + 64
+        assert outs[1].metrics.peak_kv_tokens == (prompt if name == "snapkv" else 357)
+        llm.engine.pool.check_integrity()
+        assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
+        assert llm.engine.store.window.slots == {}  # every recent-window slot given back
+
+
+def test_int2_moves_the_sinks_block_along(one_layer):
+    # under int2 the sinks' whole first block moves: re-rotated from its keys as first
+    # stored and encoded once more, its error against the keys computed at the new
+    # positions stays near that of one 2-bit quantization, move after move; left where
+    # it was, the block drifts away from them
+    from kvforge.models.llama import apply_rope
+
+    def errors(positions):
+        """(tokens dropped, relative error of the stored sinks block) after each step."""
+        llm = LLM(model=one_layer, device="cpu", num_blocks=64, kv_dtype="int2",
+                  kv_policy=Streaming(160, positions=positions))  # fmt: skip
+        engine, seen = llm.engine, []
+
+        def record(requests, logits):
+            r = requests[0]
+            slots = [r.block_table.slot(i) for i in range(64)]
+            seen.append((r.num_dropped, engine.store.read_keys(slots)[0]))
+
+        engine.runner.logits_hook = record
+        prompt = list(range(3, 67))
+        llm.generate([prompt], SamplingParams(max_tokens=400, ignore_eos=True))
+        model = engine.runner.model.model
+        attention = model.layers[0].self_attn
+        with torch.no_grad():
+            qk, _ = attention._project(model.layers[0].input_layernorm(
+                model.embed_tokens(torch.tensor(prompt))))  # fmt: skip
+        out = []
+        for dropped, keys in seen:
+            cos, sin = model.rotary_emb(torch.arange(64) + dropped)
+            exact = apply_rope(qk[:, attention.num_heads :], cos[:, None], sin[:, None])
+            out.append((dropped, float((keys - exact.transpose(0, 1)).norm() / exact.norm())))
+        return out
+
+    moved = errors("cache")
+    assert sorted({d for d, _ in moved}) == [0, 64, 128, 192, 256]  # 4 moves of a block
+    once = [e for d, e in moved if d == 0][-1]  # encoded once, at the first positions
+    assert 0.2 < once < 0.6  # what 2 bits cost this sharp model's keys
+    assert max(e for d, e in moved if d) < 1.5 * once
+    stayed = errors("original")
+    assert min(e for d, e in stayed if d) > 2 * once
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
@@ -318,6 +548,23 @@ def test_preemption_under_a_policy(mode):
         assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     llm.engine.pool.check_integrity()
     assert llm.engine.pool.num_free == 7
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_int2_preemption_under_streaming(mode):
+    # 10 blocks of 64: three requests that each grow to 224 tokens (4 blocks) cannot all run
+    prompts = [f"request {i}: hello" * 5 for i in range(3)]
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+    options = {"kv_policy": "streaming", "kv_budget": 160, "kv_dtype": "int2"}
+    roomy = _llm(**options).generate(prompts, params)
+    llm = LLM(model="random", device="cpu", num_blocks=10, preemption_mode=mode, **options)
+    outs = llm.generate(prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert [len(o.token_ids) for o in outs] == [400] * 3
+    if mode == "swap":  # hot blocks leave with the request and come back: the same tokens
+        assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
+    llm.engine.pool.check_integrity()
+    assert llm.engine.pool.num_free == 10 and llm.engine.store.window.slots == {}
 
 
 def test_a_pruned_request_publishes_no_stale_prefix():
@@ -354,6 +601,6 @@ def test_eval_with_a_policy(capsys, tmp_path):
     assert "--kv-budget needs --kv-policy" in capsys.readouterr().err
     assert main(["eval", "passkey", "--kv-policy", "h2o", "--kv-budget", "64",
                  "--kv-dtype", "int2", "--device", "cpu", "--model", "random"]) == 2  # fmt: skip
-    assert "cannot be combined with kv_dtype 'int2'" in capsys.readouterr().err
+    assert "kv_budget 64 is too small for kv_dtype 'int2'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "passkey", "--kv-policy", "h2o", "--kv-budget", "150%"])

@@ -18,7 +18,7 @@ from kvforge.engine.request import Request, RequestMetrics, RequestOutput
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.kvcache.policy import make_policy
+from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.kvcache.store import TORCH_DTYPES, KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
@@ -157,6 +157,10 @@ class LLM:
     With `enable_prefix_caching` (the default), a request reuses the K/V blocks of
     the longest prompt prefix any earlier request computed (under the same
     `cache_salt`) and computes only the rest; `metrics.cached_tokens` says how many.
+
+    `kv_policy` (sliding, streaming, h2o, snapkv) with `kv_budget` keeps at most that
+    many tokens of each request's KV; a policy object (`Streaming(256, sinks=8)`)
+    carries its own options and budget.
     """
 
     def __init__(
@@ -169,7 +173,7 @@ class LLM:
         num_blocks: int | None = None,
         kv_dtype: str = "auto",
         enable_prefix_caching: bool = True,
-        kv_policy: str | None = None,
+        kv_policy: str | KVPolicy | None = None,
         kv_budget: int | None = None,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,

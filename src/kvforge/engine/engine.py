@@ -22,7 +22,7 @@ from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfi
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
-from kvforge.kvcache.policy import KVPolicy, SnapKV
+from kvforge.kvcache.policy import KVPolicy, SnapKV, whole_blocks
 from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
@@ -55,6 +55,13 @@ class _StoreIO:
 
     def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
         self.store.move_tokens(src_slots, dst_slots)
+
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        self.store.copy_blocks(src_ids, dst_ids)
+
+    @property
+    def token_moves(self) -> bool:
+        return self.store.token_moves
 
     def loaded(self, sources: list[str]) -> None:
         if self.tiers is not None:
@@ -173,12 +180,19 @@ class LLMEngine:
         return None, list(prompt)
 
     def check_policy(self, policy: KVPolicy | None) -> None:
-        """KVForgeError if this store cannot apply `policy`."""
-        if policy is not None and not self.store.token_moves:
+        """KVForgeError if this store cannot apply `policy`. Under int2 (keys quantized
+        per channel over whole blocks, the newest tokens kept in full precision) a policy
+        keeps and drops whole blocks, and its budget must hold the sinks' block, the
+        full-precision tokens and the block being filled."""
+        if policy is None or self.store.token_moves:
+            return
+        fmt, bs = self.store.format, self.store.block_size
+        least = fmt.residual_tokens + 2 * bs
+        if policy.budget < least:
             raise KVForgeError(
-                f"kv_policy {policy.name!r} cannot be combined with kv_dtype "
-                f"{self.store.format.name!r}: its keys are quantized per channel over whole "
-                "blocks, so single tokens cannot be moved out of them"
+                f"kv_budget {policy.budget} is too small for kv_dtype {fmt.name!r}: it keeps "
+                f"whole blocks of {bs} tokens and its {fmt.residual_tokens} newest tokens "
+                f"in full precision, so a policy needs kv_budget >= {least}"
             )
 
     def check_request(
@@ -340,8 +354,30 @@ class LLMEngine:
         if policy.compact_now(state, held, self.store.block_size, done_now):
             state.grow(held)
             keep = policy.select(state, held)
-            if self.scheduler.compact(r, keep) and state.scores is not None:
+            moved = min(policy.moved, len(keep))
+            if not self.store.token_moves:  # int2: whole blocks are kept, or dropped
+                bs = self.store.block_size
+                keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
+                moved = -(-moved // bs) * bs  # the sinks' whole block moves along
+            if not self.scheduler.compact(r, keep, rewritten=moved):
+                return
+            if state.scores is not None:
                 state.scores = state.scores[keep]
+            if moved and r.num_dropped:
+                self._move_ahead(r, moved)
+
+    def _move_ahead(self, r: Request, n: int) -> None:
+        """Re-rotate the keys of the request's first `n` cached tokens (streaming's sinks)
+        to positions num_dropped .. num_dropped + n - 1, just before the oldest other kept
+        token, from their keys as first computed (at 0 .. n-1)."""
+        table = r.block_table
+        slots = [table.slot(i) for i in range(n)]
+        state = r.policy_state
+        rope = self.runner.model.model.rotary_emb
+        if state.moved_keys is None:  # the first move: they still sit where computed
+            dtype = next(self.runner.model.parameters()).dtype  # what the keys came out as
+            state.moved_keys = self.store.read_keys(slots).to(dtype)
+        self.store.write_keys(slots, rope.shift(state.moved_keys, r.num_dropped))
 
     def _append_token(self, r: Request, token: int, now: float) -> None:
         r.output_token_ids.append(token)

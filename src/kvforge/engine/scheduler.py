@@ -115,6 +115,13 @@ class BlockIO(Protocol):
     def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
         """Copy tokens' K/V between slots, every layer (sources read before writes)."""
 
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy whole blocks as stored, every layer (sources read before writes)."""
+
+    @property
+    def token_moves(self) -> bool:
+        """Whether single tokens can move between slots (else only whole blocks)."""
+
     def loaded(self, sources: list[str]) -> None:
         """Blocks from these lower tiers were loaded into the pool (for the tiers' counters)."""
 
@@ -296,17 +303,21 @@ class Scheduler:
         if self.io is not None and request.block_table.block_ids:
             self.io.retire(request.block_table.block_ids, request.num_kv_tokens)
 
-    def compact(self, request: Request, keep: list[int]) -> bool:
+    def compact(self, request: Request, keep: list[int], rewritten: int = 0) -> bool:
         """Keep only the cached tokens at indices `keep` (sorted), moved to the table's
         first slots in order; blocks no longer needed go back to the pool. False (and
         nothing changed) when the pool lacks the fresh blocks it would take.
+        `rewritten`: the first kept tokens the caller will modify after the move; their
+        blocks end up the request's own.
 
-        A destination block that receives exactly one whole old block takes that block
-        as it is (no copy). Any other is written: into the request's own old block at
-        that place when no one else holds it and the prefix cache does not (its content
-        changes), else into a fresh block, so shared and cached blocks are never
-        modified. The request stops publishing blocks to the prefix cache: its blocks
-        no longer hold its token prefix.
+        A destination block that receives exactly one old block (whole, or the partial
+        last one) takes that block as it is, with no copy. Any other is written: into
+        the request's own old block at that place when no one else holds it and the
+        prefix cache does not (its content changes), else into a fresh block, so shared
+        and cached blocks are never modified; an old block that must be copied whole is
+        copied as a block. A store whose tokens cannot move one by one (int2) is only
+        ever given whole old blocks to keep. The request stops publishing blocks to the
+        prefix cache: its blocks no longer hold its token prefix.
         """
         table, bs = request.block_table, request.block_table.block_size
         old = table.block_ids
@@ -314,11 +325,14 @@ class Scheduler:
         if len(keep) == held:
             return True
         n_blocks = -(-len(keep) // bs)
-        whole: dict[int, int] = {}  # destination index -> old block id taken as it is
-        for j in range(n_blocks):
-            part = keep[j * bs : (j + 1) * bs]
-            if len(part) == bs and part[0] % bs == 0 and part[-1] - part[0] == bs - 1:
-                whole[j] = old[part[0] // bs]
+        parts = [keep[j * bs : (j + 1) * bs] for j in range(n_blocks)]
+        aligned: dict[int, int] = {}  # destination index -> old block holding exactly its part
+        for j, part in enumerate(parts):
+            first = part[0]
+            if (first % bs == 0 and part[-1] - first == len(part) - 1
+                    and (len(part) == bs or first + len(part) == held)):  # fmt: skip
+                aligned[j] = old[first // bs]
+        whole = {j: b for j, b in aligned.items() if j * bs >= rewritten}  # taken as they are
         taken = set(whole.values())
         writable = {
             j: old[j]
@@ -332,18 +346,28 @@ class Scheduler:
         freed = sum(1 for b in released if self.pool.ref_count(b) == 1)
         if fresh > self.pool.num_free + freed:
             return False
-        src, dst_index = [], []
-        for j in range(n_blocks):
-            if j not in whole:
-                part = keep[j * bs : (j + 1) * bs]
-                src += [old[p // bs] * bs + p % bs for p in part]
-                dst_index += [j * bs + o for o in range(len(part))]
-        self.pool.release(reversed(released))
+        by_block = self.io.token_moves  # else: aligned parts are copied as blocks
+        copied = {j: b for j, b in aligned.items()
+                  if j not in whole and writable.get(j) != b and not by_block}  # fmt: skip
+        # blocks let go of, whole ones first, leave the store's recent window (int2); a
+        # block to be copied is released only once read
+        n_whole = sum(1 for b in released if old.index(b) < held // bs)
+        self.io.retire(sorted(released, key=old.index), n_whole * bs)
+        self.pool.release(reversed([b for b in released if b not in copied.values()]))
         new_ids = self.pool.allocate(fresh)
         table.block_ids = [whole[j] if j in whole else writable[j] if j in writable
                            else new_ids.pop(0) for j in range(n_blocks)]  # fmt: skip
+        src, dst = [], []
+        for j, part in enumerate(parts):
+            if j in whole or j in copied or aligned.get(j) == table.block_ids[j]:
+                continue
+            src += [old[p // bs] * bs + p % bs for p in part]
+            dst += [table.block_ids[j] * bs + o for o in range(len(part))]
         if src:
-            self.io.move_tokens(src, [table.block_ids[d // bs] * bs + d % bs for d in dst_index])
+            self.io.move_tokens(src, dst)
+        if copied:
+            self.io.copy_blocks(list(copied.values()), [table.block_ids[j] for j in copied])
+            self.pool.release(reversed([b for b in released if b in copied.values()]))
         table.num_tokens = len(keep)
         request.num_dropped += held - len(keep)
         request.cache_seed = None

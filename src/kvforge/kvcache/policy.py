@@ -9,10 +9,21 @@ token, keeps the copying to one pass over the budget every `block_size` tokens.
 Kept tokens keep their original positions: their keys were rotated (RoPE) at the
 position they were computed at, and new tokens go on from the request's true length.
 Relative distances inside the cache stay exact, which is what the model was trained
-on; StreamingLLM re-numbers positions inside the cache instead, which lets a model
-run past its context without extrapolating. Here a request may run past the model's
-context when a policy bounds its cache; the distances to far-back kept tokens (sinks,
-heavy hitters) then exceed what the model saw in training.
+on, and no key is touched again. The one exception is `streaming`'s sinks: a sink kept
+at its first position ends up thousands of positions behind the query, farther than
+the model ever saw, and the model degrades past its context. So by default the sinks
+move along: at every compaction their keys are re-rotated (RoPE rotations compose) to
+sit just before the oldest kept recent token. The query then sees exactly the
+distances of StreamingLLM's positions-within-the-cache (sinks at 0..S-1, the window
+after them) without re-rotating the window: S keys a compaction instead of the budget.
+With a policy a request may run past the model's context; positions past the RoPE
+tables are computed in float64, so they stay exact at any length. `h2o`'s and
+`snapkv`'s far-back kept tokens keep their positions, and distances to them can exceed
+what the model saw in training.
+
+Under int2 (keys quantized per channel over a block) a token cannot move out of its
+block: a policy's choice is rounded to whole blocks (`whole_blocks`), which are kept
+as they are or dropped, and streaming's whole first block moves along.
 
 The four policies share one interface: `select(state, held)` returns the sorted
 indices (into the request's cache, 0 = oldest kept) of the tokens to keep. Those that
@@ -38,6 +49,10 @@ class PolicyState:
 
     scores: torch.Tensor | None = None  # [held] float32: attention each token received
     prefilled: bool = False  # the pass that computed the last prompt token has run
+    # keys of the tokens a policy moves (streaming's sinks) as first stored, at positions
+    # 0..n-1: [layers, kv_heads, n, D] in the model's dtype; each move re-rotates these,
+    # so rounding and re-quantization never accumulate over a long run
+    moved_keys: torch.Tensor | None = None
 
     def grow(self, held: int) -> None:
         """Scores for tokens added since the last update start at zero."""
@@ -80,6 +95,18 @@ class KVPolicy:
         """One pass's gathered attention, [kv_heads, held], as one score per token."""
         return received.sum(0)
 
+    @property
+    def pinned(self) -> int:
+        """How many of the first tokens are always kept (streaming's sinks)."""
+        return 0
+
+    @property
+    def moved(self) -> int:
+        """How many of the first kept tokens move along as older tokens are dropped: after
+        each compaction their keys are re-rotated to sit just before the oldest other kept
+        token (streaming's sinks); 0 for none."""
+        return 0
+
     def describe(self) -> str:
         return f"{self.name}, budget {self.budget}"
 
@@ -98,16 +125,33 @@ class Sliding(KVPolicy):
 class Streaming(KVPolicy):
     """StreamingLLM (Xiao et al., 2023): the first tokens soak up attention that has
     nowhere else to go ("attention sinks"); keep `sinks` of them (default 4) and the
-    most recent `budget - sinks`, and a model stays stable over any length."""
+    most recent `budget - sinks`, and a model stays stable over any length.
+
+    `positions="cache"` (default, the paper's): the sinks sit just before the window,
+    as if positions were numbered inside the cache (their keys are re-rotated at each
+    compaction; see the module docstring). `"original"`: they keep their first
+    positions, and drift ever farther from the query."""
 
     name: ClassVar[str] = "streaming"
     sinks: int = DEFAULT_SINKS
+    positions: str = "cache"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.sinks < self.budget:
             raise KVForgeError(f"streaming keeps {self.sinks} sink tokens: kv_budget must "
                                f"exceed that, got {self.budget}")  # fmt: skip
+        if self.positions not in ("cache", "original"):
+            raise KVForgeError(f"streaming positions must be 'cache' or 'original', "
+                               f"got {self.positions!r}")  # fmt: skip
+
+    @property
+    def pinned(self) -> int:
+        return self.sinks
+
+    @property
+    def moved(self) -> int:
+        return self.sinks if self.positions == "cache" else 0
 
     def select(self, state: PolicyState, held: int) -> list[int]:
         if held <= self.budget:
@@ -186,6 +230,28 @@ class SnapKV(KVPolicy):
         return pool_votes(received, self.kernel).sum(0)
 
 
+def whole_blocks(keep: list[int], held: int, block_size: int, budget: int,
+                 pinned: int = 0) -> list[int]:  # fmt: skip
+    """`keep` rounded to whole blocks, for a cache whose tokens cannot move one by one
+    (int2 quantizes keys per channel over a block): the last block (the newest tokens),
+    the blocks holding the first `pinned` tokens, then the blocks holding most of `keep`
+    (ties: the later), as many as the budget holds. Their token indices, sorted."""
+    n_blocks = -(-held // block_size)
+    last = n_blocks - 1
+    chosen = {last} | {i // block_size for i in range(min(pinned, held))}
+    room = budget - (held - last * block_size) - block_size * (len(chosen) - 1)
+    counts = [0] * n_blocks
+    for i in keep:
+        counts[i // block_size] += 1
+    ranked = sorted((b for b in range(n_blocks) if b not in chosen),
+                    key=lambda b: (counts[b], b), reverse=True)  # fmt: skip
+    for b in ranked[: max(0, room // block_size)]:
+        if counts[b]:
+            chosen.add(b)
+    return [i for b in sorted(chosen) for i in range(b * block_size,
+                                                     min(held, (b + 1) * block_size))]  # fmt: skip
+
+
 POLICIES: dict[str, type[KVPolicy]] = {p.name: p for p in (Sliding, Streaming, H2O, SnapKV)}
 
 
@@ -197,9 +263,15 @@ def pool_votes(votes: torch.Tensor, kernel: int) -> torch.Tensor:
                                           padding=kernel // 2)[:, 0]  # fmt: skip
 
 
-def make_policy(name: str | None, budget: int | None) -> KVPolicy | None:
+def make_policy(name: "str | KVPolicy | None", budget: int | None) -> KVPolicy | None:
     """The policy named `name` with `budget` tokens; None without a name; KVForgeError
-    naming the choices for an unknown name, or a budget given without a policy."""
+    naming the choices for an unknown name, or a budget given without a policy. A
+    `KVPolicy` built with its own options (say `Streaming(256, sinks=8)`) is taken as
+    it is, its budget with it."""
+    if isinstance(name, KVPolicy):
+        if budget is not None and budget != name.budget:
+            raise KVForgeError(f"kv_budget {budget} disagrees with the policy's ({name.budget})")
+        return name
     if name is None:
         if budget is not None:
             raise KVForgeError("kv_budget needs a kv_policy (one of " + ", ".join(POLICIES) + ")")

@@ -417,6 +417,49 @@ class KVStore:
             flat = t.view(t.shape[0], -1, t.shape[-1])  # [kv_heads, slots, width]
             flat.index_copy_(1, dst, flat.index_select(1, src))
 
+    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
+        """Copy whole blocks as stored, every layer; all sources are read before any
+        destination is written. Blocks in the recent window (int2) are not copied."""
+        if self.window is not None and any(b in self.window.slots for b in src_ids):
+            raise AssertionError("a block in the recent window cannot be copied")
+        device = self.k[0].device
+        src = torch.tensor(src_ids, dtype=torch.long, device=device)
+        dst = torch.tensor(dst_ids, dtype=torch.long, device=device)
+        for t in self._tensors():
+            t.index_copy_(1, dst, t.index_select(1, src))
+
+    def read_keys(self, slots: list[int]) -> torch.Tensor:
+        """Every layer's keys at `slots`, decoded: [layers, kv_heads, len(slots), D] float32."""
+        at = torch.tensor(slots, dtype=torch.long, device=self.k[0].device)
+        if self.codec is None:
+            rows = [k.view(k.shape[0], -1, k.shape[-1]).index_select(1, at) for k in self.k]
+            return torch.stack(rows).float()
+        blocks, offsets = at // self.block_size, at % self.block_size
+        picked = torch.arange(len(slots), device=at.device)
+        return torch.stack([k.gather(blocks)[:, picked, offsets] for k in self.k])
+
+    def write_keys(self, slots: list[int], keys: torch.Tensor) -> None:
+        """Store every layer's keys ([layers, kv_heads, len(slots), D]) at `slots`, encoded
+        as new tokens' are; values stay as they are. A codec that encodes whole blocks
+        (int2) takes whole blocks of slots, outside the recent window."""
+        at = torch.tensor(slots, dtype=torch.long, device=self.k[0].device)
+        block_wise = getattr(self.codec, "block_wise", False)
+        if block_wise:
+            bs = self.block_size
+            blocks = [s // bs for s in slots[::bs]]
+            if slots != [b * bs + o for b in blocks for o in range(bs)]:
+                raise AssertionError("int2 keys are rewritten a whole block at a time")
+            if any(b in self.window.slots for b in blocks):
+                raise AssertionError("a block in the recent window is rewritten by its writes")
+            ids = torch.tensor(blocks, dtype=torch.long, device=at.device)
+        for k, new in zip(self.k, keys, strict=True):
+            if self.codec is None:
+                k.view(k.shape[0], -1, k.shape[-1]).index_copy_(1, at, new.to(self.dtype))
+            elif block_wise:
+                k.write_whole_blocks(ids, new.view(new.shape[0], len(ids), -1, new.shape[-1]))
+            else:
+                k.write(at, new)
+
     @property
     def token_moves(self) -> bool:
         """Whether single tokens can move between slots (eviction policies compact them):

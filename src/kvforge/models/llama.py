@@ -195,16 +195,32 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.numel() and int(positions.max()) >= self.cos.shape[0]:
-            self._extend(int(positions.max()) + 1)
+            return self._beyond(positions)
         return self.cos[positions], self.sin[positions]  # [T, D/2] each
 
-    def _extend(self, size: int) -> None:
-        """Tables for positions past the context (a request whose eviction policy bounds
-        its cache may run longer): doubled, computed as the first ones were."""
-        size = max(size, 2 * self.cos.shape[0])
-        positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
-        freqs = positions[:, None] * self.inv_freq
-        self.cos, self.sin = freqs.cos(), freqs.sin()
+    def _beyond(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin where some positions lie past the tables (a request whose eviction
+        policy bounds its cache may run longer than the context): those are computed on
+        the spot, in float64 so that an angle stays exact at any length, the others read
+        from the tables as usual. The tables do not grow."""
+        inside = positions < self.cos.shape[0]
+        cos, sin = self.angles(positions)
+        at = positions.clamp(max=self.cos.shape[0] - 1)
+        cos = torch.where(inside[:, None], self.cos[at], cos)
+        sin = torch.where(inside[:, None], self.sin[at], sin)
+        return cos, sin
+
+    def angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of `positions` (any integers, negative too) × each channel pair's
+        frequency, computed in float64: [len(positions), D/2] float32 each."""
+        freqs = positions.to(torch.float64)[:, None] * self.inv_freq.to(torch.float64)
+        return freqs.cos().float(), freqs.sin().float()
+
+    def shift(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys `k` ([..., D], rotated at some position p) as if computed at p + delta:
+        RoPE's rotations compose, so rotating by delta moves them, float32."""
+        cos, sin = self.angles(torch.tensor([delta], device=self.inv_freq.device))
+        return apply_rope(k.float(), cos[0], sin[0])
 
 
 def apply_rope(
