@@ -550,6 +550,35 @@ def test_preemption_under_a_policy(mode):
     assert llm.engine.pool.num_free == 7
 
 
+def test_int2_copies_a_cached_sinks_block_before_moving_it():
+    # the prompt's first block is in the prefix cache when streaming first compacts: the
+    # sinks' block is copied whole into a block of the request's own and re-rotated
+    # there; the cached block keeps what it held, and the tokens are those of an engine
+    # whose block was never cached (rotated in place)
+    prompt = list(range(3, 131))  # two whole blocks of 64, published as computed
+    params = SamplingParams(max_tokens=300, ignore_eos=True)
+    options = {"kv_policy": "streaming", "kv_budget": 160, "kv_dtype": "int2"}
+    llm = _llm(**options)
+    engine, first = llm.engine, {}
+
+    def record(requests, logits):
+        r = requests[0]
+        if not first and r.block_keys:  # the first block is published
+            first["id"] = r.block_table.block_ids[0]
+            first["bytes"] = engine.store.read_blocks([first["id"]])
+        first["table"] = list(r.block_table.block_ids)
+
+    engine.runner.logits_hook = record
+    out = llm.generate([prompt], params)[0]
+    assert out.metrics.peak_kv_tokens == 224
+    assert first["table"][0] != first["id"]  # the sinks' block moved out of the cached one
+    assert engine.pool.lookup(engine.pool.key_of(first["id"])) == first["id"]
+    assert torch.equal(engine.store.read_blocks([first["id"]]), first["bytes"])
+    uncached = _llm(enable_prefix_caching=False, **options).generate([prompt], params)[0]
+    assert out.token_ids == uncached.token_ids
+    engine.pool.check_integrity()
+
+
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_int2_preemption_under_streaming(mode):
     # 10 blocks of 64: three requests that each grow to 224 tokens (4 blocks) cannot all run

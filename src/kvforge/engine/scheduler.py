@@ -343,12 +343,13 @@ class Scheduler:
         fresh = n_blocks - len(whole) - len(writable)
         kept_ids = taken | set(writable.values())
         released = [b for b in old if b not in kept_ids]
-        freed = sum(1 for b in released if self.pool.ref_count(b) == 1)
-        if fresh > self.pool.num_free + freed:
-            return False
         by_block = self.io.token_moves  # else: aligned parts are copied as blocks
         copied = {j: b for j, b in aligned.items()
                   if j not in whole and writable.get(j) != b and not by_block}  # fmt: skip
+        freed = sum(1 for b in released
+                    if self.pool.ref_count(b) == 1 and b not in copied.values())  # fmt: skip
+        if fresh > self.pool.num_free + freed:
+            return False
         # blocks let go of, whole ones first, leave the store's recent window (int2); a
         # block to be copied is released only once read
         n_whole = sum(1 for b in released if old.index(b) < held // bs)
