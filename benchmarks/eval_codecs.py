@@ -39,14 +39,13 @@ def main() -> None:
         ppl = tasks.perplexity(llm, max_tokens=sizes["max_tokens"])
         key = tasks.passkey(llm, lengths=sizes["lengths"], trials=sizes["trials"])
         agree = tasks.agreement(llm, reference, count=sizes["prompts"])
-        short = [row for n, row in zip(key["lengths"], key["accuracy"], strict=True) if n <= 1024]
         rows.append({
             "kv_dtype": codec,
             "block_size": ppl["block_size"],
             "bytes_per_token": ppl["bytes_per_token"],
             "kv_bytes_1024": ppl["kv_bytes_per_request"],
             "perplexity": ppl["perplexity"],
-            "passkey_le_1024": sum(map(sum, short)) / sum(map(len, short)),
+            "passkey_le_1024": tasks.passkey_accuracy_up_to(key, 1024),
             "passkey_all": key["mean_accuracy"],
             "passkey_by_length": key["accuracy_by_length"],
             "token_agreement": agree["token_agreement"],

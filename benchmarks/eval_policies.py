@@ -57,7 +57,6 @@ def main() -> None:
                             policy=policy)  # fmt: skip
         ppl = tasks.perplexity(llm, max_tokens=sizes["max_tokens"], chunk=CHUNK, policy=policy)
         agree = tasks.agreement(llm, reference, count=sizes["prompts"], policy=policy)
-        short = [row for n, row in zip(key["lengths"], key["accuracy"], strict=True) if n <= 1024]
         rows.append({
             "kv_dtype": codec,
             "kv_policy": name,
@@ -66,7 +65,7 @@ def main() -> None:
             # at the longest length up to 1,024 (1,024 itself but in --quick)
             "kv_bytes_1024": key["kv_bytes_per_request"][ref],
             "peak_kv_tokens_1024": key["peak_kv_tokens"][ref],
-            "passkey_le_1024": sum(map(sum, short)) / sum(map(len, short)),
+            "passkey_le_1024": tasks.passkey_accuracy_up_to(key, 1024),
             "passkey_all": key["mean_accuracy"],
             "passkey_by_depth": [sum(c) / len(c) for c in zip(*key["accuracy"], strict=True)],
             "perplexity": ppl["perplexity"],

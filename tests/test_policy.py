@@ -394,6 +394,20 @@ def one_layer(tmp_path_factory):
     return str(path)
 
 
+def _first_layer_keys(engine, tokens: list[int], first_position: int) -> torch.Tensor:
+    """Layer 0's keys of `tokens` computed at positions first_position, first_position + 1,
+    ...: [kv_heads, len(tokens), D] (in a one-layer model they depend on nothing else)."""
+    from kvforge.models.llama import apply_rope
+
+    model = engine.runner.model.model
+    attention = model.layers[0].self_attn
+    with torch.no_grad():
+        qk, _ = attention._project(model.layers[0].input_layernorm(
+            model.embed_tokens(torch.tensor(tokens))))  # fmt: skip
+    cos, sin = model.rotary_emb(torch.arange(len(tokens)) + first_position)
+    return apply_rope(qk[:, attention.num_heads :], cos[:, None], sin[:, None]).transpose(0, 1)
+
+
 def _held_when_predicting(n: int, budget: int, block: int, sinks: int = 4) -> list[list[int]]:
     """Which tokens streaming holds when token t's pass predicts token t + 1, one per pass."""
     held, out = [], []
@@ -431,8 +445,6 @@ def test_moved_sinks_are_encoded_once_from_their_first_keys(one_layer):
     # int8: each move re-encodes the sinks from their keys as first stored, rotated to the
     # new place, so after many moves they are as close to the exact keys as after one
     # (within two quantization steps), not drifting with every re-encoding.
-    from kvforge.models.llama import apply_rope
-
     llm = LLM(model=one_layer, device="cpu", num_blocks=64, kv_dtype="int8",
               kv_policy=Streaming(24))  # fmt: skip
     engine, seen = llm.engine, []
@@ -446,17 +458,10 @@ def test_moved_sinks_are_encoded_once_from_their_first_keys(one_layer):
     engine.runner.logits_hook = record
     prompt = [5, 17, 42, 9, 100, 3, 77, 8]
     llm.generate([prompt], SamplingParams(max_tokens=200, ignore_eos=True))
-    model = engine.runner.model.model
-    attention = model.layers[0].self_attn
-    with torch.no_grad():
-        qk, _ = attention._project(model.layers[0].input_layernorm(
-            model.embed_tokens(torch.tensor(prompt[:4]))))  # fmt: skip
-    k = qk[:, attention.num_heads :]  # [4, kv_heads, D], before RoPE
     moves = sorted({dropped for dropped, _ in seen})
     assert moves == list(range(16, 177, 16))  # 11 moves of 16 tokens (207 computed)
     for dropped, stored in seen:
-        cos, sin = model.rotary_emb(torch.arange(4) + dropped)
-        exact = apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)  # [kv_heads, 4, D]
+        exact = _first_layer_keys(engine, prompt[:4], dropped)  # [kv_heads, 4, D]
         step = exact.abs().amax(-1, keepdim=True) / 127
         assert ((stored - exact).abs() <= 2 * step).all(), dropped
 
@@ -496,8 +501,6 @@ def test_int2_moves_the_sinks_block_along(one_layer):
     # stored and encoded once more, its error against the keys computed at the new
     # positions stays near that of one 2-bit quantization, move after move; left where
     # it was, the block drifts away from them
-    from kvforge.models.llama import apply_rope
-
     def errors(positions):
         """(tokens dropped, relative error of the stored sinks block) after each step."""
         llm = LLM(model=one_layer, device="cpu", num_blocks=64, kv_dtype="int2",
@@ -512,16 +515,10 @@ def test_int2_moves_the_sinks_block_along(one_layer):
         engine.runner.logits_hook = record
         prompt = list(range(3, 67))
         llm.generate([prompt], SamplingParams(max_tokens=400, ignore_eos=True))
-        model = engine.runner.model.model
-        attention = model.layers[0].self_attn
-        with torch.no_grad():
-            qk, _ = attention._project(model.layers[0].input_layernorm(
-                model.embed_tokens(torch.tensor(prompt))))  # fmt: skip
         out = []
         for dropped, keys in seen:
-            cos, sin = model.rotary_emb(torch.arange(64) + dropped)
-            exact = apply_rope(qk[:, attention.num_heads :], cos[:, None], sin[:, None])
-            out.append((dropped, float((keys - exact.transpose(0, 1)).norm() / exact.norm())))
+            exact = _first_layer_keys(engine, prompt, dropped)
+            out.append((dropped, float((keys - exact).norm() / exact.norm())))
         return out
 
     moved = errors("cache")

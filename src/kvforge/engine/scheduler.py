@@ -352,8 +352,8 @@ class Scheduler:
             return False
         # blocks let go of, whole ones first, leave the store's recent window (int2); a
         # block to be copied is released only once read
-        n_whole = sum(1 for b in released if old.index(b) < held // bs)
-        self.io.retire(sorted(released, key=old.index), n_whole * bs)
+        n_whole = sum(1 for b in old[: held // bs] if b not in kept_ids)
+        self.io.retire(released, n_whole * bs)  # in table order: whole blocks first
         self.pool.release(reversed([b for b in released if b not in copied.values()]))
         new_ids = self.pool.allocate(fresh)
         table.block_ids = [whole[j] if j in whole else writable[j] if j in writable

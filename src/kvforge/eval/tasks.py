@@ -160,6 +160,13 @@ def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4
     }
 
 
+def passkey_accuracy_up_to(result: dict, longest: int) -> float:
+    """A `passkey` result's accuracy over the lengths up to `longest` tokens."""
+    rows = [row for n, row in zip(result["lengths"], result["accuracy"], strict=True)
+            if n <= longest]  # fmt: skip
+    return sum(map(sum, rows)) / sum(map(len, rows))
+
+
 def heat_map(result: dict, path) -> None:
     """The passkey grid as a PNG (needs matplotlib)."""
     try:
