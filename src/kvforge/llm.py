@@ -1,15 +1,14 @@
 """The Python API: `LLM(...).generate(prompts, SamplingParams(...))`.
 
-Builds the model (a checkpoint directory, or the built-in untrained model when
-`model` is None), sizes the paged KV store with the planner, and drives the
-engine until every request has finished.
+Builds the model (a GGUF file, a checkpoint directory or a built-in model, named
+as `models.catalog` says; None is SmolLM2-135M-Instruct), sizes the paged KV store
+with the planner, and drives the engine until every request has finished.
 """
 
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -183,15 +182,10 @@ class LLM:
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = "4GiB",
     ) -> None:
-        from kvforge.models.builtin import (
-            BUILTIN_NAME,
-            BUILTIN_SEED,
-            DEFAULT_MODEL_DIR,
-            DEFAULT_MODEL_NAME,
-            RANDOM_MODEL,
-            builtin_model,
-        )
+        from kvforge.models.builtin import BUILTIN_SEED, builtin_model
+        from kvforge.models.catalog import find_model
         from kvforge.models.checkpoint import model_fingerprint
+        from kvforge.models.gguf_file import read_gguf
         from kvforge.models.loader import load_model, load_tokenizer
 
         policy = make_policy(kv_policy, kv_budget)
@@ -203,16 +197,15 @@ class LLM:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
         self.device = _resolve_device(device)
-        if model == RANDOM_MODEL:
-            self.model_name = BUILTIN_NAME
-            model_id = f"{BUILTIN_NAME}:seed={BUILTIN_SEED}"
+        ref = find_model(model)
+        self.model_name = ref.name
+        if ref.kind == "random":
             net, tokenizer = builtin_model(self.device)
         else:
-            self.model_name = DEFAULT_MODEL_NAME if model is None else str(model)
-            model = DEFAULT_MODEL_DIR if model is None else model
-            net = load_model(model, dtype=dtype, device=self.device)
+            source = read_gguf(ref.path) if ref.kind == "gguf" else ref.path
+            net = load_model(source, dtype=dtype, device=self.device)
             try:
-                tokenizer = load_tokenizer(model)
+                tokenizer = load_tokenizer(source)
             except ConfigError as exc:
                 tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
         net.fuse_projections()
@@ -222,8 +215,10 @@ class LLM:
         spec = config.spec
         weights_dtype = next(net.parameters()).dtype
         model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
-        if model != RANDOM_MODEL:
-            model_id = model_fingerprint(Path(model).expanduser(), model_dtype)
+        if ref.path is None:
+            model_id = f"{ref.name}:seed={BUILTIN_SEED}"
+        else:
+            model_id = model_fingerprint(ref.path, model_dtype)
         fmt = resolve_kv_format(spec, model_dtype if kv_dtype == "auto" else kv_dtype)
         block_size = default_block_size(fmt.name) if block_size is None else block_size
         # int2's recent tokens are kept at the precision the model computes in

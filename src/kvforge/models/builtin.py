@@ -1,6 +1,6 @@
 """The built-in models.
 
-`DEFAULT_MODEL_DIR` (kvforge-mini) is the default of every command: a small Llama
+`MINI_MODEL_DIR` (kvforge-mini, by name "kvforge-mini"): a small Llama
 trained by `kvforge.training.train` on Python sources and retrieval documents, shipped
 in the package as an HF checkpoint (docs/model-card.md).
 
@@ -16,8 +16,8 @@ import torch
 from kvforge.config import ModelSpec
 from kvforge.models.llama import LlamaForCausalLM, ModelConfig
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "kvforge-mini"
-DEFAULT_MODEL_NAME = "kvforge-mini"
+MINI_MODEL_DIR = Path(__file__).parent / "kvforge-mini"
+MINI_MODEL_NAME = "kvforge-mini"
 RANDOM_MODEL = "random"  # model= / --model value for the untrained model below
 BUILTIN_NAME = "kvforge-builtin-untrained"
 NUM_BYTE_TOKENS = 256  # token i < 256 is the byte i

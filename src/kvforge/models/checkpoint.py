@@ -130,23 +130,28 @@ FINGERPRINT_SAMPLES = 16  # regions of each weight file read for its fingerprint
 FINGERPRINT_SAMPLE_BYTES = 64 * 1024
 
 
-def model_fingerprint(directory: Path, dtype: str) -> str:
-    """A stable identity of a checkpoint's weights as served, for prefix-cache keys.
+def model_fingerprint(path: Path, dtype: str) -> str:
+    """A stable identity of a model's weights as served, for prefix-cache keys.
 
-    Hashes config.json, each safetensors file's name, size and header, and 16
-    evenly spaced 64 KiB samples of its data (about 1 MiB a file, so it costs
-    milliseconds, not a read of the whole checkpoint), plus the serving dtype.
-    Two checkpoints with the same architecture but different weights differ in
-    their sampled bytes; a K/V block computed from one is never served for the other.
+    `path` is a checkpoint directory or a GGUF file. Hashes config.json, each weight
+    file's name, size and 16 evenly spaced 64 KiB samples of it (about 1 MiB a
+    file, so it costs milliseconds, not a read of the whole model; the samples
+    include the headers), plus the serving dtype. Two models with the same
+    architecture but different weights differ in their sampled bytes; a K/V block
+    computed from one is never served for the other.
     """
     h = hashlib.sha256(f"dtype:{dtype}".encode())
-    config = directory / "config.json"
-    if config.is_file():
-        h.update(config.read_bytes())
-    for path in sorted(directory.glob("*.safetensors")):
-        size = path.stat().st_size
-        h.update(f"{path.name}:{size}".encode())
-        with path.open("rb") as f:
+    if path.is_file():
+        files = [path]
+    else:
+        config = path / "config.json"
+        if config.is_file():
+            h.update(config.read_bytes())
+        files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as f:
             for i in range(FINGERPRINT_SAMPLES):
                 f.seek(size * i // FINGERPRINT_SAMPLES)
                 h.update(f.read(FINGERPRINT_SAMPLE_BYTES))

@@ -62,6 +62,9 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"  # HF class name; spec.architecture is model_type
     rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: Llama3RopeScaling | None = None
+    # GGUF's form of a RoPE scaling (Llama 3.1 files): each pair's frequency is divided by
+    # its entry. Mutually exclusive with rope_scaling.
+    rope_freq_divisors: tuple[float, ...] | None = None
     rms_norm_eps: float = DEFAULT_RMS_NORM_EPS
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -78,6 +81,14 @@ class ModelConfig:
                 raise ConfigError(f"{name}: missing required field {field!r}")
         if self.spec.mlp_bias:
             raise ConfigError(f"{name}: mlp_bias is not supported")
+        divisors = self.rope_freq_divisors
+        if divisors is not None and (
+            self.rope_scaling is not None or len(divisors) != self.spec.head_dim // 2
+        ):
+            raise ConfigError(
+                f"{name}: rope_freq_divisors needs one entry per channel pair "
+                f"({self.spec.head_dim // 2}) and no rope_scaling"
+            )
         if not self.rope_theta > 0 or not self.rms_norm_eps > 0:
             raise ConfigError(f"{name}: rope_theta and rms_norm_eps must be positive")
 
@@ -187,6 +198,8 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         spec = config.spec
         inv_freq = rope_inv_freq(spec.head_dim, config.rope_theta, config.rope_scaling)
+        if config.rope_freq_divisors is not None:
+            inv_freq = inv_freq / torch.tensor(config.rope_freq_divisors, dtype=torch.float32)
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = positions[:, None] * inv_freq  # [P, D/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)

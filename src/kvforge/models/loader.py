@@ -1,10 +1,12 @@
-"""Load a Hugging Face checkpoint directory: config.json, safetensors weights, tokenizer.
+"""Load a model: a Hugging Face checkpoint directory (config.json, safetensors weights,
+tokenizer) or a GGUF file (llama.cpp's format, see `gguf_file`).
 
 The model is built on the meta device (no memory), every tensor is checked
 against the config's shapes from the safetensors headers before any weight is
 read, then each tensor is read from its memory-mapped file, converted once to
 the target dtype and device, and assigned in place of the meta parameter, so
-weights are never held twice.
+weights are never held twice. A GGUF file goes the same way, each tensor
+dequantized on its own (`gguf_file.iter_gguf_tensors`).
 """
 
 import json
@@ -27,6 +29,14 @@ from kvforge.models.checkpoint import (
     read_safetensors_header,
     scan_checkpoint,
 )
+from kvforge.models.gguf_file import (
+    GGUFModel,
+    eos_token_ids,
+    is_gguf_file,
+    iter_gguf_tensors,
+    read_gguf,
+)
+from kvforge.models.gguf_layout import ROPE_FREQS_TENSOR, gguf_tensor_name
 from kvforge.models.llama import LLAMA_ARCHITECTURES, LlamaForCausalLM, ModelConfig
 
 # HF architecture name -> the class that runs it; adding a family is one entry.
@@ -51,14 +61,18 @@ class Tokenizer(Protocol):
 
 
 def load_model(
-    path: str | Path, dtype: str = "auto", device: str | torch.device = "cpu"
+    path: str | Path | GGUFModel, dtype: str = "auto", device: str | torch.device = "cpu"
 ) -> LlamaForCausalLM:
-    """Build the model described by `path`/config.json and load its safetensors weights.
+    """Build the model a checkpoint directory or a GGUF file describes, and load its weights.
 
     dtype "auto" takes the config's torch_dtype (or `dtype`), else the dtype most
-    weights are stored in; otherwise one of fp32, fp16, bf16. The returned
-    model's `config.spec.dtype` is the dtype its weights were loaded in.
+    weights are stored in; for a GGUF file, fp32 on a CPU and bf16 on CUDA (its
+    quantized weights are dequantized at load). Otherwise one of fp32, fp16, bf16.
+    The returned model's `config.spec.dtype` is the dtype its weights were loaded in.
+    A GGUF file whose header was read already may be passed as its `GGUFModel`.
     """
+    if isinstance(path, GGUFModel) or _is_gguf(Path(path).expanduser()):
+        return _load_gguf(_gguf(path), dtype, device)
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a checkpoint directory")
@@ -99,6 +113,76 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path))
+
+
+def _gguf(source: str | Path | GGUFModel) -> GGUFModel:
+    return source if isinstance(source, GGUFModel) else read_gguf(source)
+
+
+def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> LlamaForCausalLM:
+    """The model of a GGUF file (see `load_model`)."""
+    path = info.path
+    if dtype == "auto":
+        dtype_name = "bf16" if torch.device(device).type == "cuda" else "fp32"
+    else:
+        dtype_name = _resolve_dtype(dtype, {}, None, path)
+    config = ModelConfig.from_hf_config(info.config, path.name)
+    config = replace(
+        config,
+        spec=replace(config.spec, dtype=dtype_name),
+        eos_token_ids=eos_token_ids(info) or config.eos_token_ids,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    # GGUF name -> our parameter name, for every parameter the file must provide
+    expected = {
+        gguf_tensor_name(name): name
+        for name in model.state_dict()
+        if not (name == "lm_head.weight" and config.tie_word_embeddings)
+    }
+    shapes = dict(model.state_dict())
+    missing = sorted(expected.keys() - info.tensors.keys())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" * (len(missing) > 5))
+        raise ConfigError(f"{path}: the GGUF file lacks tensor(s) {shown}")
+    for gguf_name, name in expected.items():
+        shape = info.tensors[gguf_name].shape
+        if shape != tuple(shapes[name].shape):
+            raise ConfigError(
+                f"{path}: tensor {gguf_name} has shape {list(shape)}, "
+                f"the metadata implies {list(shapes[name].shape)}"
+            )
+    unexpected = sorted(info.tensors.keys() - expected.keys() - {ROPE_FREQS_TENSOR})
+    if unexpected:
+        raise ConfigError(
+            f"{path}: tensor(s) {', '.join(unexpected[:5])} have no place in a "
+            f"{info.architecture} model"
+        )
+    state, divisors = {}, None
+    torch_dtype = TORCH_DTYPES[dtype_name]
+    heads = (config.spec.num_attention_heads, config.spec.num_kv_heads)
+    with tqdm(total=len(info.tensors), desc=f"loading {path.name}", unit="tensor",
+              disable=None) as bar:  # fmt: skip
+        for gguf_name, tensor in iter_gguf_tensors(info, torch_dtype, *heads):
+            if gguf_name == ROPE_FREQS_TENSOR:
+                divisors = tuple(tensor.float().tolist())
+            else:
+                state[expected[gguf_name]] = tensor.to(device)
+            bar.update()
+    if divisors is not None:  # Llama 3.1 RoPE: rebuild the tables with the file's divisors
+        config = replace(config, rope_freq_divisors=divisors)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.to(device)
+    if any(p.is_meta for p in model.parameters()):
+        raise AssertionError("a parameter was not loaded")  # a bug: the checks above passed
+    return model.eval().requires_grad_(False)
+
+
 def _checkpoint_tensors(checkpoint: CheckpointInfo) -> dict[str, tuple[Path, TensorInfo]]:
     """Every tensor name of the checkpoint -> its file and header entry."""
     tensors = {}
@@ -109,7 +193,7 @@ def _checkpoint_tensors(checkpoint: CheckpointInfo) -> dict[str, tuple[Path, Ten
 
 
 def _resolve_dtype(
-    dtype: str, config: dict[str, Any], checkpoint: CheckpointInfo, directory: Path
+    dtype: str, config: dict[str, Any], checkpoint: CheckpointInfo | None, directory: Path
 ) -> str:
     if dtype == "auto":
         raw = config.get("torch_dtype") or config.get("dtype")
@@ -205,8 +289,14 @@ class HFTokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def load_tokenizer(path: str | Path) -> HFTokenizer:
-    """The tokenizer saved in a checkpoint directory; ConfigError if there is none."""
+def load_tokenizer(path: str | Path | GGUFModel) -> HFTokenizer:
+    """The tokenizer saved in a checkpoint directory or a GGUF file; ConfigError if none.
+
+    A GGUF file's vocabulary, merges, special tokens, BOS handling and chat template
+    are in its metadata; transformers converts them to a fast tokenizer.
+    """
+    if isinstance(path, GGUFModel) or _is_gguf(Path(path).expanduser()):
+        return _load_gguf_tokenizer(_gguf(path))
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a checkpoint directory")
@@ -221,6 +311,19 @@ def load_tokenizer(path: str | Path) -> HFTokenizer:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{directory}: cannot load the tokenizer: {exc}") from None
     return HFTokenizer(tokenizer, _config_eos_ids(directory))
+
+
+def _load_gguf_tokenizer(info: GGUFModel) -> HFTokenizer:
+    path = info.path
+    if "tokenizer.ggml.model" not in info.metadata:
+        raise ConfigError(f"{path}: the GGUF file has no tokenizer")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from None
+    return HFTokenizer(tokenizer, eos_token_ids(info))
 
 
 def _config_eos_ids(directory: Path) -> tuple[int, ...]:

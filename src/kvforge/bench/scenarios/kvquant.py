@@ -20,7 +20,7 @@ from kvforge.bench.report import Plot, Report
 from kvforge.bench.scenarios.roofline import decode_step_s
 from kvforge.eval.quality import agreement, greedy_with_logprobs
 from kvforge.eval.tasks import agreement_prompts
-from kvforge.models.builtin import DEFAULT_MODEL_DIR
+from kvforge.models.builtin import MINI_MODEL_DIR
 from kvforge.planner import bytes_per_request
 from kvforge.units import parse_bytes
 
@@ -39,7 +39,7 @@ def run(ctx: BenchContext) -> Report:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     # quality: a trained model (--model, else the built-in kvforge-mini) on the fixed
     # prompt set of `kvforge eval agreement`: random weights would only show closeness
-    quality_dir = ctx.model_dir or DEFAULT_MODEL_DIR
+    quality_dir = ctx.model_dir or MINI_MODEL_DIR
     quality_prompts = None
 
     rows, runs = [], {}
