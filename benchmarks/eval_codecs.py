@@ -23,7 +23,9 @@ CODECS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    parser.add_argument(
+        "--model", default="kvforge-mini", help="any --model value (default kvforge-mini)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     parser.add_argument("--codecs", default=",".join(CODECS))
     args = parser.parse_args()

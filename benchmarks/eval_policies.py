@@ -38,7 +38,9 @@ def settings(quick: bool) -> list[tuple[str, str | None, float | None]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", help="checkpoint directory (default: the built-in model)")
+    parser.add_argument(
+        "--model", default="kvforge-mini", help="any --model value (default kvforge-mini)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

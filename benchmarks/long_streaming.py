@@ -45,7 +45,7 @@ def settings() -> dict[str, KVPolicy]:
 
 
 def teacher_forced(name: str, policy: KVPolicy, ids: list[int]) -> dict:
-    llm = LLM(kv_policy=policy, kv_memory="64MiB")
+    llm = LLM(model="kvforge-mini", kv_policy=policy, kv_memory="64MiB")
     started = time.perf_counter()
     logprobs = llm.engine.score(ids, chunk_size=64)
     seconds = time.perf_counter() - started
@@ -59,7 +59,7 @@ def teacher_forced(name: str, policy: KVPolicy, ids: list[int]) -> dict:
 
 
 def generation(name: str, policy: KVPolicy, tokens: int) -> dict:
-    llm = LLM(kv_policy=policy, kv_memory="64MiB")
+    llm = LLM(model="kvforge-mini", kv_policy=policy, kv_memory="64MiB")
     chosen: list[torch.Tensor] = []
     held: list[int] = []
 
@@ -92,7 +92,9 @@ def sink_share(ids: list[int]) -> dict:
     """How much attention the first token gets (summed over every query, head and layer)
     over one read of `ids`, against what a uniform causal reading would give it: a model
     with an attention sink gives it far more."""
-    llm = LLM(kv_policy=H2O(len(ids) + 64), kv_memory="64MiB")  # gathers, keeps all
+    llm = LLM(
+        model="kvforge-mini", kv_policy=H2O(len(ids) + 64), kv_memory="64MiB"
+    )  # gathers, keeps all
     scores: list[torch.Tensor] = []
     llm.engine.runner.logits_hook = lambda requests, logits: scores.append(
         requests[0].policy_state.scores
@@ -121,7 +123,7 @@ def main() -> None:
         replot(args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    llm = LLM(kv_memory="8MiB")
+    llm = LLM(model="kvforge-mini", kv_memory="8MiB")
     ids: list[int] = []
     for text in read_sources(python_sources()):
         ids += llm.engine.tokenizer.encode(text)

@@ -32,7 +32,7 @@ def serve(args) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "kvforge", "serve", "--port", str(port),
+    command = [sys.executable, "-m", "kvforge", "serve", "--port", str(port), "--model", args.model,
                "--device", args.device, "--kv-memory", "64MiB",
                "--max-num-seqs", str(args.clients)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,9 +66,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="kvforge-mini", help="any --model value")
     args = parser.parse_args()
     texts = prompts(args.clients)
-    options = {"device": args.device, "kv_memory": "64MiB", "max_num_seqs": args.clients}
+    options = {"model": args.model, "device": args.device, "kv_memory": "64MiB",
+               "max_num_seqs": args.clients}  # fmt: skip
     tokens = args.clients * args.max_tokens
 
     offline = LLM(**options)

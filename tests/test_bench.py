@@ -82,7 +82,7 @@ def test_bench_bad_input(capsys, tmp_path):
     assert exc.value.code == 2
     code = main(["bench", "memory", "--quick", "--model", str(tmp_path / "none")])
     assert code == 2
-    assert "not a checkpoint directory (no config.json)" in capsys.readouterr().err
+    assert "none': not a GGUF file, a checkpoint directory or one of" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["bench", "memory", "--device", "tpu"])
     assert exc.value.code == 2

@@ -86,10 +86,10 @@ def test_directory_without_weights_has_no_checkpoint_info(tmp_path):
 def test_resolve_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"a checkpoint directory needs a config\.json"):
         resolve_model(str(tmp_path))
-    with pytest.raises(ConfigError, match="no such config file or checkpoint directory"):
+    with pytest.raises(ConfigError, match="no such GGUF file, config file or checkpoint directory"):
         resolve_model(str(tmp_path / "nope" / "config.json"))
     with pytest.raises(
-        ConfigError, match=r"unknown model .gpt-9.: not a preset.*presets: llama-2-7b"
+        ConfigError, match=r"unknown model .gpt-9.: not a GGUF file.*presets: llama-2-7b"
     ):
         resolve_model("gpt-9")
 

@@ -185,8 +185,9 @@ def test_cli_generates_with_a_quantized_cache(kv_dtype, capsys):
 
     from kvforge.cli import main
 
-    assert main(["generate", "--prompt", "The cat sat", "--max-tokens", "4",
-                 "--kv-dtype", kv_dtype, "--device", "cpu", "--json"]) == 0  # fmt: skip
+    assert main(["generate", "--model", "kvforge-mini", "--prompt", "The cat sat",
+                 "--max-tokens", "4", "--kv-dtype", kv_dtype, "--device", "cpu",
+                 "--json"]) == 0  # fmt: skip
     assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 4
 
 

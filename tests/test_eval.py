@@ -11,7 +11,7 @@ import torch
 from kvforge import LLM, SamplingParams
 from kvforge.cli import main
 from kvforge.eval import tasks
-from kvforge.models.builtin import DEFAULT_MODEL_DIR
+from kvforge.models.builtin import MINI_MODEL_DIR
 from kvforge.training.data import (
     FILLER,
     HELD_OUT,
@@ -25,14 +25,14 @@ TEXT = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(sel
 
 @pytest.fixture(scope="module")
 def default_llm():
-    return LLM(device="cpu", kv_memory="32MiB")
+    return LLM(model="kvforge-mini", device="cpu", kv_memory="32MiB")
 
 
 def test_the_shipped_model_is_small_and_complete():
-    names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
+    names = {p.name for p in MINI_MODEL_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
-    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) <= 25 * 2**20
-    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert sum(p.stat().st_size for p in MINI_MODEL_DIR.iterdir()) <= 25 * 2**20
+    config = json.loads((MINI_MODEL_DIR / "config.json").read_text())
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
     assert config["max_position_embeddings"] >= 2048
 
@@ -40,10 +40,10 @@ def test_the_shipped_model_is_small_and_complete():
 def test_kvforge_and_transformers_give_the_same_tokens_and_logits(default_llm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_tok = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+    hf_tok = AutoTokenizer.from_pretrained(str(MINI_MODEL_DIR))
     ids = default_llm.engine.tokenizer.encode(TEXT)
     assert ids == hf_tok(TEXT)["input_ids"]
-    hf = AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL_DIR)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(MINI_MODEL_DIR)).eval()
     with torch.no_grad():
         logits = hf(torch.tensor([ids])).logits[0].float()
     expected = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
@@ -102,7 +102,7 @@ def test_perplexity_scores_exactly_the_tokens_asked_and_agrees_with_transformers
     assert result["kv_bytes_per_request"] == 4 * default_llm.kv_stats()["bytes_per_token"] * 16
     # the same windows through transformers
     ids = default_llm.engine.tokenizer.encode(TEXT * 20)
-    hf = AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL_DIR)).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(MINI_MODEL_DIR)).eval()
     nll, n = 0.0, 0
     for window, keep in ((ids[:64], 63), ([ids[0], *ids[64:101]], 37)):
         with torch.no_grad():
@@ -123,8 +123,8 @@ def test_passkey_grid_and_heat_map(default_llm, tmp_path):
 
 
 def test_agreement_of_the_full_cache_with_itself_is_exact():
-    llm = LLM(device="cpu", kv_memory="16MiB", kv_dtype="fp32")
-    reference = LLM(device="cpu", kv_memory="16MiB", kv_dtype="fp32")
+    llm = LLM(model="kvforge-mini", device="cpu", kv_memory="16MiB", kv_dtype="fp32")
+    reference = LLM(model="kvforge-mini", device="cpu", kv_memory="16MiB", kv_dtype="fp32")
     result = tasks.agreement(llm, reference, count=2, tokens=48, new_tokens=6)
     assert result["token_agreement"] == 1.0 and result["mean_kl"] == 0.0
     per_token = llm.kv_stats()["bytes_per_token"]  # fp32
@@ -133,7 +133,7 @@ def test_agreement_of_the_full_cache_with_itself_is_exact():
 
 def test_eval_cli_json_out_and_errors(tmp_path, capsys):
     assert main(["eval", "passkey", "--lengths", "64", "--depths", "0.5", "--trials", "1",
-                 "--device", "cpu", "--kv-dtype", "int8", "--json",
+                 "--device", "cpu", "--kv-dtype", "int8", "--json", "--model", "kvforge-mini",
                  "--out", str(tmp_path)]) == 0  # fmt: skip
     data = json.loads(capsys.readouterr().out)
     assert data["kv_dtype"] == "int8" and data["lengths"] == [64] and data["depths"] == [0.5]
@@ -144,7 +144,8 @@ def test_eval_cli_json_out_and_errors(tmp_path, capsys):
         main(["eval", "passkey", "--kv-policy", "lru", "--kv-budget", "64"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'lru'" in capsys.readouterr().err
-    assert main(["eval", "passkey", "--lengths", "9000", "--device", "cpu"]) == 2
+    assert main(["eval", "passkey", "--lengths", "9000", "--device", "cpu",
+                 "--model", "kvforge-mini"]) == 2  # fmt: skip
     assert "passkey length 9000 + 8 answer tokens exceeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", "passkey", "--lengths", "a,b"])

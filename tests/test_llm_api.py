@@ -168,17 +168,17 @@ def test_stream_abandoned_early_frees_blocks(llm):
     assert_pool_whole(llm)
 
 
-def test_generate_cli_with_no_model_runs_the_shipped_trained_model():
+def test_generate_cli_runs_the_shipped_trained_model_by_name():
     result = subprocess.run(
-        [sys.executable, "-m", "kvforge", "generate", "--prompt", "The cat sat",
-         "--max-tokens", "16", "--json", "--ignore-eos"],
+        [sys.executable, "-m", "kvforge", "generate", "--model", "kvforge-mini", "--prompt",
+         "The cat sat", "--max-tokens", "16", "--json", "--ignore-eos"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["model"] == "kvforge-mini"
     assert len(data["token_ids"]) == 16 and data["finish_reason"] == "length"
-    llm = LLM(device="cpu", kv_memory="8MiB")
+    llm = LLM(model="kvforge-mini", device="cpu", kv_memory="8MiB")
     prompt_tokens = len(llm.engine.tokenizer.encode("The cat sat"))
     assert data["metrics"]["prompt_tokens"] == prompt_tokens
     assert data["kv_peak"]["blocks_used"] == -(-(prompt_tokens + 16) // 16)

@@ -12,8 +12,8 @@ import pytest
 import uvicorn
 
 from kvforge import LLM, SamplingParams
+from kvforge.chat_template import default_chat_prompt
 from kvforge.server.app import build_app
-from kvforge.server.chat import default_chat_prompt
 from kvforge.server.protocol import ChatMessage
 
 MODEL = "kvforge-builtin-untrained"
@@ -135,7 +135,7 @@ MESSAGES = [
 
 
 def test_chat_uses_the_default_template_streaming_or_not(server, offline):
-    prompt = default_chat_prompt([ChatMessage(**m) for m in MESSAGES])
+    prompt = default_chat_prompt([ChatMessage(**m).as_dict() for m in MESSAGES])
     assert prompt == "<|system|>\nYou are terse.\n<|user|>\nHello!\n<|assistant|>\n"
     expected = offline_text(offline, prompt, max_tokens=10, ignore_eos=True)
     client = server.client()

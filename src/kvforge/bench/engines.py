@@ -18,12 +18,12 @@ class KVForgeEngine:
     name = "kvforge"
 
     def __init__(
-        self, model_dir: Path, max_num_seqs: int, kv_memory: str = "1GiB", *, device: str
+        self, model_path: Path, max_num_seqs: int, kv_memory: str = "1GiB", *, device: str
     ) -> None:
         from kvforge import LLM
 
         self.llm = LLM(
-            model=str(model_dir),
+            model=str(model_path),
             device=device,
             kv_memory=kv_memory,
             max_num_seqs=max_num_seqs,
@@ -38,11 +38,21 @@ class KVForgeEngine:
         return [o.token_ids for o in outs]
 
 
-def hf_model(model_dir: Path, device: str):
-    """The transformers model in eval mode on `device`: one loader for every HF peer."""
+def hf_model(model_path: Path, device: str):
+    """The transformers model in eval mode on `device`: one loader for every HF peer.
+
+    A GGUF file is dequantized by transformers' own GGUF loader, to float32.
+    """
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
+    model_path = Path(model_path)
+    if model_path.is_file():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_path.parent, gguf_file=model_path.name, dtype=torch.float32
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path)
+    return model.eval().to(device)
 
 
 class HFGenerateEngine:
@@ -50,8 +60,8 @@ class HFGenerateEngine:
 
     name = "transformers generate"
 
-    def __init__(self, model_dir: Path, device: str) -> None:
-        self.model = hf_model(model_dir, device)
+    def __init__(self, model_path: Path, device: str) -> None:
+        self.model = hf_model(model_path, device)
         self.device = device
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
@@ -83,9 +93,9 @@ class HFGenerateBatchEngine:
 
     name = "transformers generate_batch"
 
-    def __init__(self, model_dir: Path, device: str) -> None:
+    def __init__(self, model_path: Path, device: str) -> None:
         # generate_batch takes token-id lists and puts its own tensors on the model's device
-        self.model = hf_model(model_dir, device)
+        self.model = hf_model(model_path, device)
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         import transformers
@@ -107,11 +117,11 @@ class HFGenerateBatchEngine:
         ]
 
 
-def transformers_engines(model_dir: Path, device: str) -> list:
-    return [HFGenerateEngine(model_dir, device), HFGenerateBatchEngine(model_dir, device)]
+def transformers_engines(model_path: Path, device: str) -> list:
+    return [HFGenerateEngine(model_path, device), HFGenerateBatchEngine(model_path, device)]
 
 
-def llamacpp_peer(model_dir: Path):
+def llamacpp_peer(model_path: Path):
     """The llama.cpp engine on the same weights, or the line saying how to install it.
 
     It offloads no layers (llama.cpp's n_gpu_layers 0): it runs on the CPU whatever --device is.
@@ -123,23 +133,26 @@ def llamacpp_peer(model_dir: Path):
     missing = llamacpp_available()
     if missing:
         return missing
-    return LlamaCppPeer(model_dir, LlamaCppEngine)
+    return LlamaCppPeer(model_path, LlamaCppEngine)
 
 
 class LlamaCppPeer:
-    """llama.cpp through llama-cpp-python on a GGUF written by kvforge's own converter."""
+    """llama.cpp through llama-cpp-python on the same GGUF file, or on one written by
+    kvforge's own converter from a checkpoint directory."""
 
     name = "llama.cpp"
 
-    def __init__(self, model_dir: Path, engine_class) -> None:
-        import json
+    def __init__(self, model_path: Path, engine_class) -> None:
         import tempfile
 
+        from kvforge.models.catalog import model_config
         from kvforge.models.gguf_export import export_gguf
 
-        config = json.loads((Path(model_dir) / "config.json").read_text())
-        gguf = Path(tempfile.mkdtemp(prefix="kvforge-gguf-")) / "model-f32.gguf"
-        export_gguf(model_dir, gguf, dtype="f32")
+        config = model_config(model_path)
+        gguf = Path(model_path)
+        if gguf.is_dir():  # a checkpoint: the same weights, written as GGUF once
+            gguf = Path(tempfile.mkdtemp(prefix="kvforge-gguf-")) / "model-f32.gguf"
+            export_gguf(model_path, gguf, dtype="f32")
         self.engine = engine_class(gguf, n_ctx=config["max_position_embeddings"])
 
     def generate(self, requests: list[Request]) -> list[list[int]]:

@@ -43,9 +43,16 @@ def smollm2_path() -> Path:
         path = Path(directory) / SMOLLM2_FILE
         if path.is_file():
             return path
-    raise ConfigError(
-        f"model {SMOLLM2_NAME} is not installed; install it with: {SMOLLM2_INSTALL}"
-    )
+    raise ConfigError(f"model {SMOLLM2_NAME} is not installed; install it with: {SMOLLM2_INSTALL}")
+
+
+def model_config(path: Path) -> dict:
+    """The config.json fields of a checkpoint directory or a GGUF file (headers only)."""
+    from kvforge.config import load_hf_config
+    from kvforge.models.gguf_file import read_gguf
+
+    path = Path(path)
+    return load_hf_config(path / "config.json") if path.is_dir() else read_gguf(path).config
 
 
 def find_model(model: str | Path | None) -> ModelRef:

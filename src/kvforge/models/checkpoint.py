@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvforge.config import ModelSpec, load_hf_config, normalize_dtype, spec_from_hf_config
 from kvforge.errors import ConfigError
-from kvforge.presets import PRESETS, find_preset
+from kvforge.presets import PRESETS, find_preset, get_preset
 
 SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8,
@@ -160,31 +160,65 @@ def model_fingerprint(path: Path, dtype: str) -> str:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A `--model` argument resolved: its spec, where it came from, and its checkpoint if any."""
+    """A `--model` argument resolved for planning: its spec, where it came from, and the
+    weight files' exact figures when there are any (`file_type` names a GGUF's type)."""
 
     spec: ModelSpec
-    kind: str  # "preset" | "config" | "checkpoint"
+    kind: str  # "preset" | "config" | "checkpoint" | "gguf" | "builtin"
     checkpoint: CheckpointInfo | None = None
+    file_type: str | None = None
 
 
-def resolve_model(name_or_path: str) -> ModelSource:
-    """A preset name, a path to a config.json, or a checkpoint directory."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        config_path = path / "config.json"
-        if not config_path.exists():
-            raise ConfigError(f"{path}: a checkpoint directory needs a config.json")
-        spec = spec_from_hf_config(load_hf_config(config_path), path.name, str(config_path))
-        return ModelSource(spec, "checkpoint", scan_checkpoint(path))
+def resolve_model(name_or_path: str | None) -> ModelSource:
+    """Any `--model` value (`models.catalog`), a preset name, or a path to a config.json.
+
+    GGUF files and checkpoint directories are read from their headers only. The
+    default model (None, or its name) falls back to its preset when its package is
+    not installed, since planning needs no weights.
+    """
+    from kvforge.models.builtin import BUILTIN_CONFIG, RANDOM_MODEL
+    from kvforge.models.catalog import SMOLLM2_NAME, find_model
+    from kvforge.models.gguf_file import read_gguf
+
+    if name_or_path is None or name_or_path.strip().lower() == SMOLLM2_NAME:
+        try:
+            ref = find_model(None)
+        except ConfigError:  # not installed: its published config is enough to plan
+            return ModelSource(get_preset(SMOLLM2_NAME), "preset")
+    elif name_or_path == RANDOM_MODEL:
+        return ModelSource(BUILTIN_CONFIG.spec, "builtin")
+    else:
+        path = Path(name_or_path).expanduser()
+        if path.suffix == ".json" or find_preset(name_or_path) is not None:
+            return _config_or_preset(name_or_path, path)
+        try:
+            ref = find_model(name_or_path)
+        except ConfigError:
+            return _config_or_preset(name_or_path, path)
+    if ref.kind == "gguf":
+        info = read_gguf(ref.path)
+        spec = spec_from_hf_config(info.config, ref.name, str(ref.path))
+        checkpoint = CheckpointInfo((ref.path,), info.num_params, info.num_bytes, None)
+        return ModelSource(spec, "gguf", checkpoint, info.file_type)
+    config_path = ref.path / "config.json"
+    if not config_path.exists():
+        raise ConfigError(f"{ref.path}: a checkpoint directory needs a config.json")
+    spec = spec_from_hf_config(load_hf_config(config_path), ref.path.name, str(config_path))
+    return ModelSource(spec, "checkpoint", scan_checkpoint(ref.path))
+
+
+def _config_or_preset(name: str, path: Path) -> ModelSource:
     if path.is_file():
         spec = spec_from_hf_config(load_hf_config(path), path.parent.name or path.stem, str(path))
         return ModelSource(spec, "config")
-    spec = find_preset(name_or_path)
-    if spec is None and (path.suffix == ".json" or "/" in name_or_path):
-        raise ConfigError(f"{name_or_path}: no such config file or checkpoint directory")
+    spec = find_preset(name)
+    if spec is None and (path.suffix == ".json" or "/" in name):
+        raise ConfigError(f"{name}: no such GGUF file, config file or checkpoint directory")
     if spec is None:
+        from kvforge.models.catalog import MODEL_NAMES
+
         raise ConfigError(
-            f"unknown model {name_or_path!r}: not a preset, a config.json or a checkpoint "
-            f"directory; presets: {', '.join(PRESETS)}"
+            f"unknown model {name!r}: not a GGUF file, a config.json, a checkpoint directory "
+            f"or one of {', '.join(MODEL_NAMES)}; presets: {', '.join(PRESETS)}"
         )
     return ModelSource(spec, "preset")

@@ -1,21 +1,17 @@
 """Convert a Hugging Face Llama-family checkpoint to GGUF, so llama.cpp runs the same weights.
 
-The benchmarks compare kvforge with llama.cpp (through llama-cpp-python) on one
-checkpoint; this module writes that checkpoint as a GGUF file of architecture
-"llama", using only the `gguf` package's writer and its name constants.
+The benchmarks compare kvforge with llama.cpp on one checkpoint, and the tests
+check kvforge's GGUF reader against transformers' on files of every shape; this
+module writes them, using only the `gguf` package's writer, quantizers and name
+constants. Llama and Mistral are written as GGUF arch "llama", Qwen2 as "qwen2"
+(q/k/v biases), Qwen3 as "qwen3" (q/k norms); `gguf_layout` has the names and the
+RoPE row order, which differ from HF's for "llama" only.
 
-Two things differ from the Hugging Face layout:
-
-* RoPE pairs. transformers rotates channel i of a head with channel i + d/2
-  (rotate_half); llama.cpp's "llama" RoPE rotates channel 2i with 2i + 1. Both
-  use frequency i for the pair, so the rows of q_proj and k_proj (and their
-  biases) are reordered per head: GGUF row 2i = HF row i, GGUF row 2i + 1 =
-  HF row i + d/2. `rope_interleave` does it, `rope_deinterleave` undoes it.
-* Tokenizer. Test checkpoints have none, so every file gets a placeholder SPM
-  vocabulary of exactly vocab_size tokens (unknown, BOS and EOS at the
-  config's ids, the 256 byte tokens, then fillers). It makes llama.cpp load the
-  file and accept token ids; text tokenization with it is meaningless, so
-  benchmarks pass token ids, never text.
+Tokenizer: test checkpoints have none, so every file gets a placeholder SPM
+vocabulary of exactly vocab_size tokens (unknown, BOS and EOS at the config's
+ids, the 256 byte tokens, then fillers). It makes llama.cpp load the file and
+accept token ids; text tokenization with it is meaningless, so benchmarks pass
+token ids, never text.
 
 Tensors are read one at a time from the memory-mapped safetensors files and
 written straight to the output, so converting needs the memory of the largest
@@ -36,68 +32,32 @@ from safetensors import safe_open
 from kvforge.config import load_hf_config
 from kvforge.errors import ConfigError
 from kvforge.models.checkpoint import read_safetensors_header, scan_checkpoint
+from kvforge.models.gguf_layout import (
+    HF_TO_GGUF_ARCHITECTURE,
+    ROPE_FREQS_TENSOR,
+    gguf_tensor_name,
+    rope_interleave,
+    rope_permuted_heads,
+)
 from kvforge.models.llama import ModelConfig, rope_inv_freq
 from kvforge.models.loader import IGNORED_TENSOR_SUFFIXES
 
-GGUF_ARCH = gguf.MODEL_ARCH.LLAMA
-# HF architectures that llama.cpp's "llama" graph runs unchanged (q/k/v biases
-# are optional tensors there, which covers Qwen2).
-EXPORTABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# Our dtype name -> (numpy dtype of 2-D weights, file type); 1-D tensors stay float32.
+EXPORTABLE_ARCHITECTURES = tuple(HF_TO_GGUF_ARCHITECTURE)
+_Q = gguf.GGMLQuantizationType
+# Our dtype name -> (tensor type of 2-D weights, file type); 1-D tensors stay F32.
 GGUF_DTYPES = {
-    "f32": (np.float32, gguf.LlamaFileType.ALL_F32),
-    "f16": (np.float16, gguf.LlamaFileType.MOSTLY_F16),
+    "f32": (_Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (_Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (_Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (_Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (_Q.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (_Q.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (_Q.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (_Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 NUM_BYTE_TOKENS = 256
 DEFAULT_BOS_TOKEN_ID = 1
 DEFAULT_EOS_TOKEN_ID = 2
-
-# HF parameter name inside a layer -> gguf tensor kind.
-_LAYER_TENSORS = {
-    "input_layernorm": gguf.MODEL_TENSOR.ATTN_NORM,
-    "self_attn.q_proj": gguf.MODEL_TENSOR.ATTN_Q,
-    "self_attn.k_proj": gguf.MODEL_TENSOR.ATTN_K,
-    "self_attn.v_proj": gguf.MODEL_TENSOR.ATTN_V,
-    "self_attn.o_proj": gguf.MODEL_TENSOR.ATTN_OUT,
-    "post_attention_layernorm": gguf.MODEL_TENSOR.FFN_NORM,
-    "mlp.gate_proj": gguf.MODEL_TENSOR.FFN_GATE,
-    "mlp.up_proj": gguf.MODEL_TENSOR.FFN_UP,
-    "mlp.down_proj": gguf.MODEL_TENSOR.FFN_DOWN,
-}
-_GLOBAL_TENSORS = {
-    "model.embed_tokens": gguf.MODEL_TENSOR.TOKEN_EMBD,
-    "model.norm": gguf.MODEL_TENSOR.OUTPUT_NORM,
-    "lm_head": gguf.MODEL_TENSOR.OUTPUT,
-}
-
-
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj.weight' -> 'blk.3.attn_q.weight'; None if not exported."""
-    stem, _, suffix = hf_name.rpartition(".")
-    if suffix not in ("weight", "bias"):
-        return None
-    if stem in _GLOBAL_TENSORS:
-        return f"{gguf.TENSOR_NAMES[_GLOBAL_TENSORS[stem]]}.{suffix}"
-    parts = stem.split(".", 3)  # model, layers, N, rest
-    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _LAYER_TENSORS:
-        template = gguf.TENSOR_NAMES[_LAYER_TENSORS[parts[3]]]
-        return f"{template.format(bid=int(parts[2]))}.{suffix}"
-    return None
-
-
-def rope_interleave(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """HF rotate-half rows -> llama.cpp interleaved rows, per head; w is [H*D, in] or [H*D]."""
-    rest = w.shape[1:]
-    half = w.shape[0] // num_heads // 2
-    # [H, 2, D/2, ...] -> [H, D/2, 2, ...]: row (h, j, i) moves to (h, i, j), i.e. 2i + j.
-    return w.reshape(num_heads, 2, half, *rest).swapaxes(1, 2).reshape(w.shape)
-
-
-def rope_deinterleave(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """The inverse of `rope_interleave`."""
-    rest = w.shape[1:]
-    half = w.shape[0] // num_heads // 2
-    return w.reshape(num_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def placeholder_vocab(
@@ -147,6 +107,7 @@ def _add_metadata(writer: gguf.GGUFWriter, model: ModelConfig, config: dict, dty
     spec = model.spec
     writer.add_name(spec.name)
     writer.add_file_type(GGUF_DTYPES[dtype][1])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(model.vocab_size)
     writer.add_context_length(spec.max_position_embeddings)
     writer.add_embedding_length(spec.hidden_size)
@@ -176,10 +137,11 @@ def _add_metadata(writer: gguf.GGUFWriter, model: ModelConfig, config: dict, dty
 def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, dtype: str = "f32") -> Path:
     """Write the checkpoint in `checkpoint_dir` as a GGUF file at `out_path`; returns out_path.
 
-    dtype is "f32" or "f16" for the matrices; norms, biases and RoPE factors
-    are always float32. Raises ConfigError for an unsupported architecture,
-    a missing or unexpected tensor, or a vocabulary too small for the
-    placeholder tokenizer (see the module docstring).
+    dtype (one of `GGUF_DTYPES`: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0) is the
+    type of the matrices, quantized by the `gguf` package; norms, biases, RoPE factors
+    and a matrix whose rows do not split into the type's blocks stay float32.
+    Raises ConfigError for an unsupported architecture, a missing or unexpected
+    tensor, or a vocabulary too small for the placeholder tokenizer.
     """
     directory = Path(checkpoint_dir).expanduser()
     out_path = Path(out_path)
@@ -187,27 +149,28 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, dtype: str = "
         raise ConfigError(f"unknown GGUF dtype {dtype!r}; known: {', '.join(GGUF_DTYPES)}")
     config = load_hf_config(directory / "config.json")
     model = _model_config(config, directory.name)
-    if model.qk_norm:
-        raise ConfigError(f"{directory.name}: q/k norms cannot be exported to GGUF 'llama'")
+    arch = HF_TO_GGUF_ARCHITECTURE[model.architecture]
+    if model.qk_norm and arch != "qwen3":
+        raise ConfigError(f"{directory.name}: q/k norms cannot be exported to GGUF '{arch}'")
     checkpoint = scan_checkpoint(directory)
     if checkpoint is None:
         raise ConfigError(f"{directory}: no *.safetensors files")
-    entries = _plan_tensors(directory, model, checkpoint.files, GGUF_DTYPES[dtype][0])
+    entries = _plan_tensors(directory, model, arch, checkpoint.files, GGUF_DTYPES[dtype][0])
     rope_factors = _llama3_rope_factors(model)
 
-    writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[GGUF_ARCH])
+    writer = gguf.GGUFWriter(out_path, arch)
     _add_metadata(writer, model, config, dtype)
     # The header lists every tensor's shape before any data, so shapes come from
     # the safetensors headers and the data is then read, converted and written
     # one tensor at a time, in the same order: memory stays at one tensor.
-    rope_name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight"
     if rope_factors is not None:
         writer.add_tensor_info(
-            rope_name, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes
+            ROPE_FREQS_TENSOR, rope_factors.shape, rope_factors.dtype, rope_factors.nbytes
         )
     for entry in entries:
-        nbytes = int(np.prod(entry.shape)) * np.dtype(entry.dtype).itemsize
-        writer.add_tensor_info(entry.name, entry.shape, np.dtype(entry.dtype), nbytes)
+        byte_shape = gguf.quant_shape_to_byte_shape(entry.shape, entry.qtype)
+        writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32),
+                               int(np.prod(byte_shape)), raw_dtype=entry.qtype)  # fmt: skip
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -217,7 +180,7 @@ def export_gguf(checkpoint_dir: str | Path, out_path: str | Path, dtype: str = "
     for entry in entries:
         if entry.file not in handles:
             handles[entry.file] = safe_open(entry.file, framework="pt")
-        writer.write_tensor_data(_convert(entry, handles[entry.file], model))
+        writer.write_tensor_data(_convert(entry, handles[entry.file], model, arch))
     writer.close()
     return out_path
 
@@ -228,13 +191,18 @@ class _Entry:
     file: Path
     hf_name: str
     shape: tuple[int, ...]
-    dtype: type  # numpy dtype written
+    qtype: gguf.GGMLQuantizationType  # as written
 
 
 def _plan_tensors(
-    directory: Path, model: ModelConfig, files: tuple[Path, ...], matrix_dtype: type
+    directory: Path,
+    model: ModelConfig,
+    arch: str,
+    files: tuple[Path, ...],
+    matrix_type: gguf.GGMLQuantizationType,
 ) -> list[_Entry]:
     """Every tensor to write, checked against the shapes the config implies."""
+    block_size = gguf.GGML_QUANT_SIZES[matrix_type][0]
     entries: dict[str, _Entry] = {}
     for file in files:
         for tensor in read_safetensors_header(file):
@@ -242,13 +210,14 @@ def _plan_tensors(
                 continue  # e.g. rotary_emb.inv_freq, which llama.cpp recomputes
             name = gguf_tensor_name(tensor.name)
             if name is None:
-                raise ConfigError(f"{directory}: no GGUF 'llama' tensor for {tensor.name}")
+                raise ConfigError(f"{directory}: no GGUF '{arch}' tensor for {tensor.name}")
             if name in entries:
                 continue  # a sharded checkpoint may repeat a tensor; the first one counts
             if name.startswith("output.") and model.tie_word_embeddings:
                 continue  # tied: llama.cpp reuses token_embd when `output` is absent
-            dtype = matrix_dtype if len(tensor.shape) == 2 else np.float32
-            entries[name] = _Entry(name, file, tensor.name, tensor.shape, dtype)
+            quantizable = len(tensor.shape) == 2 and tensor.shape[1] % block_size == 0
+            qtype = matrix_type if quantizable else _Q.F32
+            entries[name] = _Entry(name, file, tensor.name, tensor.shape, qtype)
     expected = _expected_shapes(model)
     missing = sorted(set(expected) - set(entries))
     if missing:
@@ -286,6 +255,11 @@ def _expected_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
             "ffn_up.weight": (ffn, hidden),
             "ffn_down.weight": (hidden, ffn),
         }
+        if model.qk_norm:
+            layer |= {
+                "attn_q_norm.weight": (spec.head_dim,),
+                "attn_k_norm.weight": (spec.head_dim,),
+            }
         if model.qkv_bias:
             layer |= {
                 "attn_q.bias": (q_rows,),
@@ -298,15 +272,13 @@ def _expected_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _convert(entry: _Entry, handle: Any, model: ModelConfig) -> np.ndarray:
-    tensor = handle.get_tensor(entry.hf_name).to(torch.float32)  # bf16 has no numpy dtype
-    array = tensor.numpy().astype(entry.dtype, copy=False)
-    kind = entry.name.split(".")[-2]
-    if kind == "attn_q":
-        array = rope_interleave(array, model.spec.num_attention_heads)
-    elif kind == "attn_k":
-        array = rope_interleave(array, model.spec.num_kv_heads)
-    return np.ascontiguousarray(array)
+def _convert(entry: _Entry, handle: Any, model: ModelConfig, arch: str) -> np.ndarray:
+    array = handle.get_tensor(entry.hf_name).to(torch.float32).numpy()  # bf16: no numpy dtype
+    spec = model.spec
+    heads = rope_permuted_heads(arch, entry.name, spec.num_attention_heads, spec.num_kv_heads)
+    if heads is not None:
+        array = rope_interleave(array, heads)
+    return gguf.quants.quantize(np.ascontiguousarray(array), entry.qtype)
 
 
 def _llama3_rope_factors(model: ModelConfig) -> np.ndarray | None:

@@ -23,10 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvforge.chat_template import chat_prompt
 from kvforge.errors import KVForgeError
 from kvforge.server import protocol as p
 from kvforge.server.async_engine import AsyncEngine, Delta, RequestStream
-from kvforge.server.chat import chat_prompt
 from kvforge.server.metrics import ServerMetrics
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is there
@@ -138,7 +138,9 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         check_model(body.model)
-        prompt = await asyncio.to_thread(chat_prompt, engine.tokenizer, body.messages)
+        prompt = await asyncio.to_thread(
+            chat_prompt, engine.tokenizer, [m.as_dict() for m in body.messages]
+        )
         token_ids = await asyncio.to_thread(tokenize, prompt)  # off the event loop: long
         # prompts take a while to tokenize, and other requests' streams must not wait
         max_tokens = body.max_tokens

@@ -150,6 +150,10 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def as_dict(self) -> dict[str, str]:
+        """The message as chat templates take it."""
+        return {"role": self.role, "content": self.text}
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)

@@ -44,8 +44,8 @@ def run(ctx: BenchContext) -> Report:
     from kvforge import LLM
 
     lengths = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()
-    llm = LLM(model=str(model_dir), device=ctx.device, kv_memory="64MiB")
+    model_path = ctx.checkpoint()
+    llm = LLM(model=str(model_path), device=ctx.device, kv_memory="64MiB")
     rows_per_call = _count_rows(llm)
     _step_times(llm, PROMPT, 2, ctx.now)  # warm-up
     results, last = [], {}
@@ -99,7 +99,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="cache",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), "lengths": lengths, "prompt_tokens": len(PROMPT)},
+        settings={"model": str(model_path), "lengths": lengths, "prompt_tokens": len(PROMPT)},
         results=results,
         ratios={"recompute_over_cached_at_max_n": results[-1]["recompute_over_cached"]},
         plots=plots,

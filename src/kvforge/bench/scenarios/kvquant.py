@@ -12,8 +12,6 @@ quality on a trained one (--model, else the built-in kvforge-mini), whose attent
 means something. `kvforge eval` measures quality in more depth (perplexity, passkey).
 """
 
-import json
-
 from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
@@ -21,6 +19,7 @@ from kvforge.bench.scenarios.roofline import decode_step_s
 from kvforge.eval.quality import agreement, greedy_with_logprobs
 from kvforge.eval.tasks import agreement_prompts
 from kvforge.models.builtin import MINI_MODEL_DIR
+from kvforge.models.catalog import model_config
 from kvforge.planner import bytes_per_request
 from kvforge.units import parse_bytes
 
@@ -35,17 +34,17 @@ def run(ctx: BenchContext) -> Report:
     from kvforge import LLM
 
     sizes = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()  # memory and speed: the sized benchmark model
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model_path = ctx.checkpoint()  # memory and speed: the sized benchmark model
+    vocab = model_config(model_path)["vocab_size"]
     # quality: a trained model (--model, else the built-in kvforge-mini) on the fixed
     # prompt set of `kvforge eval agreement`: random weights would only show closeness
-    quality_dir = ctx.model_dir or MINI_MODEL_DIR
+    quality_dir = ctx.model_path or MINI_MODEL_DIR
     quality_prompts = None
 
     rows, runs = [], {}
     for fmt in ctx.progress(FORMATS, "kvquant"):
         # int2's recent windows are reserved for `batch` running requests out of the budget
-        budget = LLM(model=str(model_dir), device=ctx.device, kv_memory=sizes["budget"],
+        budget = LLM(model=str(model_path), device=ctx.device, kv_memory=sizes["budget"],
                      kv_dtype=fmt, max_num_seqs=sizes["batch"])  # fmt: skip
         stats = budget.kv_stats()
         store = budget.engine.store
@@ -65,7 +64,7 @@ def run(ctx: BenchContext) -> Report:
             "requests_at_context": parse_bytes(sizes["budget"]) // request_bytes,
         }
         for name in ("short", "long"):
-            timing = LLM(model=str(model_dir), device=ctx.device, kv_dtype=fmt,
+            timing = LLM(model=str(model_path), device=ctx.device, kv_dtype=fmt,
                          kv_memory="1GiB", enable_prefix_caching=False,
                          max_num_seqs=sizes["batch"],
                          max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
@@ -92,11 +91,11 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="kvquant",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), "dtype": "float32", **sizes},
+        settings={"model": str(model_path), "dtype": "float32", **sizes},
         results=rows,
         ratios=ratios,
         notes=[
-            f"bytes, capacity and decode speed on the sized random-init model ({model_dir.name}); "
+            f"bytes, capacity and decode speed on the sized random-init model ({model_path.name}); "
             f"quality on the trained model {quality_dir.name} (held-out code and passkey "
             "prompts, the prompt set of `kvforge eval agreement`)",
             "KL: mean over the steps where the run's history still equals the fp32 run's",

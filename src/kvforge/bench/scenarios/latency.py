@@ -8,7 +8,6 @@ waits for the device first (`context.now`).
 """
 
 import itertools
-import json
 import statistics
 import time
 
@@ -19,6 +18,7 @@ from kvforge.bench.engines import hf_model, llamacpp_peer
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
+from kvforge.models.catalog import model_config
 
 FULL = {
     "prompt_lengths": [32, 128, 512, 1024],
@@ -37,10 +37,10 @@ def _percentile(values: list[float], q: float) -> float:
 class _KVForge:
     name = "kvforge"
 
-    def __init__(self, model_dir, device: str) -> None:
+    def __init__(self, model_path, device: str) -> None:
         from kvforge import LLM
 
-        self.llm = LLM(model=str(model_dir), device=device, kv_memory="256MiB")
+        self.llm = LLM(model=str(model_path), device=device, kv_memory="256MiB")
         self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
@@ -61,8 +61,8 @@ class _KVForge:
 class _Transformers:
     name = "transformers generate"
 
-    def __init__(self, model_dir, device: str) -> None:
-        self.model = hf_model(model_dir, device)
+    def __init__(self, model_path, device: str) -> None:
+        self.model = hf_model(model_path, device)
         self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
@@ -107,11 +107,11 @@ class _LlamaCpp:
 
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    engines = [_KVForge(model_dir, ctx.device), _Transformers(model_dir, ctx.device)]
+    model_path = ctx.checkpoint()
+    vocab_size = model_config(model_path)["vocab_size"]
+    engines = [_KVForge(model_path, ctx.device), _Transformers(model_path, ctx.device)]
     notes = ["p99 of a few samples is close to their maximum"]
-    peer = llamacpp_peer(model_dir)
+    peer = llamacpp_peer(model_path)
     if isinstance(peer, str):
         notes.append(peer)
     else:
@@ -155,7 +155,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="latency",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), "dtype": "float32", **sizes},
+        settings={"model": str(model_path), "dtype": "float32", **sizes},
         results=rows,
         ratios=ratios,
         notes=notes,

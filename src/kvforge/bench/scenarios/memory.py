@@ -6,7 +6,6 @@ checks that the store's bytes per token equal the planner's, and reports the
 process's peak resident memory (and on CUDA its peak of allocated device memory).
 """
 
-import json
 import resource
 
 import torch
@@ -15,6 +14,7 @@ from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
+from kvforge.models.catalog import model_config
 from kvforge.planner import bytes_per_token
 
 FULL = {
@@ -37,13 +37,13 @@ def run(ctx: BenchContext) -> Report:
     from kvforge import LLM, SamplingParams
 
     sizes = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model_path = ctx.checkpoint()
+    vocab_size = model_config(model_path)["vocab_size"]
     requests = mixed_workload(sizes["requests"], vocab_size, sizes["prompt"], sizes["output"])
     rows, plots = [], []
     for block_size in ctx.progress(sizes["block_sizes"], "memory"):
         llm = LLM(
-            model=str(model_dir),
+            model=str(model_path),
             device=ctx.device,
             block_size=block_size,
             kv_memory="256MiB",
@@ -94,7 +94,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="memory",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), **sizes},
+        settings={"model": str(model_path), **sizes},
         results=rows,
         ratios={
             "waste_pct_by_block_size": {str(r["block_size"]): r["waste_pct"] for r in rows},

@@ -13,7 +13,6 @@ directory a previous one wrote (nothing on the device). Throughput runs all
 shared-prefix requests together. Greedy, EOS ignored, outputs compared.
 """
 
-import json
 import random
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from kvforge.bench.context import BenchContext
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import SMALL_LLAMA, TINY_LLAMA
+from kvforge.models.catalog import model_config
 
 FULL = {"prefix": 2048, "suffix": 32, "requests": 8, "output": 8, "turns": 6, "turn": 64}
 QUICK = {"prefix": 96, "suffix": 8, "requests": 3, "output": 4, "turns": 3, "turn": 16}
@@ -31,8 +31,8 @@ PREFIX_LLAMA = {**SMALL_LLAMA, "max_position_embeddings": 4096}  # room for 2K +
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
     config = {**TINY_LLAMA, "max_position_embeddings": 1024} if ctx.quick else PREFIX_LLAMA
-    model_dir = ctx.checkpoint(config)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model_path = ctx.checkpoint(config)
+    vocab = model_config(model_path)["vocab_size"]
     rng = random.Random(0)
     system = [rng.randrange(3, vocab) for _ in range(sizes["prefix"])]
     prompts = [
@@ -45,11 +45,11 @@ def run(ctx: BenchContext) -> Report:
 
     rows, outputs, series = [], {}, {}
     for name, options in ctx.progress(list(settings.items()), "prefix"):
-        llm = _engine(model_dir, ctx, options)
+        llm = _engine(model_path, ctx, options)
         warm = system + [rng.randrange(3, vocab) for _ in range(sizes["suffix"])]
         _generate(llm, [warm], sizes["output"])  # fills the cache ("on"), the disk ("disk")
         if name == "disk":
-            llm = _engine(model_dir, ctx, options)  # a restart: the device cache is empty
+            llm = _engine(model_path, ctx, options)  # a restart: the device cache is empty
         ttfts, cached, tokens = [], [], []
         for prompt in prompts:
             out = _generate(llm, [prompt], sizes["output"])[0]
@@ -57,14 +57,14 @@ def run(ctx: BenchContext) -> Report:
             cached.append(out.metrics.cached_tokens)
             tokens.append(out.token_ids)
             if name == "disk":  # every request starts from the disk, as the first one did
-                llm = _engine(model_dir, ctx, options)
+                llm = _engine(model_path, ctx, options)
         outputs[name] = tokens
         series[name] = (list(range(1, len(ttfts) + 1)), [1000 * t for t in ttfts])
         rows.append(_row("shared prefix", name, ttfts, cached, prompts))
         if name != "disk":
-            rows[-1]["requests_per_s"] = _throughput(model_dir, ctx, options, system, prompts,
+            rows[-1]["requests_per_s"] = _throughput(model_path, ctx, options, system, prompts,
                                                      sizes["output"])  # fmt: skip
-            rows.append(_chat(model_dir, ctx, options, system, turns, sizes["output"], name))
+            rows.append(_chat(model_path, ctx, options, system, turns, sizes["output"], name))
 
     by = {(r["workload"], r["setting"]): r for r in rows}
     off, on = by["shared prefix", "off"], by["shared prefix", "on"]
@@ -82,7 +82,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="prefix",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), "dtype": "float32", "greedy": True, **sizes},
+        settings={"model": str(model_path), "dtype": "float32", "greedy": True, **sizes},
         results=rows,
         ratios=ratios,
         notes=["TTFT of requests run one at a time (the prefill each setting needs)"],
@@ -99,10 +99,10 @@ def run(ctx: BenchContext) -> Report:
     )
 
 
-def _engine(model_dir, ctx: BenchContext, options: dict):
+def _engine(model_path, ctx: BenchContext, options: dict):
     from kvforge import LLM
 
-    return LLM(model=str(model_dir), device=ctx.device, kv_memory="1GiB", **options)
+    return LLM(model=str(model_path), device=ctx.device, kv_memory="1GiB", **options)
 
 
 def _generate(llm, prompts: list[list[int]], max_tokens: int):
@@ -124,18 +124,18 @@ def _row(workload: str, setting: str, ttfts, cached, prompts) -> dict:
     }
 
 
-def _throughput(model_dir, ctx, options, system, prompts, max_tokens) -> float:
+def _throughput(model_path, ctx, options, system, prompts, max_tokens) -> float:
     """Requests/s with every shared-prefix request submitted together (cache warmed)."""
-    llm = _engine(model_dir, ctx, options)
+    llm = _engine(model_path, ctx, options)
     _generate(llm, [system + prompts[0][len(system) :]], max_tokens)
     start = ctx.now()
     _generate(llm, prompts, max_tokens)
     return len(prompts) / (ctx.now() - start)
 
 
-def _chat(model_dir, ctx, options, system, turns, max_tokens, setting) -> dict:
+def _chat(model_path, ctx, options, system, turns, max_tokens, setting) -> dict:
     """A conversation: each turn sends everything so far plus a new user message."""
-    llm = _engine(model_dir, ctx, options)
+    llm = _engine(model_path, ctx, options)
     history, ttfts, cached, prompts = list(system), [], [], []
     for message in turns:
         prompt = history + message

@@ -89,9 +89,9 @@ def run(ctx: BenchContext) -> Report:
 
     sizes = {**(QUICK if ctx.quick else FULL), **(CUDA if ctx.device == "cuda" else {})}
     config = sizes["model"]
-    model_dir = ctx.checkpoint(config)
+    model_path = ctx.checkpoint(config)
     llm = LLM(
-        model=str(model_dir),
+        model=str(model_path),
         device=ctx.device,
         kv_memory="512MiB",
         max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
@@ -137,7 +137,7 @@ def run(ctx: BenchContext) -> Report:
         scenario="roofline",
         machine=describe_machine(ctx.device),
         settings={
-            "model": str(model_dir),
+            "model": str(model_path),
             "parameters": net.config.spec.parameter_count(),
             "dtype": "float32",
             "context": context,

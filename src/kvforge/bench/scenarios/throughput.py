@@ -6,21 +6,20 @@ over the whole batch. Engines run one after another for each c, so machine
 drift hits them alike; ratios are taken within the same c.
 """
 
-import json
-
 from kvforge.bench.context import BenchContext
 from kvforge.bench.engines import KVForgeEngine, llamacpp_peer, transformers_engines
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
+from kvforge.models.catalog import model_config
 
 FULL = {"concurrency": [1, 2, 4, 8, 16, 32, 64], "prompt": (32, 256), "output": (16, 64)}
 QUICK = {"concurrency": [1, 4], "prompt": (8, 24), "output": (4, 8)}
 
 
-def _peers(model_dir, device: str, notes: list[str]) -> list:
-    engines = transformers_engines(model_dir, device)
-    peer = llamacpp_peer(model_dir)
+def _peers(model_path, device: str, notes: list[str]) -> list:
+    engines = transformers_engines(model_path, device)
+    peer = llamacpp_peer(model_path)
     if isinstance(peer, str):
         notes.append(peer)
     else:
@@ -30,12 +29,12 @@ def _peers(model_dir, device: str, notes: list[str]) -> list:
 
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
-    model_dir = ctx.checkpoint()
-    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model_path = ctx.checkpoint()
+    vocab_size = model_config(model_path)["vocab_size"]
     notes: list[str] = []
     engines = [
-        KVForgeEngine(model_dir, max_num_seqs=max(sizes["concurrency"]), device=ctx.device),
-        *_peers(model_dir, ctx.device, notes),
+        KVForgeEngine(model_path, max_num_seqs=max(sizes["concurrency"]), device=ctx.device),
+        *_peers(model_path, ctx.device, notes),
     ]
     warmup = mixed_workload(2, vocab_size, (4, 8), (2, 2), seed=99)
     for engine in engines:
@@ -87,7 +86,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="throughput",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_dir), "dtype": "float32", "greedy": True, **sizes},
+        settings={"model": str(model_path), "dtype": "float32", "greedy": True, **sizes},
         results=rows,
         ratios=ratios,
         notes=notes,
