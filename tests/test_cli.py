@@ -142,10 +142,11 @@ def test_help_for_every_command(capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "llama-9"], "unknown model 'llama-9': not a preset, a config.json or a "
-                                 "checkpoint directory; presets: llama-2-7b, llama-2-13b"),
-        (["--model", "./no/such/config.json"], "no such config file or checkpoint directory"),
-        ([], "--model is required; presets: llama-2-7b"),
+        (["--model", "llama-9"], "unknown model 'llama-9': not a GGUF file, a config.json, a "
+                                 "checkpoint directory or one of smollm2-135m-instruct, "
+                                 "kvforge-mini, random; presets: llama-2-7b, llama-2-13b"),
+        (["--model", "./no/such/config.json"],
+         "no such GGUF file, config file or checkpoint directory"),
         (["--model", "llama-2-7b", "--memory", "8GiB"],
          "weights (13,476,831,232 B at fp16) plus reserve (0 B) need more than the memory budget"),
         (["--model", "llama-2-7b", "--memory", "20GiB", "--reserve", "8GiB"],
@@ -284,3 +285,12 @@ def test_checkpoint_directory_plan(capsys, tmp_path):
     assert (data["num_params"], data["weights_bytes"]) == (1000, 4000)
     data = plan_json(capsys, "--model", str(tmp_path), "--weights-dtype", "int8")
     assert data["weights_bytes"] == params
+
+
+def test_plan_without_model_plans_the_default_model_from_its_file(capsys):
+    code, out, err = run(capsys, "plan", "--context", "1000", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["source"] == "gguf" and plan["model"] == "smollm2-135m-instruct"
+    assert plan["bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32, as served on a CPU
+    assert plan["num_params"] == 134_515_008  # the file's tensors, embeddings tied
