@@ -28,6 +28,7 @@ SUPPORTED_TENSOR_TYPES = (
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )  # fmt: skip
 DEFAULT_ROPE_THETA = 10000.0
+DEQUANTIZE_CHUNK_BYTES = 16 * 2**20  # float32 produced per dequantize call
 DEFAULT_RMS_NORM_EPS = 1e-5  # llama.cpp's
 
 
@@ -125,6 +126,10 @@ def _describe(path: Path, reader: gguf.GGUFReader) -> GGUFModel:
     if not tensors:
         raise ConfigError(f"{path}: the GGUF file holds no tensors")
     config = _hf_config(path, arch, metadata, tensors, _vocab_length(fields))
+    # The vocabulary's parsed arrays take ~150 MiB for a 50K-token file: the metadata
+    # above has what kvforge reads (the tokenizer is converted from the file by itself).
+    reader.fields.clear()
+    del fields
     file_type = _file_type(metadata, tensors)
     return GGUFModel(path, arch, config, tensors, file_type, metadata, reader)
 
@@ -219,17 +224,23 @@ def iter_gguf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor in HF row order and `dtype`) for every tensor, one at a time.
 
-    Each tensor is dequantized from the memory-mapped file to float32 by the
-    `gguf` package, q/k rows of `llama` files are put back in HF's order, and the
-    result is converted once to `dtype`: memory holds one float32 tensor at a time
-    beside the model.
+    Each tensor is dequantized from the memory-mapped file by the `gguf` package,
+    `DEQUANTIZE_CHUNK_BYTES` of float32 at a time, straight into a tensor of
+    `dtype` (gguf's dequantizers hold a few float32 copies of what they are given:
+    in chunks, that stays small beside the model). q/k rows of `llama` files are
+    then put back in HF's order.
     """
     for t in model.reader.tensors:
-        array = gguf.quants.dequantize(t.data, t.tensor_type)  # float32, row-major
+        data = t.data  # [rows, bytes or values per row], memory-mapped
+        shape = model.tensors[t.name].shape
+        out = torch.empty(shape, dtype=dtype)
+        rows = out.view(-1, shape[-1])
+        step = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * shape[-1]))
+        flat = data.reshape(rows.shape[0], -1)
+        for start in range(0, rows.shape[0], step):
+            chunk = gguf.quants.dequantize(flat[start : start + step], t.tensor_type)
+            rows[start : start + step] = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
         heads = rope_permuted_heads(model.architecture, t.name, num_heads, num_kv_heads)
         if heads is not None:
-            array = rope_deinterleave(array, heads)
-        # dequantize returns a fresh array except for F32 tensors, which are read-only
-        # views of the mapped file: torch copies those in `.to` only if dtype differs
-        tensor = torch.from_numpy(np.array(array, copy=not array.flags.writeable))
-        yield t.name, tensor.to(dtype)
+            out = torch.from_numpy(rope_deinterleave(out.float().numpy(), heads)).to(dtype)
+        yield t.name, out
