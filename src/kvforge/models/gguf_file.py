@@ -239,7 +239,8 @@ def iter_gguf_tensors(
         flat = data.reshape(rows.shape[0], -1)
         for start in range(0, rows.shape[0], step):
             chunk = gguf.quants.dequantize(flat[start : start + step], t.tensor_type)
-            rows[start : start + step] = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+            # a copy: F32 chunks are read-only views of the mapped file
+            rows[start : start + step] = torch.from_numpy(np.array(chunk, dtype=np.float32))
         heads = rope_permuted_heads(model.architecture, t.name, num_heads, num_kv_heads)
         if heads is not None:
             out = torch.from_numpy(rope_deinterleave(out.float().numpy(), heads)).to(dtype)
