@@ -160,3 +160,32 @@ def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer)
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     assert chunked.generate([ids], params)[0].token_ids == expected
     assert llm.generate([ids], params)[0].token_ids == expected
+
+
+def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch):
+    from kvforge.models.gguf_file import read_gguf
+    from kvforge.models.loader import load_tokenizer
+
+    monkeypatch.setenv("KVFORGE_CACHE_DIR", str(tmp_path))
+    info = read_gguf(path)
+    converted = load_tokenizer(info)
+    (copy,) = (tmp_path / "tokenizers").iterdir()
+    assert (copy / "tokenizer.json").is_file() and not copy.name.startswith(".tmp")
+    real_from_pretrained = transformers.AutoTokenizer.from_pretrained
+
+    def no_conversion(*args, **kwargs):
+        if "gguf_file" in kwargs:
+            raise AssertionError("converted the file again")
+        return real_from_pretrained(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_conversion)
+    reused = load_tokenizer(info)
+    messages = [{"role": "system", "content": "Be brief."}, *user(QUESTIONS[1])]
+    for tokenizer in (converted, reused):
+        assert tokenizer.encode("naïve café — 東京") == converted.encode("naïve café — 東京")
+        assert chat_prompt(tokenizer, messages) == chat_prompt(converted, messages)
+        assert tokenizer.eos_token_ids == {2} and tokenizer.bos_token_id == 1
+    (copy / "tokenizer.json").write_text("{")  # damaged: converted again, and replaced
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", real_from_pretrained)
+    assert load_tokenizer(info).encode("Hello world") == converted.encode("Hello world")
+    assert (copy / "tokenizer.json").stat().st_size > 1_000_000

@@ -9,7 +9,11 @@ weights are never held twice. A GGUF file goes the same way, each tensor
 dequantized on its own (`gguf_file.iter_gguf_tensors`).
 """
 
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import replace
@@ -26,6 +30,7 @@ from kvforge.kvcache.store import TORCH_DTYPES
 from kvforge.models.checkpoint import (
     CheckpointInfo,
     TensorInfo,
+    model_fingerprint,
     read_safetensors_header,
     scan_checkpoint,
 )
@@ -313,17 +318,56 @@ def load_tokenizer(path: str | Path | GGUFModel) -> HFTokenizer:
     return HFTokenizer(tokenizer, _config_eos_ids(directory))
 
 
-def _load_gguf_tokenizer(info: GGUFModel) -> HFTokenizer:
+def _load_gguf_tokenizer(info: GGUFModel, cache_dir: Path | None = None) -> HFTokenizer:
+    """The file's tokenizer, converted by transformers (~4 s for a 50K vocabulary: it
+    parses the file again) once, then read from a converted copy kept in the cache
+    directory (~0.3 s). The copy's name hashes the file's fingerprint and the
+    transformers version, so another file or another conversion never reads it."""
     path = info.path
     if "tokenizer.ggml.model" not in info.metadata:
         raise ConfigError(f"{path}: the GGUF file has no tokenizer")
+    import transformers
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from None
+    key = hashlib.sha256(
+        f"{model_fingerprint(path, 'tokenizer')}:{transformers.__version__}".encode()
+    ).hexdigest()[:24]
+    cached = (cache_dir or kvforge_cache_dir()) / "tokenizers" / key
+    tokenizer = None
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            tokenizer = None  # a damaged copy: convert again (and replace it)
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from None
+        _save_converted(tokenizer, cached)
     return HFTokenizer(tokenizer, eos_token_ids(info))
+
+
+def kvforge_cache_dir() -> Path:
+    """$KVFORGE_CACHE_DIR, else $XDG_CACHE_HOME/kvforge, else ~/.cache/kvforge."""
+    if os.environ.get("KVFORGE_CACHE_DIR"):
+        return Path(os.environ["KVFORGE_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvforge"
+
+
+def _save_converted(tokenizer: Any, target: Path) -> None:
+    """Best effort: written to a temporary name and renamed, so a reader never sees half a
+    copy; a read-only or full disk only costs the next load its conversion."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(target, ignore_errors=True)  # a damaged copy, if any
+        os.replace(tmp, target)
+    except OSError:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _config_eos_ids(directory: Path) -> tuple[int, ...]:
