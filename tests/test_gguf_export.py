@@ -15,6 +15,7 @@ gguf = pytest.importorskip("gguf")
 from kvforge.errors import ConfigError  # noqa: E402
 from kvforge.models.gguf_export import export_gguf, placeholder_vocab  # noqa: E402
 from kvforge.models.gguf_layout import rope_deinterleave, rope_interleave  # noqa: E402
+from model_util import hf_greedy  # noqa: E402
 
 TINY = dict(
     num_hidden_layers=2,
@@ -279,15 +280,7 @@ def test_llama_cpp_greedy_tokens_match_transformers(tmp_path, checkpoint):
     engine = LlamaCppEngine(export_gguf(directory, tmp_path / "m.gguf"), n_ctx=64, n_threads=1)
     model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     for prompt in PROMPTS:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt]),
-                max_new_tokens=NUM_NEW_TOKENS,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-        expected = out[0, len(prompt) :].tolist()
+        expected = hf_greedy(model, prompt, NUM_NEW_TOKENS)
         calls: list[int] = []
         assert engine.generate_greedy(prompt, NUM_NEW_TOKENS, partial(calls.append, 1)) == expected
         assert len(calls) == NUM_NEW_TOKENS  # one call per token, for per-token timing

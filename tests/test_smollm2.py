@@ -189,3 +189,42 @@ def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", real_from_pretrained)
     assert load_tokenizer(info).encode("Hello world") == converted.encode("Hello world")
     assert (copy / "tokenizer.json").stat().st_size > 1_000_000
+
+
+def test_serve_answers_an_openai_client_with_the_default_model():
+    import socket
+    import time
+
+    import httpx
+    import openai
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kvforge", "serve", "--port", str(port), "--kv-memory", "64MiB"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            assert time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
+        reply = client.chat.completions.create(
+            model="smollm2-135m-instruct",
+            messages=user(QUESTIONS[0]),
+            temperature=0,
+            max_tokens=32,
+        )
+        assert reply.choices[0].message.content == "The capital of France is Paris."
+        assert reply.choices[0].finish_reason == "stop"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -545,8 +545,8 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "eval",
         help="measure what a cache setting costs in quality: perplexity, passkey, agreement",
         description="Quality of a cache setting next to the KV bytes it uses. perplexity: "
-        "held-out text (default: the standard-library modules kept out of the built-in "
-        "model's training) scored through the cache; passkey: retrieval accuracy over "
+        "held-out text (default: the standard-library modules kvforge-mini's training "
+        "kept out) scored through the cache; passkey: retrieval accuracy over "
         "context lengths x needle depths; agreement: greedy tokens and next-token KL "
         "against the full-precision, full cache.",
         epilog="example: kvforge eval passkey --kv-dtype int4 --json",
