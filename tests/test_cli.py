@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvforge.cli import main
+from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.presets import PRESETS
 
 GiB = 2**30
@@ -294,3 +295,27 @@ def test_plan_without_model_plans_the_default_model_from_its_file(capsys):
     assert plan["source"] == "gguf" and plan["model"] == "smollm2-135m-instruct"
     assert plan["bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32, as served on a CPU
     assert plan["num_params"] == 134_515_008  # the file's tensors, embeddings tied
+
+
+@pytest.mark.parametrize("kv_dtype", list(KV_FORMATS))
+@pytest.mark.parametrize(("kv_memory", "max_num_seqs"), [("8MiB", 4), ("3MiB", 256)])
+def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_memory, max_num_seqs):
+    """The planner sizes the pool for plan and engine alike, int2's recent windows included."""
+    from kvforge import LLM
+
+    code, out, err = run(capsys, "plan", "--model", "random", "--kv-dtype", kv_dtype,
+                         "--kv-memory", kv_memory, "--max-num-seqs", str(max_num_seqs),
+                         "--context", "512", "--json")  # fmt: skip
+    assert code == 0, err
+    plan = json.loads(out)
+    llm = LLM(model="random", device="cpu", kv_dtype=kv_dtype, kv_memory=kv_memory,
+              max_num_seqs=max_num_seqs)  # fmt: skip
+    stats = llm.kv_stats()
+    assert plan["kv_capacity_blocks"] == stats["blocks_total"]
+    assert plan["kv_capacity_tokens"] == stats["blocks_total"] * stats["block_size"]
+    assert plan["block_size"] == stats["block_size"]
+    blocks_bytes = stats["kv_bytes_allocated"] - stats["recent_window_bytes"]
+    assert plan["bytes_per_block"] * plan["kv_capacity_blocks"] == blocks_bytes
+    # int2 reserves its full-precision windows out of the same memory; the others have none
+    assert (stats["recent_window_bytes"] > 0) == (kv_dtype == "int2")
+    assert stats["kv_bytes_allocated"] <= int(kv_memory.removesuffix("MiB")) * 2**20

@@ -10,9 +10,9 @@ import torch
 from kvforge import LLM, SamplingParams
 from kvforge.config import ModelSpec
 from kvforge.kvcache.codecs import Int2KeyCodec, Int2ValueCodec, get_codecs, pack, unpack
-from kvforge.kvcache.formats import KV_FORMATS
+from kvforge.kvcache.formats import KV_FORMATS, recent_blocks
 from kvforge.kvcache.store import KVStore
-from kvforge.planner import bytes_per_token, plan_kv, recent_blocks, residual_bytes
+from kvforge.planner import bytes_per_token, plan_kv, residual_bytes
 
 # --- codecs ---------------------------------------------------------------------------
 

@@ -110,6 +110,18 @@ def _add_plan_parser(commands: argparse._SubParsersAction) -> None:
         help="memory set aside for activations and runtime (subtracted from --memory)",
     )
     p.add_argument(
+        "--kv-memory",
+        type=byte_size,
+        help="bytes for the KV cache alone, as the engine's --kv-memory takes them: "
+        "kv_capacity_blocks is then what the engine allocates (instead of --memory)",
+    )
+    p.add_argument(
+        "--max-num-seqs",
+        type=positive_int,
+        help="requests run at once, as the engine's option (default 256): int2 reserves a "
+        "full-precision window for each, and it caps the concurrent requests",
+    )
+    p.add_argument(
         "--weights-dtype",
         choices=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
         help="precision of the weights (default: the checkpoint's or config's dtype)",
@@ -203,6 +215,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         memory_bytes=args.memory,
         reserve_bytes=args.reserve or 0,
         weights=weights,
+        kv_memory_bytes=args.kv_memory,
+        max_num_seqs=args.max_num_seqs,
     )
     comparison = None
     if args.compare:  # without --block-size, each format at its own default

@@ -23,13 +23,13 @@ from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
     bytes_per_block,
     default_block_size,
+    pool_size,
     residual_bytes,
     resolve_kv_format,
 )
 from kvforge.units import parse_bytes
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
-RECENT_WINDOW_SHARE = 4  # int2's full-precision windows take at most 1/4 of kv_memory
 CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
 KV_POLICIES: tuple[str, ...] = ()  # eviction policies arrive with their own issue
 
@@ -246,14 +246,9 @@ class LLM:
         self.tokenizer = tokenizer
 
     def _pool_size(self, num_blocks, kv_memory, spec, fmt, block_size, max_num_seqs):
-        """(blocks in the pool, requests that may run at once).
-
-        int2 also keeps each running request's recent tokens in full precision, outside
-        the blocks: out of kv_memory, windows are reserved for max_num_seqs requests or as
-        many as fit in a quarter of it (that number then caps the running requests).
-        """
-        block_bytes = bytes_per_block(spec, fmt, block_size)
-        window_bytes = residual_bytes(spec, fmt, block_size)  # per running request
+        """(blocks in the pool, requests that may run at once): num_blocks as given, or
+        what kv_memory (default: 512 MiB on a CPU, 90% of free memory on CUDA) holds, as
+        the planner sizes it (`planner.pool_size`)."""
         if num_blocks is not None:
             if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
                 raise KVForgeError(f"num_blocks must be a positive integer, got {num_blocks!r}")
@@ -269,20 +264,8 @@ class LLM:
             kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION)
         else:
             kv_bytes = DEFAULT_CPU_KV_BYTES
-        running = max_num_seqs
-        if window_bytes:
-            running = min(max_num_seqs, max(1, kv_bytes // RECENT_WINDOW_SHARE // window_bytes))
-        blocks = (kv_bytes - running * window_bytes) // block_bytes
-        if kv_memory is None:  # never more than max_num_seqs full-length requests could use
-            most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
-            return max(1, min(blocks, most_useful)), running
-        if blocks < 1:
-            window = f" after {running * window_bytes:,} B of recent windows" * bool(window_bytes)
-            raise KVForgeError(
-                f"kv_memory {kv_bytes:,} B holds no KV block{window}: one block of "
-                f"{block_size} tokens takes {block_bytes:,} B"
-            )
-        return blocks, running
+        return pool_size(spec, fmt, block_size, kv_bytes, max_num_seqs,
+                         cap_to_context=kv_memory is None)  # fmt: skip
 
     # --- generation -----------------------------------------------------------------
 

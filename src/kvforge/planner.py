@@ -13,18 +13,29 @@ later, to size the block pool, so the plan and the allocation cannot disagree.
 
 import dataclasses
 from dataclasses import dataclass, field
-from fractions import Fraction
 from math import ceil
 
 from kvforge.config import DTYPE_BITS, ModelSpec, normalize_dtype
 from kvforge.errors import PlanError
-from kvforge.kvcache.formats import KV_FORMATS, KVFormat, get_kv_format
+from kvforge.kvcache.formats import (
+    KV_FORMATS,
+    KVFormat,
+    as_number,
+    blocks_per_request,
+    bytes_per_block,
+    bytes_per_token,
+    cached_tokens,
+    get_kv_format,
+    residual_bytes,
+)
 
 DEFAULT_BLOCK_SIZE = 16
 # int2 stores a scale and zero point per key channel per block: 64-token blocks spread
 # them to 0.5 bit a value (2.5 bits in all); 16-token blocks would make it 4 bits.
 INT2_BLOCK_SIZE = 64
 COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
+DEFAULT_MAX_NUM_SEQS = 256  # requests running at once, LLM(max_num_seqs=)'s default
+RECENT_WINDOW_SHARE = 4  # int2's full-precision windows take at most 1/4 of the KV memory
 
 
 def resolve_kv_format(spec: ModelSpec, kv_dtype: str) -> KVFormat:
@@ -37,54 +48,39 @@ def default_block_size(kv_dtype: str) -> int:
     return INT2_BLOCK_SIZE if kv_dtype == "int2" else DEFAULT_BLOCK_SIZE
 
 
-def bytes_per_block(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
-    """K and V of all layers and KV heads for one block of tokens, scales included."""
-    return spec.num_layers * spec.num_kv_heads * fmt.head_bytes_per_block(spec.head_dim, block_size)
+def pool_size(
+    spec: ModelSpec,
+    fmt: KVFormat,
+    block_size: int,
+    kv_bytes: int,
+    max_num_seqs: int,
+    cap_to_context: bool = False,
+) -> tuple[int, int]:
+    """(blocks in the pool, requests that may run at once) for `kv_bytes` of KV memory.
 
-
-def bytes_per_token(spec: ModelSpec, fmt: KVFormat, block_size: int) -> Fraction:
-    """Exact; a whole number for every format but int2 with odd block sizes."""
-    return Fraction(bytes_per_block(spec, fmt, block_size), block_size)
-
-
-def cached_tokens(spec: ModelSpec, context: int) -> int:
-    """Tokens whose K/V a request must keep: all of them, or the sliding window."""
-    return context if spec.sliding_window is None else min(context, spec.sliding_window)
-
-
-def blocks_per_request(spec: ModelSpec, context: int, block_size: int) -> int:
-    """Blocks one request of `context` tokens holds.
-
-    Without a window: ceil(context / block_size). With a window of W tokens the
-    W most recent tokens start anywhere inside a block, so they can span
-    ceil((W - 1) / block_size) + 1 blocks; the plan reserves that worst case.
+    int2 also keeps each running request's recent tokens in full precision, outside
+    the blocks: windows are reserved for max_num_seqs requests or as many as fit in
+    a quarter of kv_bytes (that number then caps the running requests), and the
+    blocks get the rest. `cap_to_context`: never more blocks than max_num_seqs
+    requests of the model's whole context can use (for a default, not a user's size).
+    The engine allocates exactly this; `kvforge plan --kv-memory` reports it.
     """
-    blocks = ceil(context / block_size)
-    window = spec.sliding_window
-    if window is not None and context > window:
-        blocks = min(blocks, ceil((window - 1) / block_size) + 1)
-    return blocks
-
-
-def recent_blocks(tokens: int, block_size: int) -> int:
-    """Blocks a request keeps in full precision to hold its newest `tokens` tokens: they
-    start anywhere in a block, and a block is packed only once whole and out of the window."""
-    return -(-(tokens - 1) // block_size) + 1
-
-
-def residual_bytes(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int | None = None
-                   ) -> int:  # fmt: skip
-    """Full-precision recent-window slots a request holds beside its packed blocks (int2):
-    whole blocks of tokens at the model's precision (`spec.dtype`)."""
-    if not fmt.residual_tokens:
-        return 0
-    context = spec.max_position_embeddings if context is None else context
-    blocks = min(recent_blocks(fmt.residual_tokens, block_size),
-                 blocks_per_request(spec, context, block_size))  # fmt: skip
-    full_bytes = DTYPE_BITS[spec.dtype] // 8
-    return (
-        blocks * block_size * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (full_bytes)
-    )
+    block_bytes = bytes_per_block(spec, fmt, block_size)
+    window_bytes = residual_bytes(spec, fmt, block_size)  # per running request
+    running = max_num_seqs
+    if window_bytes:
+        running = min(max_num_seqs, max(1, kv_bytes // RECENT_WINDOW_SHARE // window_bytes))
+    blocks = (kv_bytes - running * window_bytes) // block_bytes
+    if cap_to_context:
+        most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
+        return max(1, min(blocks, most_useful)), running
+    if blocks < 1:
+        window = f" after {running * window_bytes:,} B of recent windows" * bool(window_bytes)
+        raise PlanError(
+            f"kv_memory {kv_bytes:,} B holds no KV block{window}: one block of "
+            f"{block_size} tokens takes {block_bytes:,} B"
+        )
+    return blocks, running
 
 
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
@@ -148,11 +144,6 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
-def as_number(value: Fraction) -> int | float:
-    """A whole number as int, else float."""
-    return int(value) if value.denominator == 1 else float(value)
-
-
 @dataclass(frozen=True)
 class Plan:
     """The answer to "what will the cache cost, and how much fits?" for one setting."""
@@ -206,11 +197,16 @@ def plan_kv(
     memory_bytes: int | None = None,
     reserve_bytes: int = 0,
     weights: Weights | None = None,
+    kv_memory_bytes: int | None = None,
+    max_num_seqs: int | None = None,
 ) -> Plan:
     """Plan `batch` requests of `context` tokens (default: the model's maximum).
 
     With `memory_bytes` (the device budget) the KV pool gets what the weights
-    and `reserve_bytes` leave over; without it the pool is sized to the batch.
+    and `reserve_bytes` leave over; with `kv_memory_bytes` it gets that much, as
+    `LLM(kv_memory=)` does; without either it is sized to the batch. The pool's
+    blocks are what the engine allocates for those bytes and `max_num_seqs`
+    (default DEFAULT_MAX_NUM_SEQS), which also caps the concurrent requests when given.
     """
     context = spec.max_position_embeddings if context is None else _positive("context", context)
     _positive("batch", batch)
@@ -236,7 +232,13 @@ def plan_kv(
 
     capacity_blocks = capacity_tokens = max_requests = longest = fits = None
     kv_bytes_total = kv_bytes_batch
-    if memory_bytes is not None:
+    if memory_bytes is not None and kv_memory_bytes is not None:
+        raise PlanError("give the whole memory or the KV memory, not both")
+    if max_num_seqs is not None:
+        _positive("max_num_seqs", max_num_seqs)
+    if kv_memory_bytes is not None:
+        kv_bytes_total = _positive("kv memory", kv_memory_bytes)
+    elif memory_bytes is not None:
         _positive("memory", memory_bytes)
         if weights.num_bytes is None:
             raise PlanError(
@@ -249,9 +251,14 @@ def plan_kv(
                 f"weights ({weights.num_bytes:,} B at {weights.dtype}) plus reserve "
                 f"({reserve_bytes:,} B) need more than the memory budget ({memory_bytes:,} B)"
             )
-        capacity_blocks = kv_bytes_total // block_bytes
+    if memory_bytes is not None or kv_memory_bytes is not None:
+        capacity_blocks, running = pool_size(
+            spec, fmt, block_size, kv_bytes_total, max_num_seqs or DEFAULT_MAX_NUM_SEQS
+        )
         capacity_tokens = capacity_blocks * block_size
         max_requests = kv_bytes_total // request_bytes
+        if max_num_seqs is not None:
+            max_requests = min(max_requests, running)
         longest = max_context(spec, fmt, block_size, kv_bytes_total)
         fits = batch <= max_requests
         if not fits:

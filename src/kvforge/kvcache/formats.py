@@ -25,8 +25,10 @@ values round up to whole bytes per token and head.
 """
 
 from dataclasses import dataclass
+from fractions import Fraction
 from math import ceil
 
+from kvforge.config import DTYPE_BITS, ModelSpec
 from kvforge.errors import KVForgeError
 
 PARAM_BYTES = 2  # scales and zero points are stored as fp16
@@ -130,3 +132,61 @@ def get_kv_format(name: str) -> KVFormat:
             f"unknown KV dtype {name!r}; choose one of: auto, {', '.join(KV_FORMATS)}"
         )
     return KV_FORMATS[name]
+
+
+# --- what a model's cache costs in a format (the planner and the store both count so) ----
+
+
+def bytes_per_block(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
+    """K and V of all layers and KV heads for one block of tokens, scales included."""
+    return spec.num_layers * spec.num_kv_heads * fmt.head_bytes_per_block(spec.head_dim, block_size)
+
+
+def bytes_per_token(spec: ModelSpec, fmt: KVFormat, block_size: int) -> Fraction:
+    """Exact; a whole number for every format but int2 with odd block sizes."""
+    return Fraction(bytes_per_block(spec, fmt, block_size), block_size)
+
+
+def cached_tokens(spec: ModelSpec, context: int) -> int:
+    """Tokens whose K/V a request must keep: all of them, or the sliding window."""
+    return context if spec.sliding_window is None else min(context, spec.sliding_window)
+
+
+def blocks_per_request(spec: ModelSpec, context: int, block_size: int) -> int:
+    """Blocks one request of `context` tokens holds.
+
+    Without a window: ceil(context / block_size). With a window of W tokens the
+    W most recent tokens start anywhere inside a block, so they can span
+    ceil((W - 1) / block_size) + 1 blocks; the plan reserves that worst case.
+    """
+    blocks = ceil(context / block_size)
+    window = spec.sliding_window
+    if window is not None and context > window:
+        blocks = min(blocks, ceil((window - 1) / block_size) + 1)
+    return blocks
+
+
+def recent_blocks(tokens: int, block_size: int) -> int:
+    """Blocks a request keeps in full precision to hold its newest `tokens` tokens: they
+    start anywhere in a block, and a block is packed only once whole and out of the window."""
+    return -(-(tokens - 1) // block_size) + 1
+
+
+def residual_bytes(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int | None = None
+                   ) -> int:  # fmt: skip
+    """Full-precision recent-window slots a request holds beside its packed blocks (int2):
+    whole blocks of tokens at the model's precision (`spec.dtype`)."""
+    if not fmt.residual_tokens:
+        return 0
+    context = spec.max_position_embeddings if context is None else context
+    blocks = min(recent_blocks(fmt.residual_tokens, block_size),
+                 blocks_per_request(spec, context, block_size))  # fmt: skip
+    full_bytes = DTYPE_BITS[spec.dtype] // 8
+    return (
+        blocks * block_size * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (full_bytes)
+    )
+
+
+def as_number(value: Fraction) -> int | float:
+    """A whole number as int, else float."""
+    return int(value) if value.denominator == 1 else float(value)

@@ -2,7 +2,7 @@
 
 Allocated once at start and never grown. Only num_kv_heads are stored, so
 GQA/MQA savings are real bytes, and the store's bytes per token equal the
-planner's (`planner.bytes_per_block`), which sized it.
+planner's: both count with `formats.bytes_per_block`.
 """
 
 from dataclasses import dataclass
@@ -12,8 +12,13 @@ import torch
 
 from kvforge.config import ModelSpec
 from kvforge.kvcache.codecs import get_codecs
-from kvforge.kvcache.formats import KVFormat
-from kvforge.planner import as_number, bytes_per_block, recent_blocks, residual_bytes
+from kvforge.kvcache.formats import (
+    KVFormat,
+    as_number,
+    bytes_per_block,
+    recent_blocks,
+    residual_bytes,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -334,9 +339,9 @@ class KVStore:
             self.k = [make(k_codec) for _ in range(spec.num_layers)]
             self.v = [make(v_codec) for _ in range(spec.num_layers)]
         if self.block_bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
-            raise AssertionError("store layout disagrees with the planner")  # a bug, not input
+            raise AssertionError("store layout disagrees with its format")  # a bug, not input
         if self.recent_bytes_allocated != max_running * residual_bytes(spec, fmt, block_size):
-            raise AssertionError("recent window disagrees with the planner")
+            raise AssertionError("recent window disagrees with its format")
 
     def begin_pass(self, seqs: list[tuple[list[int], int, int]]) -> None:
         """Before a forward pass: each sequence's block ids and new positions [start, end),
