@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvforge.errors import ConfigError
+from kvforge.errors import ConfigError, positive_int
 
 # Canonical short names for element types, and what each costs in bits.
 DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "int2": 2}
@@ -84,9 +84,7 @@ class ModelSpec:
             "hidden_size",
             "max_position_embeddings",
         ):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{self.name}: {field} must be a positive integer, got {value!r}")
+            positive_int(f"{self.name}: {field}", getattr(self, field), ConfigError)
         if self.num_attention_heads % self.num_kv_heads:
             raise ConfigError(
                 f"{self.name}: num_attention_heads ({self.num_attention_heads}) must be a "
@@ -170,9 +168,7 @@ def _require_int(config: dict[str, Any], key: str, source: str) -> int:
     value = _lookup(config, key)
     if value is None:
         raise ConfigError(f"{source}: missing required field {key!r}")
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
-    return value
+    return positive_int(f"{source}: {key}", value, ConfigError)
 
 
 def spec_from_hf_config(config: Any, name: str, source: str | None = None) -> ModelSpec:
@@ -195,10 +191,8 @@ def spec_from_hf_config(config: Any, name: str, source: str | None = None) -> Mo
     num_kv_heads = config.get("num_key_value_heads")
     if num_kv_heads is None:
         num_kv_heads = 1 if config.get("multi_query") else num_heads
-    elif isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
-        raise ConfigError(
-            f"{source}: num_key_value_heads must be a positive integer, got {num_kv_heads!r}"
-        )
+    else:
+        positive_int(f"{source}: num_key_value_heads", num_kv_heads, ConfigError)
 
     hidden_size = _lookup(config, "hidden_size")
     head_dim = config.get("head_dim")
@@ -210,8 +204,8 @@ def spec_from_hf_config(config: Any, name: str, source: str | None = None) -> Mo
                 f"num_attention_heads ({num_heads}) and there is no head_dim"
             )
         head_dim = hidden_size // num_heads
-    elif isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise ConfigError(f"{source}: head_dim must be a positive integer, got {head_dim!r}")
+    else:
+        positive_int(f"{source}: head_dim", head_dim, ConfigError)
     if hidden_size is None:
         hidden_size = num_heads * head_dim
 

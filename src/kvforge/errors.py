@@ -17,3 +17,10 @@ class ConfigError(KVForgeError):
 
 class PlanError(KVForgeError):
     """Sizes that are impossible: non-positive, or more than the memory holds."""
+
+
+def positive_int(name: str, value: object, error: type[KVForgeError] = KVForgeError) -> int:
+    """`value` if it is a positive integer (not a bool), else `error` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -16,7 +16,7 @@ from kvforge.engine.engine import LLMEngine
 from kvforge.engine.request import Request, RequestMetrics, RequestOutput
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import SchedulerConfig
-from kvforge.errors import ConfigError, KVForgeError
+from kvforge.errors import ConfigError, KVForgeError, positive_int
 from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.kvcache.store import TORCH_DTYPES, KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
@@ -31,7 +31,6 @@ from kvforge.units import parse_bytes
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
 CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
-KV_POLICIES: tuple[str, ...] = ()  # eviction policies arrive with their own issue
 
 Prompt = str | list[int]
 
@@ -194,8 +193,7 @@ class LLM:
             ("max_num_batched_tokens", max_num_batched_tokens),
             ("max_num_seqs", max_num_seqs),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, value)
         self.device = _resolve_device(device)
         ref = find_model(model)
         self.model_name = ref.name
@@ -250,9 +248,7 @@ class LLM:
         what kv_memory (default: 512 MiB on a CPU, 90% of free memory on CUDA) holds, as
         the planner sizes it (`planner.pool_size`)."""
         if num_blocks is not None:
-            if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
-                raise KVForgeError(f"num_blocks must be a positive integer, got {num_blocks!r}")
-            return num_blocks, max_num_seqs
+            return positive_int("num_blocks", num_blocks), max_num_seqs
         if kv_memory is not None:
             kv_bytes = parse_bytes(kv_memory) if isinstance(kv_memory, str) else kv_memory
             if isinstance(kv_bytes, bool) or not isinstance(kv_bytes, int) or kv_bytes < 1:

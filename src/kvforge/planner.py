@@ -1,7 +1,8 @@
 """The KV memory math: what a cache costs, and how much of it fits.
 
-Pure functions over a `ModelSpec` and a `KVFormat`; used by `kvforge plan` and,
-later, to size the block pool, so the plan and the allocation cannot disagree.
+Pure functions over a `ModelSpec` and a `KVFormat`; used by `kvforge plan` and to
+size the engine's block pool (`pool_size`), so the plan and the allocation cannot
+disagree. The per-format byte counts live with the formats (`kvcache.formats`).
 
     bytes per block   = num_layers × num_kv_heads × (K + V bytes of one head over block_size tokens)
     bytes per token   = bytes per block / block_size
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from kvforge.config import DTYPE_BITS, ModelSpec, normalize_dtype
-from kvforge.errors import PlanError
+from kvforge.errors import PlanError, positive_int
 from kvforge.kvcache.formats import (
     KV_FORMATS,
     KVFormat,
@@ -139,9 +140,7 @@ def resolve_weights(
 
 
 def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise PlanError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return positive_int(name, value, PlanError)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvforge.engine.request import Request, Status
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, positive_int
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.policy import PolicyState
 
@@ -54,9 +54,7 @@ class SchedulerConfig:
                 f"got {self.preemption_mode!r}"
             )
         for name in ("max_num_batched_tokens", "max_num_seqs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KVForgeError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, getattr(self, name))
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise KVForgeError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "

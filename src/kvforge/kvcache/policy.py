@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-from kvforge.errors import KVForgeError
+from kvforge.errors import KVForgeError, positive_int
 
 DEFAULT_SINKS = 4
 DEFAULT_OBSERVATION_WINDOW = 32
@@ -73,8 +73,7 @@ class KVPolicy:
     budget: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
-            raise KVForgeError(f"kv_budget must be a positive integer, got {self.budget!r}")
+        positive_int("kv_budget", self.budget)
 
     def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
         """Which attention this pass should gather for the request: "all" (every new
@@ -106,9 +105,6 @@ class KVPolicy:
         each compaction their keys are re-rotated to sit just before the oldest other kept
         token (streaming's sinks); 0 for none."""
         return 0
-
-    def describe(self) -> str:
-        return f"{self.name}, budget {self.budget}"
 
 
 @dataclass(frozen=True)

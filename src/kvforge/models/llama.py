@@ -408,9 +408,10 @@ class LlamaForCausalLM(nn.Module):
 
     `forward` returns the final hidden states of every new token; callers pick
     the rows they sample from and pass only those to `compute_logits`, so a
-    long prefill never builds a [T, vocab] matrix. Positions must be below
-    `max_position_embeddings` (the RoPE tables end there); the engine checks
-    prompt lengths before they reach the model.
+    long prefill never builds a [T, vocab] matrix. Positions past the RoPE tables
+    (`max_position_embeddings`) are computed on the spot, for requests an eviction
+    policy lets run past the context; the engine checks prompt lengths before they
+    reach the model.
     """
 
     def __init__(self, config: ModelConfig) -> None:
