@@ -1,0 +1,88 @@
+"""The packages' layer order (ARCHITECTURE.md), enforced over the source's imports.
+
+A module may import its own package and packages of lower layers, never a layer
+above it, and never a package of its own layer: so the kvcache never reads the
+planner, the engine never reaches into a model loader, and bookkeeping stays free
+of torch. Every import counts, function-level ones included.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "kvforge"
+# lowest first; the package root (`from kvforge import LLM`) is the user API, llm's layer
+LAYERS = [
+    ["errors"],
+    ["units", "config"],
+    ["presets"],
+    ["kvcache"],
+    ["attention", "planner"],
+    ["models"],
+    ["engine"],
+    ["chat_template", "training", "report"],
+    ["llm", "__init__"],
+    ["eval", "server", "chat_session"],
+    ["bench"],
+    ["cli"],
+    ["__main__"],
+]
+LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+TORCH_FREE = ("kvcache/block_pool.py", "kvcache/block_table.py", "kvcache/prefix_cache.py")
+
+
+def unit_of(path: Path) -> str:
+    rel = path.relative_to(SRC).with_suffix("")
+    return rel.parts[0]
+
+
+def imported_units(tree: ast.AST) -> set[str]:
+    """The kvforge units a module imports (`from kvforge import LLM` is the root API)."""
+    units = set()
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "kvforge":
+                units.add(parts[1] if len(parts) > 1 else "__init__")
+    return units
+
+
+def modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def test_every_package_has_a_layer():
+    assert {unit_of(path) for path in modules()} == set(LAYER_OF)
+
+
+@pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_imports_its_own_layer_or_above(path):
+    unit = unit_of(path)
+    tree = ast.parse(path.read_text())
+    wrong = sorted(
+        other for other in imported_units(tree) - {unit} if LAYER_OF[other] >= LAYER_OF[unit]
+    )
+    assert not wrong, f"{path.relative_to(SRC)} ({unit}) imports {wrong} from its layer or above"
+
+
+@pytest.mark.parametrize("name", TORCH_FREE)
+def test_block_bookkeeping_imports_no_torch(name):
+    tree = ast.parse((SRC / name).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}  # fmt: skip
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}  # fmt: skip
+    assert "torch" not in imported and "numpy" not in imported
+
+
+def test_the_check_sees_a_violation(tmp_path):
+    """The rule is not vacuous: a kvcache module importing the planner is caught."""
+    tree = ast.parse("def f():\n    from kvforge.planner import pool_size\n")
+    units = imported_units(tree)
+    assert units == {"planner"} and LAYER_OF["planner"] > LAYER_OF["kvcache"]
