@@ -6,6 +6,7 @@ import torch
 
 from kvforge import LLM, SamplingParams
 from kvforge.attention import AttentionMetadata, paged_attention
+from kvforge.attention.metadata import ScoreCollector
 from kvforge.cli import main
 from kvforge.config import ModelSpec
 from kvforge.engine.request import Request, RequestMetrics
@@ -16,7 +17,6 @@ from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.kvcache.policy import (
     H2O,
-    Collected,
     PolicyState,
     Sliding,
     SnapKV,
@@ -296,7 +296,7 @@ def test_gathered_attention_equals_the_softmax(monkeypatch, tile_tokens):
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(6, dtype=torch.long), query_start_loc=(0, 1, 6),
         seq_lens=(13, 15), block_tables=tables, block_size=bs,
-        collect=Collected(modes={0: "all", 1: "window"}, window={1: 2}),
+        collect=ScoreCollector(modes={0: "all", 1: "window"}, window={1: 2}),
     )  # fmt: skip
     q = torch.randn(6, heads, dim, generator=gen)
     paged_attention(q, k_cache, v_cache, meta, 0.5)

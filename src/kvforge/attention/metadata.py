@@ -1,7 +1,6 @@
 """The layout of one forward pass, shared by every attention layer of that pass."""
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -25,7 +24,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int64, rows padded with block 0
     block_size: int
     # sequences whose attention this pass gathers (eviction policies), and the totals
-    collect: Any = None  # kvforge.kvcache.policy.Collected | None
+    collect: "ScoreCollector | None" = None
     # what attention reads, built by the first layer and reused by the others
     plans: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -39,3 +38,20 @@ class AttentionMetadata:
 
     def query_len(self, i: int) -> int:
         return self.query_start_loc[i + 1] - self.query_start_loc[i]
+
+
+@dataclass
+class ScoreCollector:
+    """Attention gathered in one forward pass for the sequences an eviction policy asked
+    it for: per batch index, [kv_heads, seq_len] summed over the asked query rows, the
+    query heads of each group and the layers."""
+
+    modes: dict[int, str]  # batch index -> "all" or "window"
+    window: dict[int, int] = field(default_factory=dict)  # batch index -> rows counted
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, i: int, scores: torch.Tensor) -> None:
+        if i in self.scores:
+            self.scores[i] += scores
+        else:
+            self.scores[i] = scores.clone()

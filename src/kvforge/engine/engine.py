@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
+from kvforge.engine.pruning import Pruner
 from kvforge.engine.request import Request, RequestMetrics, Status
-from kvforge.engine.runner import ModelRunner, prefill_done
+from kvforge.engine.runner import ModelRunner
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
-from kvforge.kvcache.policy import KVPolicy, SnapKV, whole_blocks
+from kvforge.kvcache.policy import KVPolicy
 from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
@@ -111,13 +112,14 @@ class LLMEngine:
         self.model_id = model_id
         self.enable_prefix_caching = enable_prefix_caching
         self.store = store
-        self.check_policy(kv_policy)
         self.pool = BlockPool(store.num_blocks)
         self.tiers = tiers if enable_prefix_caching else None
         if self.tiers is not None:
             self.pool.on_evict = self._spill
         self.scheduler = Scheduler(self.pool, scheduler_config, _StoreIO(store, self.tiers))
         self.runner = ModelRunner(model, store, device)
+        self.pruner = Pruner(store, self.scheduler, model)
+        self.pruner.check(kv_policy)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.requests: dict[str, Request] = {}
@@ -179,22 +181,6 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    def check_policy(self, policy: KVPolicy | None) -> None:
-        """KVForgeError if this store cannot apply `policy`. Under int2 (keys quantized
-        per channel over whole blocks, the newest tokens kept in full precision) a policy
-        keeps and drops whole blocks, and its budget must hold the sinks' block, the
-        full-precision tokens and the block being filled."""
-        if policy is None or self.store.token_moves:
-            return
-        fmt, bs = self.store.format, self.store.block_size
-        least = fmt.residual_tokens + 2 * bs
-        if policy.budget < least:
-            raise KVForgeError(
-                f"kv_budget {policy.budget} is too small for kv_dtype {fmt.name!r}: it keeps "
-                f"whole blocks of {bs} tokens and its {fmt.residual_tokens} newest tokens "
-                f"in full precision, so a policy needs kv_budget >= {least}"
-            )
-
     def check_request(
         self, token_ids: list[int], params: SamplingParams, policy: KVPolicy | None = None
     ) -> None:
@@ -204,7 +190,7 @@ class LLMEngine:
         With an eviction policy a request holds at most twice its budget and a block (a
         piece of prompt read on top of a full budget), or snapkv's whole prompt, so it
         may run past the model's context: positions go on, the cache does not grow."""
-        self.check_policy(policy)
+        self.pruner.check(policy)
         if not token_ids:
             raise KVForgeError("the prompt is empty")
         bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
@@ -217,16 +203,8 @@ class LLMEngine:
         if policy is not None:
             if total > MAX_POSITION:
                 raise KVForgeError(f"prompt + max_tokens = {total} exceeds {MAX_POSITION:,}")
-            grown = policy.budget + self.store.block_size
-            if isinstance(policy, SnapKV):  # holds the whole prompt, then compresses it
-                if len(token_ids) > self.max_model_len:
-                    raise KVForgeError(
-                        f"the prompt ({len(token_ids)} tokens) exceeds the model's context of "
-                        f"{self.max_model_len} tokens (snapkv reads a prompt whole)"
-                    )
-                total = min(total, max(len(token_ids) + 1, grown))
-            else:  # evicts as it reads the prompt, in pieces of at most budget + block
-                total = min(total, 2 * grown)
+            policy.check_prompt(len(token_ids), self.max_model_len)
+            total = policy.most_cached(len(token_ids), total, self.store.block_size)
         elif total > self.max_model_len:
             raise KVForgeError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
@@ -276,14 +254,14 @@ class LLMEngine:
                 n = min(chunk_size, len(token_ids) - 1 - r.num_computed_tokens)
                 blocks = self.pool.allocate(r.block_table.blocks_needed(n))
                 slots = r.block_table.append_tokens(n, blocks)
-                item = ScheduledRequest(r, n, slots, ends_prefill=True)
+                item = ScheduledRequest(r, n, slots, prompt_done=True)
                 logits = self.runner.all_logits([item])
                 start = r.num_computed_tokens
                 logprobs = torch.log_softmax(logits.cpu(), dim=-1)
                 out.append(logprobs.gather(1, targets[start : start + n, None]).squeeze(1))
                 r.num_computed_tokens += n
                 collected = self.runner.collected
-                self._after_pass(r, True, collected.scores.get(0) if collected else None)
+                self.pruner.after_pass(r, True, collected.scores.get(0) if collected else None)
         finally:
             self.last_score_peak_kv_tokens = r.metrics.peak_kv_tokens
             self.store.retire(r.block_table.block_ids, r.num_kv_tokens)
@@ -328,56 +306,14 @@ class LLMEngine:
         collected = self.runner.collected
         for i, (item, token) in enumerate(zip(batch, token_ids, strict=True)):
             r = item.request
-            ends_prefill = prefill_done(item)
             r.num_computed_tokens += item.num_new_tokens
             self.scheduler.register_computed_blocks(r)
-            self._after_pass(r, ends_prefill, collected.scores.get(i) if collected else None)
+            scores = collected.scores.get(i) if collected else None
+            self.pruner.after_pass(r, item.prompt_done, scores)
             if token is not None:
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))
         return events
-
-    def _after_pass(self, r: Request, done_now: bool, received: torch.Tensor | None) -> None:
-        """Count the request's cache peak; with a policy, add the attention its tokens
-        received in this pass (`done_now`: the pass ended its prefill) and compact when
-        the policy says so."""
-        held = r.num_kv_tokens
-        r.metrics.peak_kv_tokens = max(r.metrics.peak_kv_tokens, held)
-        policy = r.kv_policy
-        if policy is None:
-            return
-        state = r.policy_state
-        if received is not None:
-            state.add(policy.token_scores(received).cpu(), held)
-        if done_now:
-            state.prefilled = True
-        if policy.compact_now(state, held, self.store.block_size, done_now):
-            state.grow(held)
-            keep = policy.select(state, held)
-            moved = min(policy.moved, len(keep))
-            if not self.store.token_moves:  # int2: whole blocks are kept, or dropped
-                bs = self.store.block_size
-                keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
-                moved = -(-moved // bs) * bs  # the sinks' whole block moves along
-            if not self.scheduler.compact(r, keep, rewritten=moved):
-                return
-            if state.scores is not None:
-                state.scores = state.scores[keep]
-            if moved and r.num_dropped:
-                self._move_ahead(r, moved)
-
-    def _move_ahead(self, r: Request, n: int) -> None:
-        """Re-rotate the keys of the request's first `n` cached tokens (streaming's sinks)
-        to positions num_dropped .. num_dropped + n - 1, just before the oldest other kept
-        token, from their keys as first computed (at 0 .. n-1)."""
-        table = r.block_table
-        slots = [table.slot(i) for i in range(n)]
-        state = r.policy_state
-        rope = self.runner.model.model.rotary_emb
-        if state.moved_keys is None:  # the first move: they still sit where computed
-            dtype = next(self.runner.model.parameters()).dtype  # what the keys came out as
-            state.moved_keys = self.store.read_keys(slots).to(dtype)
-        self.store.write_keys(slots, rope.shift(state.moved_keys, r.num_dropped))
 
     def _append_token(self, r: Request, token: int, now: float) -> None:
         r.output_token_ids.append(token)

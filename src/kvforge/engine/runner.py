@@ -9,20 +9,10 @@ that completes its known tokens goes through the LM head.
 import torch
 
 from kvforge.attention import AttentionMetadata
+from kvforge.attention.metadata import ScoreCollector
 from kvforge.engine.sampling import sample
 from kvforge.engine.scheduler import ScheduledRequest
-from kvforge.kvcache.policy import Collected
 from kvforge.kvcache.store import KVStore
-
-
-def prefill_done(item: ScheduledRequest) -> bool:
-    """Whether this pass completes the request's prompt (the first time: a recompute
-    after a preemption goes on from there as generation)."""
-    if item.ends_prefill is not None:
-        return item.ends_prefill
-    r = item.request
-    end = r.num_computed_tokens + item.num_new_tokens
-    return not r.policy_state.prefilled and end >= len(r.prompt_token_ids)
 
 
 class ModelRunner:
@@ -36,7 +26,7 @@ class ModelRunner:
         # how benchmarks compare the distributions of two cache settings
         self.logits_hook = None
         # the attention gathered in the last pass for eviction policies (None: none asked)
-        self.collected: Collected | None = None
+        self.collected: ScoreCollector | None = None
 
     def prepare(
         self, batch: list[ScheduledRequest]
@@ -47,7 +37,7 @@ class ModelRunner:
         query_start_loc = [0]
         seq_lens = []
         windows = []
-        collect = Collected(modes={})
+        collect = ScoreCollector(modes={})
         for i, item in enumerate(batch):
             r, start = item.request, item.request.num_computed_tokens
             end = start + item.num_new_tokens
@@ -59,10 +49,10 @@ class ModelRunner:
             seq_lens.append(kv_end)
             windows.append((r.block_table.block_ids, kv_end - item.num_new_tokens, kv_end))
             if r.kv_policy is not None:
-                mode = r.kv_policy.wants_scores(r.policy_state, prefill_done(item))
+                mode = r.kv_policy.wants_scores(r.policy_state, item.prompt_done)
                 if mode is not None:
                     collect.modes[i] = mode
-                    collect.window[i] = getattr(r.kv_policy, "observation_window", 0)
+                    collect.window[i] = r.kv_policy.score_window
         max_blocks = max(len(item.request.block_table.block_ids) for item in batch)
         tables = [
             item.request.block_table.block_ids

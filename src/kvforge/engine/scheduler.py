@@ -67,9 +67,9 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     slot_mapping: list[int]
-    # whether this pass ends a prefill, for eviction policies (None: the first pass that
-    # samples; scoring treats every chunk as one)
-    ends_prefill: bool | None = None
+    # this pass computes the prompt's last token, the first time (a recompute after a
+    # preemption goes on from there as generation); scoring counts every chunk as one
+    prompt_done: bool = False
 
     @property
     def samples(self) -> bool:
@@ -79,13 +79,12 @@ class ScheduledRequest:
 
 
 def _cap(request: Request, budget: int) -> int:
-    """The most tokens one pass computes for `request`: the step's budget, and under an
-    eviction policy its KV budget and a block, so that a long prompt (or a recompute) is
-    read in pieces the policy compacts between."""
+    """The most tokens one pass computes for `request`: the step's budget, and what its
+    eviction policy reads in one piece (`KVPolicy.max_pass_tokens`)."""
     policy = request.kv_policy
     if policy is None:
         return budget
-    return min(budget, policy.budget + request.block_table.block_size)
+    return min(budget, policy.max_pass_tokens(request.block_table.block_size))
 
 
 class BlockIO(Protocol):
@@ -277,7 +276,9 @@ class Scheduler:
         table = request.block_table
         new_blocks = self.pool.allocate(table.blocks_needed(num_new))
         slots = table.append_tokens(num_new, new_blocks)
-        return ScheduledRequest(request, num_new, slots)
+        end = request.num_computed_tokens + num_new
+        prompt_done = not request.policy_state.prefilled and end >= len(request.prompt_token_ids)
+        return ScheduledRequest(request, num_new, slots, prompt_done)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

@@ -31,7 +31,7 @@ rank tokens by attention read it from `state.scores`, gathered inside the attent
 read of the passes that asked for it (`wants_scores`).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -75,11 +75,29 @@ class KVPolicy:
     def __post_init__(self) -> None:
         positive_int("kv_budget", self.budget)
 
-    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
-        """Which attention this pass should gather for the request: "all" (every new
-        token's), "window" (the prompt's last `observation_window` tokens, in the pass
-        that completes the prompt), or None."""
+    def wants_scores(self, state: PolicyState, prompt_done: bool) -> str | None:
+        """Which attention this pass should gather for the request (`prompt_done`: the
+        pass completes its prompt): "all" (every new token's), "window" (the last
+        `score_window` tokens of the pass), or None."""
         return None
+
+    @property
+    def score_window(self) -> int:
+        """How many of a pass's last tokens count in "window" scores."""
+        return 0
+
+    def max_pass_tokens(self, block_size: int) -> int:
+        """The most tokens one pass computes for a request under this policy: a long
+        prompt (or a recompute) is read in pieces the policy compacts between."""
+        return self.budget + block_size
+
+    def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
+        """KVForgeError if a prompt this long cannot be read under this policy."""
+
+    def most_cached(self, prompt_len: int, total: int, block_size: int) -> int:
+        """The most tokens a request of `total` tokens (prompt + output) ever holds: a
+        piece of prompt read on top of a full budget."""
+        return min(total, 2 * self.max_pass_tokens(block_size))
 
     def compact_now(self, state: PolicyState, held: int, block_size: int,
                     prompt_done: bool) -> bool:  # fmt: skip
@@ -185,7 +203,7 @@ class H2O(KVPolicy):
     def recent_tokens(self) -> int:
         return self.budget // 2 if self.recent is None else self.recent
 
-    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
+    def wants_scores(self, state: PolicyState, prompt_done: bool) -> str | None:
         return "all"
 
     def select(self, state: PolicyState, held: int) -> list[int]:
@@ -208,8 +226,23 @@ class SnapKV(KVPolicy):
     observation_window: int = DEFAULT_OBSERVATION_WINDOW
     kernel: int = DEFAULT_POOL_KERNEL
 
-    def wants_scores(self, state: PolicyState, prompt_done_this_pass: bool) -> str | None:
-        return "window" if prompt_done_this_pass else None
+    def wants_scores(self, state: PolicyState, prompt_done: bool) -> str | None:
+        return "window" if prompt_done else None
+
+    @property
+    def score_window(self) -> int:
+        return self.observation_window
+
+    def check_prompt(self, prompt_len: int, max_model_len: int) -> None:
+        if prompt_len > max_model_len:
+            raise KVForgeError(
+                f"the prompt ({prompt_len} tokens) exceeds the model's context of "
+                f"{max_model_len} tokens (snapkv reads a prompt whole)"
+            )
+
+    def most_cached(self, prompt_len: int, total: int, block_size: int) -> int:
+        """The whole prompt, then compressed to the budget."""
+        return min(total, max(prompt_len + 1, self.budget + block_size))
 
     def compact_now(self, state: PolicyState, held: int, block_size: int,
                     prompt_done: bool) -> bool:  # fmt: skip
@@ -277,20 +310,3 @@ def make_policy(name: "str | KVPolicy | None", budget: int | None) -> KVPolicy |
     if budget is None:
         raise KVForgeError(f"kv_policy {name!r} needs kv_budget (tokens kept per request)")
     return POLICIES[name](budget)
-
-
-@dataclass
-class Collected:
-    """Attention gathered in one forward pass for the sequences that asked for it:
-    per batch index, [kv_heads, seq_len] summed over the asked query rows, the query
-    heads of each group and the layers."""
-
-    modes: dict[int, str]  # batch index -> "all" or "window"
-    window: dict[int, int] = field(default_factory=dict)  # batch index -> rows counted
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def add(self, i: int, scores: torch.Tensor) -> None:
-        if i in self.scores:
-            self.scores[i] += scores
-        else:
-            self.scores[i] = scores.clone()

@@ -463,6 +463,11 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear) and not (tied_head and module is self.lm_head)
         )
 
+    def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys ([..., D], rotated at some position p) as if computed at p + delta, float32:
+        what an eviction policy that moves tokens (streaming's sinks) needs of RoPE."""
+        return self.model.rotary_emb.shift(keys, delta)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab]
         if getattr(self, "lm_head_t", None) is not None:
             return (hidden @ self.lm_head_t).float()

@@ -1,0 +1,87 @@
+"""Eviction policies applied: when a request's cache is pruned, and what that takes.
+
+`kvcache.policy` says which tokens a policy keeps; this module is where the engine
+acts on it, the one place that does:
+
+* `check` refuses a policy the store cannot apply (int2's budget floor);
+* `after_pass` adds the attention a pass gathered to the request's scores, asks the
+  policy whether to compact, rounds the choice to whole blocks where tokens cannot
+  move one by one (int2), has the scheduler compact the blocks, and re-rotates the
+  keys of the tokens that move along (streaming's sinks) through the model's own
+  `rotate_keys`.
+"""
+
+import torch
+
+from kvforge.engine.request import Request
+from kvforge.engine.scheduler import Scheduler
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.policy import KVPolicy, whole_blocks
+from kvforge.kvcache.store import KVStore
+
+
+class Pruner:
+    """Applies each request's eviction policy after every pass it takes part in."""
+
+    def __init__(self, store: KVStore, scheduler: Scheduler, model: torch.nn.Module) -> None:
+        self.store = store
+        self.scheduler = scheduler
+        self.model = model
+
+    def check(self, policy: KVPolicy | None) -> None:
+        """KVForgeError if this store cannot apply `policy`. Under int2 (keys quantized
+        per channel over whole blocks, the newest tokens kept in full precision) a policy
+        keeps and drops whole blocks, and its budget must hold the sinks' block, the
+        full-precision tokens and the block being filled."""
+        if policy is None or self.store.token_moves:
+            return
+        fmt, bs = self.store.format, self.store.block_size
+        least = fmt.residual_tokens + 2 * bs
+        if policy.budget < least:
+            raise KVForgeError(
+                f"kv_budget {policy.budget} is too small for kv_dtype {fmt.name!r}: it keeps "
+                f"whole blocks of {bs} tokens and its {fmt.residual_tokens} newest tokens "
+                f"in full precision, so a policy needs kv_budget >= {least}"
+            )
+
+    def after_pass(self, r: Request, prompt_done: bool, received: torch.Tensor | None) -> None:
+        """Count the request's cache peak; with a policy, add the attention its tokens
+        received in this pass (`prompt_done`: the pass completed its prompt) and compact
+        when the policy says so."""
+        held = r.num_kv_tokens
+        r.metrics.peak_kv_tokens = max(r.metrics.peak_kv_tokens, held)
+        policy = r.kv_policy
+        if policy is None:
+            return
+        state = r.policy_state
+        if received is not None:
+            state.add(policy.token_scores(received).cpu(), held)
+        if prompt_done:
+            state.prefilled = True
+        if not policy.compact_now(state, held, self.store.block_size, prompt_done):
+            return
+        state.grow(held)
+        keep = policy.select(state, held)
+        moved = min(policy.moved, len(keep))
+        if not self.store.token_moves:  # int2: whole blocks are kept, or dropped
+            bs = self.store.block_size
+            keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
+            moved = -(-moved // bs) * bs  # the sinks' whole block moves along
+        if not self.scheduler.compact(r, keep, rewritten=moved):
+            return
+        if state.scores is not None:
+            state.scores = state.scores[keep]
+        if moved and r.num_dropped:
+            self._move_ahead(r, moved)
+
+    def _move_ahead(self, r: Request, n: int) -> None:
+        """Re-rotate the keys of the request's first `n` cached tokens (streaming's sinks)
+        to positions num_dropped .. num_dropped + n - 1, just before the oldest other kept
+        token, from their keys as first computed (at 0 .. n-1)."""
+        table = r.block_table
+        slots = [table.slot(i) for i in range(n)]
+        state = r.policy_state
+        if state.moved_keys is None:  # the first move: they still sit where computed
+            dtype = next(self.model.parameters()).dtype  # what the keys came out as
+            state.moved_keys = self.store.read_keys(slots).to(dtype)
+        self.store.write_keys(slots, self.model.rotate_keys(state.moved_keys, r.num_dropped))
