@@ -319,3 +319,12 @@ def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_mem
     # int2 reserves its full-precision windows out of the same memory; the others have none
     assert (stats["recent_window_bytes"] > 0) == (kv_dtype == "int2")
     assert stats["kv_bytes_allocated"] <= int(kv_memory.removesuffix("MiB")) * 2**20
+
+
+def test_plan_reads_a_config_file_without_a_json_suffix(capsys, tmp_path):
+    config = tmp_path / "config"
+    config.write_text(json.dumps(PRESETS["llama-2-7b"][1]))
+    code, out, err = run(capsys, "plan", "--model", str(config), "--context", "4096", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["source"] == "config" and plan["bytes_per_token"] == 524288

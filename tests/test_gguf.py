@@ -21,6 +21,8 @@ from kvforge.cli import main
 from kvforge.errors import ConfigError
 from kvforge.models.gguf_export import export_gguf
 from kvforge.models.gguf_file import read_gguf
+from kvforge.models.gguf_layout import rope_interleave
+from kvforge.models.loader import load_model
 from model_util import hf_greedy, prefill_logits
 
 TINY = dict(
@@ -142,16 +144,19 @@ def test_llama3_rope_file_equals_the_checkpoint(tmp_path):
 
 def rewrite(src: Path, dst: Path, change_tensor=None, fields: dict | None = None) -> Path:
     """Copy a GGUF file, letting `change_tensor(name, array)` return (array, raw type) or
-    None (drop it) for each tensor, and `fields` override metadata values."""
+    None (drop it) for each tensor, and `fields` override metadata values. A new
+    `general.architecture` renames the keys under the old one."""
     reader = gguf.GGUFReader(src)
     fields = fields or {}
-    arch = fields.get("general.architecture", reader.fields["general.architecture"].contents())
+    old_arch = reader.fields["general.architecture"].contents()
+    arch = fields.get("general.architecture", old_arch)
     writer = gguf.GGUFWriter(dst, arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, fields.get(key, field.contents()), field.types[0], sub_type)
+        name = f"{arch}.{key.removeprefix(old_arch + '.')}" if key.startswith(old_arch) else key
+        writer.add_key_value(name, fields.get(key, field.contents()), field.types[0], sub_type)
     for t in reader.tensors:
         array, raw = np.asarray(t.data), None
         if change_tensor is not None:
@@ -210,6 +215,40 @@ def test_k_quant_files_equal_transformers_reading_them(wide_f32, tmp_path, type_
     assert_same_model(llm, reference)
 
 
+def test_a_llama_file_with_qkv_biases_and_no_output_bias_runs(tmp_path):
+    """A "llamafied" Qwen2: arch llama (q/k rows interleaved), q/k/v biases, no o bias."""
+    directory = save_checkpoint(tmp_path / "qwen2", "qwen2")
+    qwen2 = export_gguf(directory, tmp_path / "qwen2.gguf")
+
+    def interleave(name: str, array: np.ndarray):
+        heads = {"attn_q": 4, "attn_k": 2}.get(name.split(".")[-2])
+        return (array if heads is None else rope_interleave(array, heads)), None
+
+    path = rewrite(qwen2, tmp_path / "llamafied.gguf", interleave,
+                   fields={"general.architecture": "llama"})  # fmt: skip
+    assert read_gguf(path).architecture == "llama"
+    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB")
+    spec = llm.engine.runner.model.config.spec
+    assert spec.qkv_bias and not spec.o_bias
+    reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    assert_same_model(llm, reference)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_llama3_rope_divisors_are_read_in_float32(tmp_path, dtype):
+    """The divisors set every angle: bf16 (the default on CUDA) would move them."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}  # fmt: skip
+    directory = save_checkpoint(tmp_path / "llama3", "llama", rope_parameters=rope)
+    path = export_gguf(directory, tmp_path / "llama3.gguf")
+    stored = gguf.GGUFReader(path).get_tensor(0)
+    assert stored.name == "rope_freqs.weight"
+    model = load_model(path, dtype=dtype)
+    assert model.config.rope_freq_divisors == tuple(np.asarray(stored.data).tolist())
+    assert model.config.rope_freq_divisors[-1] == pytest.approx(8.0)
+
+
 # --- bad files ------------------------------------------------------------------------
 
 
@@ -238,7 +277,7 @@ def bad_files(small: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
                         dtype=np.uint8), iq4  # fmt: skip
 
     return {
-        "truncated": (truncated, "truncated"),
+        "truncated": (truncated, "truncated or corrupt GGUF file"),
         "header-only": (header_only, "truncated or corrupt GGUF file"),
         "not-gguf": (text, "not a GGUF file (it does not start with the GGUF magic)"),
         "architecture": (

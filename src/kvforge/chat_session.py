@@ -65,14 +65,18 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def interrupt(self) -> None:
-        """Stop the answer being written after its current token (safe from a signal handler)."""
+        """Stop the answer being written after its current token (safe from a signal
+        handler; an interrupt that comes before the answer's first token counts too)."""
         self._stop = True
+
+    def arm(self) -> None:
+        """Forget earlier interrupts: called before the handler that sets one is installed."""
+        self._stop = False
 
     def ask(self, text: str, write) -> Turn:
         """Send `text` as the next user message; `write(delta)` gets the answer as it comes."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        prompt = chat_prompt(self.llm.tokenizer, messages)
-        ids = prompt if isinstance(prompt, list) else self.llm.tokenizer.encode(prompt)
+        _, ids = self.llm.engine.tokenize(chat_prompt(self.llm.tokenizer, messages))
         room = self.llm.engine.max_model_len - len(ids)
         if room < 1:
             raise KVForgeError(
@@ -80,7 +84,6 @@ class ChatSession:
                 f"{self.llm.engine.max_model_len:,}: /reset to start over"
             )
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, room))
-        self._stop = False
         answer, output = "", None
         events = self.llm.stream([ids], params)
         try:
@@ -192,16 +195,16 @@ def _answer(session: ChatSession, text: str, stdout: TextIO, stderr: TextIO) -> 
         stdout.write(delta)
         stdout.flush()
 
+    session.arm()
     previous = signal.signal(signal.SIGINT, lambda *_: session.interrupt())
-    try:
+    try:  # the handler stays until the stats line is out: a Ctrl-C then ends nothing
         turn = session.ask(text, write)
+        print(file=stdout)
+        print(_dim(session.stats_line(turn), stderr), file=stderr)
     except KVForgeError as exc:
         print(f"error: {exc}", file=stderr)
-        return
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(file=stdout)
-    print(_dim(session.stats_line(turn), stderr), file=stderr)
 
 
 def run(session: ChatSession) -> None:

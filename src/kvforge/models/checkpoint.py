@@ -178,7 +178,7 @@ def resolve_model(name_or_path: str | None) -> ModelSource:
     """
     from kvforge.models.builtin import BUILTIN_CONFIG, RANDOM_MODEL
     from kvforge.models.catalog import SMOLLM2_NAME, find_model
-    from kvforge.models.gguf_file import read_gguf
+    from kvforge.models.gguf_file import is_gguf_file, read_gguf
 
     if name_or_path is None or name_or_path.strip().lower() == SMOLLM2_NAME:
         try:
@@ -189,7 +189,8 @@ def resolve_model(name_or_path: str | None) -> ModelSource:
         return ModelSource(BUILTIN_CONFIG.spec, "builtin")
     else:
         path = Path(name_or_path).expanduser()
-        if path.suffix == ".json" or find_preset(name_or_path) is not None:
+        config_file = path.is_file() and not is_gguf_file(path) and path.suffix != ".gguf"
+        if path.suffix == ".json" or config_file or find_preset(name_or_path) is not None:
             return _config_or_preset(name_or_path, path)
         try:
             ref = find_model(name_or_path)

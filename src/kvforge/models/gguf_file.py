@@ -9,6 +9,7 @@ tensor at a time into the serving dtype, with the `gguf` package's own
 dequantizers, and undoes llama.cpp's q/k row order (`gguf_layout`).
 """
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,12 @@ import numpy as np
 import torch
 
 from kvforge.errors import ConfigError
-from kvforge.models.gguf_layout import GGUF_ARCHITECTURES, rope_deinterleave, rope_permuted_heads
+from kvforge.models.gguf_layout import (
+    GGUF_ARCHITECTURES,
+    ROPE_FREQS_TENSOR,
+    rope_deinterleave,
+    rope_permuted_heads,
+)
 
 GGUF_MAGIC = b"GGUF"
 Q = gguf.GGMLQuantizationType
@@ -27,6 +33,9 @@ SUPPORTED_TENSOR_TYPES = (
     Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
     Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
 )  # fmt: skip
+VOCABULARY_FIELDS = frozenset(
+    f"tokenizer.ggml.{name}" for name in ("tokens", "scores", "token_type", "merges")
+)
 DEFAULT_ROPE_THETA = 10000.0
 DEQUANTIZE_CHUNK_BYTES = 16 * 2**20  # float32 produced per dequantize call
 DEFAULT_RMS_NORM_EPS = 1e-5  # llama.cpp's
@@ -59,6 +68,12 @@ class GGUFModel:
     file_type: str
     metadata: dict[str, Any]  # every scalar and short list of the header
     reader: gguf.GGUFReader = field(repr=False, compare=False)  # the data, memory-mapped
+
+    def header_digest(self) -> str:
+        """SHA-256 of the file's header (metadata and tensor directory, not the data):
+        what names the file's tokenizer, chat template and shapes."""
+        with self.path.open("rb") as f:
+            return hashlib.sha256(f.read(self.reader.data_offset)).hexdigest()
 
     @property
     def num_params(self) -> int:
@@ -100,10 +115,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
 
 def _describe(path: Path, reader: gguf.GGUFReader) -> GGUFModel:
     fields = dict(reader.fields)
-    metadata = {
-        name: value.contents()
-        for name, value in fields.items()
-        if len(value.data) <= 64  # not the vocabulary's arrays: large and not needed here
+    metadata = {  # all but the vocabulary's arrays: large, and read by the tokenizer alone
+        name: value.contents() for name, value in fields.items() if name not in VOCABULARY_FIELDS
     }
     arch = metadata.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
@@ -112,15 +125,12 @@ def _describe(path: Path, reader: gguf.GGUFReader) -> GGUFModel:
             f"supported: {', '.join(GGUF_ARCHITECTURES)}"
         )
     tensors = {}
-    file_size = path.stat().st_size
     for t in reader.tensors:
         if t.tensor_type not in SUPPORTED_TENSOR_TYPES:
             raise ConfigError(
                 f"{path}: tensor {t.name} has type {t.tensor_type.name}, which kvforge cannot "
                 f"read; supported: {', '.join(q.name for q in SUPPORTED_TENSOR_TYPES)}"
             )
-        if t.data_offset + int(t.n_bytes) > file_size:
-            raise ConfigError(f"{path}: truncated GGUF file (tensor {t.name} ends past the file)")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         tensors[t.name] = GGUFTensor(t.name, t.tensor_type.name, shape, int(t.n_bytes))
     if not tensors:
@@ -203,8 +213,12 @@ def _hf_config(
         "hidden_act": "silu",
         "torch_dtype": "float32",  # what a GGUF file is served in on a CPU (see load_model)
     }
-    if arch == "llama":  # llama files carry biases when the model has them
-        config["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if arch == "llama":  # llama files carry each bias when the model has it
+        qkv_bias, o_bias = "blk.0.attn_q.bias" in tensors, "blk.0.attn_output.bias" in tensors
+        if qkv_bias and not o_bias:  # q/k/v biases alone are Qwen2's shape (llamafied Qwen)
+            config |= {"architectures": [GGUF_ARCHITECTURES["qwen2"]], "model_type": "qwen2"}
+        else:
+            config["attention_bias"] = qkv_bias or o_bias
     for key in ("bos_token_id", "eos_token_id"):
         value = metadata.get(f"tokenizer.ggml.{key}")
         if value is not None:
@@ -217,6 +231,15 @@ def eos_token_ids(model: GGUFModel) -> tuple[int, ...]:
     keys = ("eos_token_id", "eot_token_id", "eom_token_id")
     ids = (model.metadata.get(f"tokenizer.ggml.{k}") for k in keys)
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def rope_freq_divisors(model: GGUFModel) -> tuple[float, ...] | None:
+    """A Llama 3.1 file's RoPE scaling (each channel pair's frequency is divided by its
+    entry), in float32 whatever the serving dtype: bf16 would move the angles."""
+    for t in model.reader.tensors:
+        if t.name == ROPE_FREQS_TENSOR:
+            return tuple(gguf.quants.dequantize(t.data, t.tensor_type).astype(float).tolist())
+    return None
 
 
 def iter_gguf_tensors(
@@ -243,5 +266,5 @@ def iter_gguf_tensors(
             rows[start : start + step] = torch.from_numpy(np.array(chunk, dtype=np.float32))
         heads = rope_permuted_heads(model.architecture, t.name, num_heads, num_kv_heads)
         if heads is not None:
-            out = torch.from_numpy(rope_deinterleave(out.float().numpy(), heads)).to(dtype)
+            out = rope_deinterleave(out, heads)
         yield t.name, out

@@ -19,8 +19,13 @@ module, so a tensor name or a row order is defined once.
   undoes it, on weights and biases alike.
 """
 
+from typing import TypeVar
+
 import gguf
 import numpy as np
+import torch
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)  # numpy (the exporter) or torch (the reader)
 
 # GGUF architecture -> the HF class (and so the model_type) that runs it.
 GGUF_ARCHITECTURES = {
@@ -83,7 +88,7 @@ def rope_permuted_heads(gguf_arch: str, gguf_name: str, num_heads: int, num_kv_h
     return {"attn_q": num_heads, "attn_k": num_kv_heads}.get(kind)
 
 
-def rope_interleave(w: np.ndarray, num_heads: int) -> np.ndarray:
+def rope_interleave(w: Array, num_heads: int) -> Array:
     """HF rotate-half rows -> llama.cpp interleaved rows, per head; w is [H*D, in] or [H*D]."""
     rest = w.shape[1:]
     half = w.shape[0] // num_heads // 2
@@ -91,8 +96,8 @@ def rope_interleave(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, 2, half, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def rope_deinterleave(w: np.ndarray, num_heads: int) -> np.ndarray:
+def rope_deinterleave(w: Array, num_heads: int) -> Array:
     """The inverse of `rope_interleave`."""
     rest = w.shape[1:]
     half = w.shape[0] // num_heads // 2
-    return w.reshape(num_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(num_heads, half, 2, *rest).swapaxes(1, 2).reshape(w.shape)  # a copy

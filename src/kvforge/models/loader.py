@@ -30,7 +30,6 @@ from kvforge.kvcache.store import TORCH_DTYPES
 from kvforge.models.checkpoint import (
     CheckpointInfo,
     TensorInfo,
-    model_fingerprint,
     read_safetensors_header,
     scan_checkpoint,
 )
@@ -40,6 +39,7 @@ from kvforge.models.gguf_file import (
     is_gguf_file,
     iter_gguf_tensors,
     read_gguf,
+    rope_freq_divisors,
 )
 from kvforge.models.gguf_layout import ROPE_FREQS_TENSOR, gguf_tensor_name
 from kvforge.models.llama import LLAMA_ARCHITECTURES, LlamaForCausalLM, ModelConfig
@@ -138,6 +138,7 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> Llama
         config,
         spec=replace(config.spec, dtype=dtype_name),
         eos_token_ids=eos_token_ids(info) or config.eos_token_ids,
+        rope_freq_divisors=rope_freq_divisors(info),  # Llama 3.1 files' RoPE scaling
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -165,21 +166,15 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> Llama
             f"{path}: tensor(s) {', '.join(unexpected[:5])} have no place in a "
             f"{info.architecture} model"
         )
-    state, divisors = {}, None
+    state = {}
     torch_dtype = TORCH_DTYPES[dtype_name]
     heads = (config.spec.num_attention_heads, config.spec.num_kv_heads)
     with tqdm(total=len(info.tensors), desc=f"loading {path.name}", unit="tensor",
               disable=None) as bar:  # fmt: skip
         for gguf_name, tensor in iter_gguf_tensors(info, torch_dtype, *heads):
-            if gguf_name == ROPE_FREQS_TENSOR:
-                divisors = tuple(tensor.float().tolist())
-            else:
+            if gguf_name != ROPE_FREQS_TENSOR:  # read apart, in float32
                 state[expected[gguf_name]] = tensor.to(device)
             bar.update()
-    if divisors is not None:  # Llama 3.1 RoPE: rebuild the tables with the file's divisors
-        config = replace(config, rope_freq_divisors=divisors)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.to(device)
@@ -321,30 +316,31 @@ def load_tokenizer(path: str | Path | GGUFModel) -> HFTokenizer:
 def _load_gguf_tokenizer(info: GGUFModel, cache_dir: Path | None = None) -> HFTokenizer:
     """The file's tokenizer, converted by transformers (~4 s for a 50K vocabulary: it
     parses the file again) once, then read from a converted copy kept in the cache
-    directory (~0.3 s). The copy's name hashes the file's fingerprint and the
-    transformers version, so another file or another conversion never reads it."""
+    directory (~0.3 s). The copy's name hashes the file's whole header (vocabulary,
+    special tokens, chat template) and the transformers and tokenizers versions, so
+    another file, an edited one, or another conversion never reads it."""
     path = info.path
     if "tokenizer.ggml.model" not in info.metadata:
         raise ConfigError(f"{path}: the GGUF file has no tokenizer")
+    import tokenizers
     import transformers
     from transformers import AutoTokenizer
 
-    key = hashlib.sha256(
-        f"{model_fingerprint(path, 'tokenizer')}:{transformers.__version__}".encode()
-    ).hexdigest()[:24]
+    versions = f"{transformers.__version__}:{tokenizers.__version__}"
+    key = hashlib.sha256(f"{info.header_digest()}:{versions}".encode()).hexdigest()[:24]
     cached = (cache_dir or kvforge_cache_dir()) / "tokenizers" / key
-    tokenizer = None
+    tokenizer, damaged = None, False
     if (cached / "tokenizer_config.json").is_file():
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError):
-            tokenizer = None  # a damaged copy: convert again (and replace it)
+        except Exception:  # any unreadable copy (tokenizers raises bare Exceptions)
+            damaged = True  # is converted again, and replaced
     if tokenizer is None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from None
-        _save_converted(tokenizer, cached)
+        _save_converted(tokenizer, cached, replace_existing=damaged)
     return HFTokenizer(tokenizer, eos_token_ids(info))
 
 
@@ -355,17 +351,22 @@ def kvforge_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvforge"
 
 
-def _save_converted(tokenizer: Any, target: Path) -> None:
+def _save_converted(tokenizer: Any, target: Path, replace_existing: bool = False) -> None:
     """Best effort: written to a temporary name and renamed, so a reader never sees half a
-    copy; a read-only or full disk only costs the next load its conversion."""
+    copy; a read-only or full disk only costs the next load its conversion. A copy that
+    another process published meanwhile is kept, unless ours replaces a damaged one."""
     tmp = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(target, ignore_errors=True)  # a damaged copy, if any
-        os.replace(tmp, target)
+        if replace_existing:
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)  # fails if a copy is there: then that one stays
+        tmp = None
     except OSError:
+        pass
+    finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
