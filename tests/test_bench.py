@@ -8,6 +8,7 @@ import torch
 from kvforge.bench import SCENARIOS
 from kvforge.bench.context import now
 from kvforge.bench.report import Plot, Report, markdown
+from kvforge.bench.workloads import mixed_workload
 from kvforge.cli import main
 
 
@@ -22,9 +23,15 @@ def test_throughput_quick_json(capsys, tmp_path):
     data = bench(capsys, tmp_path, "throughput")
     engines = {r["engine"] for r in data["results"]}
     assert {"kvforge", "transformers generate", "transformers generate_batch"} <= engines
+    settings = data["settings"]
     for row in data["results"]:
-        assert row["concurrency"] in (1, 4)
-        assert row["output_tokens_per_s"] == pytest.approx(row["output_tokens"] / row["seconds"])
+        # every engine generated exactly the seeded workload's tokens at its concurrency
+        c = row["concurrency"]
+        assert c in (1, 4)
+        workload = mixed_workload(c, 32_000, tuple(settings["prompt"]),
+                                  tuple(settings["output"]), seed=c)  # fmt: skip
+        assert row["output_tokens"] == sum(r.max_tokens for r in workload)
+        assert row["seconds"] > 0 and row["requests_per_s"] * row["seconds"] == pytest.approx(c)
     assert set(data["ratios"]["kvforge_vs_transformers"]) == {"1", "4"}
     same = data["ratios"]["greedy_tokens_equal_to_kvforge"]
     assert same["transformers generate"] == [True, True]

@@ -114,20 +114,53 @@ def test_perplexity_scores_exactly_the_tokens_asked_and_agrees_with_transformers
 
 
 def test_passkey_grid_and_heat_map(default_llm, tmp_path):
+    """kvforge-mini finds every key with its whole cache; keeping only the last 48
+    tokens (sliding) loses a key hidden at the start of 128 tokens, not one at the end."""
     result = tasks.passkey(default_llm, lengths=(64, 128), depths=(0.0, 1.0), trials=2)
-    assert len(result["accuracy"]) == 2 and all(len(row) == 2 for row in result["accuracy"])
-    assert all(a in (0.0, 0.5, 1.0) for row in result["accuracy"] for a in row)
+    assert result["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert result["mean_accuracy"] == 1.0
     assert set(result["kv_bytes_per_request"]) == {"64", "128"}
+    pruned = tasks.passkey(default_llm, lengths=(128,), depths=(0.0, 1.0), trials=2,
+                           policy=("sliding", 48))  # fmt: skip
+    assert pruned["accuracy"] == [[0.0, 1.0]]
     tasks.heat_map(result, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_agreement_of_the_full_cache_with_itself_is_exact():
-    llm = LLM(model="kvforge-mini", device="cpu", kv_memory="16MiB", kv_dtype="fp32")
+def test_agreement_counts_tokens_and_kl_up_to_the_first_difference():
+    """The first run agrees at both steps; the second differs at step 1, so step 2 (whose
+    history differs) counts in agreement but not in KL. KL(ref || run), known values."""
+    import math
+
+    from kvforge.eval.quality import agreement
+
+    def lp(*probs):
+        return torch.tensor(probs).log()
+
+    reference = [
+        ([0, 1], [lp(0.5, 0.5), lp(0.9, 0.1)]),
+        ([1, 0, 1], [lp(0.2, 0.8), lp(0.5, 0.5), lp(0.3, 0.7)]),
+    ]
+    run = [
+        ([0, 1], [lp(0.5, 0.5), lp(0.6, 0.4)]),
+        ([1, 1, 1], [lp(0.4, 0.6), lp(0.1, 0.9), lp(0.99, 0.01)]),
+    ]
+    same, mean_kl = agreement(run, reference)
+    kl_a = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)
+    kl_b = 0.2 * math.log(0.2 / 0.4) + 0.8 * math.log(0.8 / 0.6)
+    kl_c = 0.5 * math.log(0.5 / 0.1) + 0.5 * math.log(0.5 / 0.9)  # the differing step itself
+    assert same == 4 / 5
+    assert mean_kl == pytest.approx((0.0 + kl_a + kl_b + kl_c) / 4, rel=1e-5)
+
+
+def test_agreement_of_a_quantized_cache_with_the_full_one():
+    llm = LLM(model="kvforge-mini", device="cpu", kv_memory="16MiB", kv_dtype="int4")
     reference = LLM(model="kvforge-mini", device="cpu", kv_memory="16MiB", kv_dtype="fp32")
     result = tasks.agreement(llm, reference, count=2, tokens=48, new_tokens=6)
-    assert result["token_agreement"] == 1.0 and result["mean_kl"] == 0.0
-    per_token = llm.kv_stats()["bytes_per_token"]  # fp32
+    assert result["reference_kv_dtype"] == "fp32" and result["kv_dtype"] == "int4"
+    assert 0 < result["mean_kl"] < 1  # int4 moves the distributions, a little
+    assert 0 <= result["token_agreement"] <= 1
+    per_token = llm.kv_stats()["bytes_per_token"]  # int4's
     assert result["prompts"] == 2 and result["kv_bytes_per_request"] == 4 * 16 * per_token
 
 
