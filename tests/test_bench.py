@@ -19,6 +19,7 @@ def bench(capsys, tmp_path, scenario: str, *options: str) -> dict:
     return json.loads(out)
 
 
+@pytest.mark.slow
 def test_throughput_quick_json(capsys, tmp_path):
     data = bench(capsys, tmp_path, "throughput")
     engines = {r["engine"] for r in data["results"]}
@@ -44,6 +45,7 @@ def test_throughput_quick_json(capsys, tmp_path):
         assert (tmp_path / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_cache_quick_counts_the_triangle(capsys, tmp_path):
     data = bench(capsys, tmp_path, "cache")
     for row in data["results"]:
@@ -54,6 +56,7 @@ def test_cache_quick_counts_the_triangle(capsys, tmp_path):
     assert (tmp_path / "cache_per_step.png").exists() and (tmp_path / "cache_total.png").exists()
 
 
+@pytest.mark.slow
 def test_memory_quick_store_equals_planner(capsys, tmp_path):
     data = bench(capsys, tmp_path, "memory")
     for row in data["results"]:
@@ -113,6 +116,7 @@ def test_clock_waits_for_cuda_only(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.slow
 def test_latency_quick(capsys, tmp_path):
     data = bench(capsys, tmp_path, "latency")
     prefill = [r for r in data["results"] if r["phase"] == "prefill"]
@@ -127,6 +131,7 @@ def test_latency_quick(capsys, tmp_path):
     assert (tmp_path / "latency_ttft.png").exists() and (tmp_path / "latency_tpot.png").exists()
 
 
+@pytest.mark.slow
 def test_roofline_quick(capsys, tmp_path):
     data = bench(capsys, tmp_path, "roofline")
     values = {r["measure"]: r["value"] for r in data["results"]}
@@ -156,6 +161,7 @@ def test_every_scenario_quick_on_cuda(capsys, tmp_path, scenario):
         assert data["ratios"]["peak_process_cuda_allocated_bytes"] >= 256 * 2**20
 
 
+@pytest.mark.slow
 def test_prefix_quick_reuses_the_shared_prefix(capsys, tmp_path):
     data = bench(capsys, tmp_path, "prefix")
     rows = {(r["workload"], r["setting"]): r for r in data["results"]}
@@ -175,6 +181,7 @@ def test_prefix_quick_reuses_the_shared_prefix(capsys, tmp_path):
     assert (tmp_path / "prefix_ttft.png").exists()
 
 
+@pytest.mark.slow
 def test_kvquant_quick_reports_every_codec(capsys, tmp_path):
     data = bench(capsys, tmp_path, "kvquant")
     rows = {r["kv_dtype"]: r for r in data["results"]}

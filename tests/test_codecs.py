@@ -198,7 +198,7 @@ def test_paged_attention_over_a_quantized_cache_equals_it_over_the_decoded_value
 ):
     import kvforge.attention.paged as paged
     from kvforge.attention import paged_attention
-    from kvforge.kvcache.store import QuantizedCache
+    from kvforge.kvcache.quantized_cache import QuantizedCache
     from test_attention import batch
 
     monkeypatch.setattr(paged, "TILE_TOKENS", tile_tokens)

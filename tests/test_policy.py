@@ -357,6 +357,7 @@ def test_the_budget_holds_over_a_long_generation(name, kv_dtype):
     assert llm.engine.pool.num_free == llm.engine.pool.num_blocks
 
 
+@pytest.mark.slow
 def test_streaming_4096_tokens_within_budget_plus_a_block():
     llm = _llm(kv_policy="streaming", kv_budget=256)
     out = llm.generate(["Hello"], SamplingParams(max_tokens=4096, ignore_eos=True))[0]
@@ -576,6 +577,7 @@ def test_int2_copies_a_cached_sinks_block_before_moving_it():
     engine.pool.check_integrity()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_int2_preemption_under_streaming(mode):
     # 10 blocks of 64: three requests that each grow to 224 tokens (4 blocks) cannot all run

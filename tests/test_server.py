@@ -360,6 +360,7 @@ def test_client_disconnect_mid_stream_aborts_and_frees_blocks(server):
     assert _metrics(httpx.get(f"{server.url}/metrics").text)["kvforge_kv_blocks_used"] == 0
 
 
+@pytest.mark.slow
 def test_non_streaming_client_disconnect_aborts_too(server):
     body = {"model": MODEL, "prompt": "y" * 50, "max_tokens": 1900, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):

@@ -133,6 +133,7 @@ def test_a_prefix_cache_hit_on_the_second_turn_equals_a_miss(llm, hf_tokenizer):
     assert "Rome" in hit.text
 
 
+@pytest.mark.slow
 def test_generate_chat_on_the_file_path_gives_transformers_tokens(path, hf, hf_tokenizer):
     result = subprocess.run(
         [sys.executable, "-m", "kvforge", "generate", "--model", str(path), "--chat",
@@ -174,6 +175,7 @@ def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer)
     assert llm.generate([ids], params)[0].token_ids == expected
 
 
+@pytest.mark.slow
 def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch):
     from kvforge.models.gguf_file import read_gguf
     from kvforge.models.loader import load_tokenizer
@@ -207,6 +209,7 @@ def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch)
     assert [p.name for p in (tmp_path / "tokenizers").iterdir()] == [copy.name]  # no leftovers
 
 
+@pytest.mark.slow
 def test_a_file_edited_in_place_gets_its_own_tokenizer_copy(path, tmp_path, monkeypatch):
     """The copy is named by the whole header: a chat template edited in place (same size,
     as llama.cpp's gguf_set_metadata does) is converted anew, not served the old copy."""
@@ -227,6 +230,7 @@ def test_a_file_edited_in_place_gets_its_own_tokenizer_copy(path, tmp_path, monk
     assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
 
 
+@pytest.mark.slow
 def test_serve_answers_an_openai_client_with_the_default_model():
     import socket
     import time
