@@ -109,7 +109,8 @@ def test_only_streaming_sinks_move_and_only_in_cache_positions():
 
 
 def _rotary(max_positions=32, head_dim=8):
-    from kvforge.models.llama import ModelConfig, RotaryEmbedding
+    from kvforge.models.llama import ModelConfig
+    from kvforge.models.rope import RotaryEmbedding
 
     spec = ModelSpec(name="r", architecture="llama", num_layers=1, num_attention_heads=1,
                      num_kv_heads=1, head_dim=head_dim, hidden_size=head_dim,
@@ -130,7 +131,7 @@ def test_rope_past_its_tables_is_computed_exactly_and_the_tables_do_not_grow():
 
 
 def test_shifting_a_key_equals_computing_it_later():
-    from kvforge.models.llama import apply_rope
+    from kvforge.models.rope import apply_rope
 
     rope = _rotary()
     k = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(0))  # [T, heads, D]
@@ -398,7 +399,7 @@ def one_layer(tmp_path_factory):
 def _first_layer_keys(engine, tokens: list[int], first_position: int) -> torch.Tensor:
     """Layer 0's keys of `tokens` computed at positions first_position, first_position + 1,
     ...: [kv_heads, len(tokens), D] (in a one-layer model they depend on nothing else)."""
-    from kvforge.models.llama import apply_rope
+    from kvforge.models.rope import apply_rope
 
     model = engine.runner.model.model
     attention = model.layers[0].self_attn

@@ -39,8 +39,9 @@ from kvforge.models.gguf_layout import (
     rope_interleave,
     rope_permuted_heads,
 )
-from kvforge.models.llama import ModelConfig, rope_inv_freq
+from kvforge.models.llama import ModelConfig
 from kvforge.models.loader import IGNORED_TENSOR_SUFFIXES
+from kvforge.models.rope import rope_inv_freq
 
 EXPORTABLE_ARCHITECTURES = tuple(HF_TO_GGUF_ARCHITECTURE)
 _Q = gguf.GGMLQuantizationType
