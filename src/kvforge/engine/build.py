@@ -1,0 +1,182 @@
+"""Building an engine from its `EngineConfig`: the model and tokenizer loaded, the KV
+pool sized by the planner and allocated once, the prefix cache's lower tiers opened.
+`LLM` calls `build_engine`; nothing else in the API builds one."""
+
+import dataclasses
+import os
+
+import torch
+
+from kvforge.engine.config import CacheConfig, EngineConfig
+from kvforge.engine.engine import LLMEngine
+from kvforge.engine.scheduler import SchedulerConfig
+from kvforge.errors import ConfigError, KVForgeError
+from kvforge.kvcache.store import TORCH_DTYPES, KVStore
+from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
+from kvforge.planner import (
+    bytes_per_block,
+    default_block_size,
+    pool_size,
+    residual_bytes,
+    resolve_kv_format,
+)
+
+DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
+CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
+
+
+def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
+    """(the engine, the model's display name) for `config`; KVForgeError naming the
+    problem for a model that cannot be loaded or a cache that cannot be allocated."""
+    from kvforge.models.builtin import BUILTIN_SEED, builtin_model
+    from kvforge.models.catalog import find_model
+    from kvforge.models.checkpoint import model_fingerprint
+    from kvforge.models.gguf_file import read_gguf
+    from kvforge.models.loader import load_model, load_tokenizer
+
+    cache = config.cache
+    device = _resolve_device(config.device)
+    ref = find_model(config.model)
+    if ref.kind == "random":
+        net, tokenizer = builtin_model(device)
+    else:
+        source = read_gguf(ref.path) if ref.kind == "gguf" else ref.path
+        net = load_model(source, dtype=config.dtype, device=device)
+        try:
+            tokenizer = load_tokenizer(source)
+        except ConfigError as exc:
+            tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
+    net.fuse_projections()
+    net.pack_weights()
+    model_config = net.config
+    weights_dtype = next(net.parameters()).dtype
+    model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
+    if ref.path is None:
+        model_id = f"{ref.name}:seed={BUILTIN_SEED}"
+    else:
+        model_id = model_fingerprint(ref.path, model_dtype)
+    # int2's recent tokens are kept at the precision the model computes in
+    spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
+    fmt = resolve_kv_format(spec, model_dtype if cache.kv_dtype == "auto" else cache.kv_dtype)
+    block_size = cache.block_size or default_block_size(fmt.name)
+    num_blocks, max_running = _pool_size(config, spec, fmt, block_size, device)
+    store = _allocate_store(spec, fmt, num_blocks, block_size, device, max_running)
+    tiers = _tiers(cache, bytes_per_block(spec, fmt, block_size))
+    engine = LLMEngine(
+        net,
+        tokenizer,
+        store,
+        SchedulerConfig(config.max_num_batched_tokens, max_running, config.preemption_mode),
+        max_model_len=spec.max_position_embeddings,
+        vocab_size=model_config.vocab_size,
+        device=device,
+        seed=config.seed,
+        model_id=model_id,
+        enable_prefix_caching=cache.enable_prefix_caching,
+        tiers=tiers,
+        kv_policy=cache.kv_policy,
+    )
+    return engine, ref.name
+
+
+def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.device):
+    """(blocks in the pool, requests that may run at once): num_blocks as given, or what
+    kv_memory (default: 512 MiB on a CPU, 90% of free memory on CUDA) holds, as the
+    planner sizes it (`planner.pool_size`)."""
+    cache = config.cache
+    if cache.num_blocks is not None:
+        return cache.num_blocks, config.max_num_seqs
+    if cache.kv_memory is not None:
+        kv_bytes = cache.kv_memory
+    elif device.type == "cuda":
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+        kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION)
+    else:
+        kv_bytes = DEFAULT_CPU_KV_BYTES
+    return pool_size(spec, fmt, block_size, kv_bytes, config.max_num_seqs,
+                     cap_to_context=cache.kv_memory is None)  # fmt: skip
+
+
+class TokenIdsOnly:
+    """Stands in for a missing tokenizer: prompts must be token ids, text stays empty."""
+
+    def __init__(self, reason: str, eos_token_ids: frozenset[int]) -> None:
+        self.reason = reason
+        self.eos_token_ids = eos_token_ids
+
+    def encode(self, text: str) -> list[int]:
+        raise KVForgeError(f"{self.reason}: give prompts as lists of token ids")
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def _memory_blocks(name: str, size: int, block_bytes: int) -> int:
+    """How many KV blocks `size` bytes hold; KVForgeError if not one."""
+    if size < block_bytes:
+        raise KVForgeError(
+            f"{name} must hold at least one KV block ({block_bytes:,} B), got {size!r}"
+        )
+    return size // block_bytes
+
+
+def _tiers(cache: CacheConfig, block_bytes: int) -> TieredBlocks | None:
+    """The lower tiers of the prefix cache that the options ask for, or None."""
+    disk_dir, host_memory = cache.disk_cache_dir, cache.host_cache_memory
+    disk = None
+    if disk_dir is not None:
+        blocks = _memory_blocks("disk_cache_memory", cache.disk_cache_memory, block_bytes)
+        try:
+            disk = DiskTier(disk_dir, blocks)
+        except OSError as exc:
+            raise KVForgeError(f"disk_cache_dir {disk_dir!r} is not usable: {exc}") from None
+    host = None
+    if host_memory is not None:
+        host = HostTier(_memory_blocks("host_cache_memory", host_memory, block_bytes), disk)
+    if host is None and disk is None:
+        return None
+    return TieredBlocks(host, disk)
+
+
+def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device,
+                    max_running: int) -> KVStore:  # fmt: skip
+    """The KV store, or an error naming the bytes asked for and what the device has."""
+    kv_bytes = num_blocks * bytes_per_block(spec, fmt, block_size)
+    kv_bytes += max_running * residual_bytes(spec, fmt, block_size)
+    if device.type == "cpu":
+        try:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        except (ValueError, OSError):  # not every OS reports free pages; allocate and see
+            available = kv_bytes
+        if kv_bytes > available:
+            raise KVForgeError(
+                f"the KV cache needs {kv_bytes:,} B but this machine has {available:,} B of "
+                "free memory: lower kv_memory or num_blocks"
+            )
+    try:
+        return KVStore(spec, fmt, num_blocks, block_size, device, max_running)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        raise KVForgeError(
+            f"cannot allocate the KV cache ({kv_bytes:,} B) on {device}: {exc}; "
+            "lower kv_memory or num_blocks"
+        ) from None
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise KVForgeError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise KVForgeError("device 'cuda' asked for, but torch sees no CUDA device")
+        if resolved.index is not None and resolved.index >= count:
+            raise KVForgeError(
+                f"device {device!r} does not exist: torch sees {count} CUDA device(s)"
+            )
+    elif resolved.type != "cpu":
+        raise KVForgeError(f"device {device!r} is not supported; use auto, cpu or cuda")
+    return resolved

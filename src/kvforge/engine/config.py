@@ -1,0 +1,113 @@
+"""What an engine is built from: typed, frozen, validated once on construction.
+
+`EngineConfig.create` is the one mapping from `LLM`'s keyword arguments (and so from
+the CLI's flags, which are passed as those arguments) to the configs: the model
+and where it runs, the KV cache (`CacheConfig`) and the scheduler's limits. Sizes
+given as text ("2GiB") are parsed here; what depends on the model (bytes per
+block, the pool's blocks) is settled when the engine is built (`engine.build`).
+"""
+
+from dataclasses import dataclass
+
+from kvforge.engine.scheduler import PREEMPTION_MODES
+from kvforge.errors import KVForgeError, positive_int
+from kvforge.kvcache.formats import get_kv_format
+from kvforge.kvcache.policy import KVPolicy, make_policy
+from kvforge.units import parse_bytes
+
+DEFAULT_DISK_CACHE_BYTES = 4 * 2**30
+
+
+def _bytes(name: str, value: int | str | None) -> int | None:
+    """A size given as bytes or as text ("2GiB"); KVForgeError if it is not positive."""
+    if value is None:
+        return None
+    size = parse_bytes(value) if isinstance(value, str) else value
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KVForgeError(f"{name} must be a positive number of bytes, got {value!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV cache: its format, its size (kv_memory bytes, or num_blocks), block size
+    (None: the format's default), prefix caching and its lower tiers, and the eviction
+    policy every request gets unless it names its own."""
+
+    kv_dtype: str = "auto"
+    block_size: int | None = None
+    kv_memory: int | None = None
+    num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    host_cache_memory: int | None = None
+    disk_cache_dir: str | None = None
+    disk_cache_memory: int = DEFAULT_DISK_CACHE_BYTES
+    kv_policy: KVPolicy | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_dtype != "auto":
+            get_kv_format(self.kv_dtype)  # KVForgeError naming the formats
+        if self.block_size is not None:
+            positive_int("block_size", self.block_size)
+        if self.num_blocks is not None:
+            positive_int("num_blocks", self.num_blocks)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The model (`models.catalog` names it), its weights' dtype, the device, the KV
+    cache, the scheduler's limits and the sampling seed of requests without one."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    cache: CacheConfig = CacheConfig()
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    preemption_mode: str = "recompute"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        positive_int("max_num_seqs", self.max_num_seqs)
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise KVForgeError(
+                f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                f"got {self.preemption_mode!r}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int | None = None,
+        kv_memory: int | str | None = None,
+        num_blocks: int | None = None,
+        kv_dtype: str = "auto",
+        enable_prefix_caching: bool = True,
+        kv_policy: str | KVPolicy | None = None,
+        kv_budget: int | None = None,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        seed: int = 0,
+        preemption_mode: str = "recompute",
+        host_cache_memory: int | str | None = None,
+        disk_cache_dir: str | None = None,
+        disk_cache_memory: int | str = "4GiB",
+    ) -> "EngineConfig":
+        """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
+        cache = CacheConfig(
+            kv_dtype=kv_dtype,
+            block_size=block_size,
+            kv_memory=_bytes("kv_memory", kv_memory),
+            num_blocks=num_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+            host_cache_memory=_bytes("host_cache_memory", host_cache_memory),
+            disk_cache_dir=disk_cache_dir,
+            disk_cache_memory=_bytes("disk_cache_memory", disk_cache_memory),
+            kv_policy=make_policy(kv_policy, kv_budget),
+        )
+        return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
+                   preemption_mode, seed)  # fmt: skip
