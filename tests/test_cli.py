@@ -328,3 +328,33 @@ def test_plan_reads_a_config_file_without_a_json_suffix(capsys, tmp_path):
     assert code == 0, err
     plan = json.loads(out)
     assert plan["source"] == "config" and plan["bytes_per_token"] == 524288
+
+
+def test_plan_with_kv_memory_shows_its_capacity_and_refuses_a_reserve(capsys):
+    code, out, err = run(capsys, "plan", "--model", "random", "--kv-memory", "8MiB",
+                         "--context", "512")  # fmt: skip
+    assert code == 0, err
+    assert "budget" in out and "KV memory 8,388,608 B" in out
+    assert "256 blocks = 4,096 tokens" in out  # 8 MiB / 32 KiB blocks
+    code, out, err = run(capsys, "plan", "--model", "random", "--kv-memory", "8MiB",
+                         "--reserve", "1MiB")  # fmt: skip
+    assert code == 2 and "give it with --memory" in err
+
+
+def test_plan_compare_counts_int2_capacity_as_the_engine_does(capsys):
+    """--compare's int2 row and --kv-dtype int2 agree: windows come out of the budget."""
+    args = ("plan", "--model", "llama-3.1-8b", "--memory", "24GiB", "--json")
+    code, out, _ = run(capsys, *args, "--compare")
+    rows = {r["kv_dtype"]: r for r in json.loads(out)["compare"]["kv_dtypes"]}
+    assert code == 0
+    code, out, _ = run(capsys, *args, "--kv-dtype", "int2")
+    assert code == 0
+    assert rows["int2"]["kv_capacity_tokens"] == json.loads(out)["kv_capacity_tokens"]
+
+
+def test_plan_memory_that_holds_no_block_reports_zero_capacity(capsys):
+    code, out, err = run(capsys, "plan", "--model", "llama-2-7b", "--memory", "13476832232B",
+                         "--json")  # fmt: skip
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["kv_capacity_blocks"] == 0 and plan["fits"] is False

@@ -50,7 +50,7 @@ def _normalize_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    """An engine over one model and one paged KV cache (see DESIGN.md for the contract).
+    """An engine over one model and one paged KV cache (ARCHITECTURE.md has the map).
 
     With `enable_prefix_caching` (the default), a request reuses the K/V blocks of
     the longest prompt prefix any earlier request computed (under the same

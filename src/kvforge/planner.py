@@ -250,10 +250,16 @@ def plan_kv(
                 f"weights ({weights.num_bytes:,} B at {weights.dtype}) plus reserve "
                 f"({reserve_bytes:,} B) need more than the memory budget ({memory_bytes:,} B)"
             )
+    if kv_memory_bytes is not None and reserve_bytes:
+        raise PlanError("a reserve comes out of the whole memory: give it with --memory")
     if memory_bytes is not None or kv_memory_bytes is not None:
-        capacity_blocks, running = pool_size(
-            spec, fmt, block_size, kv_bytes_total, max_num_seqs or DEFAULT_MAX_NUM_SEQS
-        )
+        seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
+        try:
+            capacity_blocks, running = pool_size(spec, fmt, block_size, kv_bytes_total, seqs)
+        except PlanError:
+            if kv_memory_bytes is not None:
+                raise  # the KV memory the user gave holds no block: say so
+            capacity_blocks, running = 0, seqs  # what the weights leave holds none
         capacity_tokens = capacity_blocks * block_size
         max_requests = kv_bytes_total // request_bytes
         if max_num_seqs is not None:
@@ -312,7 +318,7 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
     block size or (own_block_sizes) at each format's default; contexts: how many
     requests fit at 1K ... 128K tokens.
     """
-    budget = base.kv_bytes_total if base.memory_bytes is not None else None
+    budget = base.kv_bytes_total if base.kv_capacity_blocks is not None else None
     fmt = get_kv_format(base.kv_dtype)
     block_size, context = base.block_size, base.context
 
@@ -343,7 +349,12 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
     for other in KV_FORMATS.values():
         size = default_block_size(other.name) if own_block_sizes else block_size
         request_bytes = bytes_per_request(spec, other, size, context)
-        block_bytes = bytes_per_block(spec, other, size)
+        capacity = None
+        if budget is not None:  # the pool the engine would allocate (int2: windows first)
+            try:
+                capacity = pool_size(spec, other, size, budget, DEFAULT_MAX_NUM_SEQS)[0] * size
+            except PlanError:
+                capacity = 0
         kv_dtypes.append(
             {
                 "kv_dtype": other.name,
@@ -352,7 +363,7 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
                 "bytes_per_token": as_number(bytes_per_token(spec, other, size)),
                 "bytes_per_request": request_bytes,
                 "tokens_vs_fp16": float(fp16_token / bytes_per_token(spec, other, size)),
-                "kv_capacity_tokens": None if budget is None else budget // block_bytes * size,
+                "kv_capacity_tokens": capacity,
                 "max_concurrent_requests": fit(request_bytes),
             }
         )

@@ -92,9 +92,14 @@ def render_plan(plan: Plan, title: str) -> str:
         rows.append(
             ("memory needed", f"weights{reserve} + batch KV = {_b(plan.memory_required_bytes)}")
         )
-    if plan.memory_bytes is not None:
+    if plan.kv_capacity_blocks is not None:
+        budget = (
+            f"{_b(plan.memory_bytes)} → KV pool {_b(plan.kv_bytes_total)}"
+            if plan.memory_bytes is not None
+            else f"KV memory {_b(plan.kv_bytes_total)}"
+        )
         rows += [
-            ("budget", f"{_b(plan.memory_bytes)} → KV pool {_b(plan.kv_bytes_total)}"),
+            ("budget", budget),
             (
                 "capacity",
                 f"{plan.kv_capacity_blocks:,} blocks = {plan.kv_capacity_tokens:,} tokens",
@@ -118,7 +123,7 @@ def render_plan(plan: Plan, title: str) -> str:
 
 
 def render_comparison(comparison: dict, plan: Plan) -> str:
-    has_budget = plan.memory_bytes is not None
+    has_budget = plan.kv_capacity_blocks is not None
     fit_header = "requests that fit" if has_budget else "requests (give --memory)"
     ctx = f"{plan.context:,}-token requests"
     attention = render_table(

@@ -20,6 +20,7 @@ from kvforge.planner import (
     residual_bytes,
     resolve_kv_format,
 )
+from kvforge.units import parse_bytes
 
 DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
 CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
@@ -79,6 +80,14 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     return engine, ref.name
 
 
+def _size(name: str, value: int | str) -> int:
+    """A size given as bytes or as text ("2GiB"); KVForgeError if it is not positive."""
+    size = parse_bytes(value) if isinstance(value, str) else value
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise KVForgeError(f"{name} must be a positive number of bytes, got {value!r}")
+    return size
+
+
 def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.device):
     """(blocks in the pool, requests that may run at once): num_blocks as given, or what
     kv_memory (default: 512 MiB on a CPU, 90% of free memory on CUDA) holds, as the
@@ -87,7 +96,7 @@ def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.d
     if cache.num_blocks is not None:
         return cache.num_blocks, config.max_num_seqs
     if cache.kv_memory is not None:
-        kv_bytes = cache.kv_memory
+        kv_bytes = _size("kv_memory", cache.kv_memory)
     elif device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
         kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION)
@@ -111,11 +120,12 @@ class TokenIdsOnly:
         return ""
 
 
-def _memory_blocks(name: str, size: int, block_bytes: int) -> int:
-    """How many KV blocks `size` bytes hold; KVForgeError if not one."""
-    if size < block_bytes:
+def _memory_blocks(name: str, memory: int | str, block_bytes: int) -> int:
+    """How many KV blocks `memory` (bytes or "4GiB") holds; KVForgeError if not one."""
+    size = parse_bytes(memory) if isinstance(memory, str) else memory
+    if isinstance(size, bool) or not isinstance(size, int) or size < block_bytes:
         raise KVForgeError(
-            f"{name} must hold at least one KV block ({block_bytes:,} B), got {size!r}"
+            f"{name} must hold at least one KV block ({block_bytes:,} B), got {memory!r}"
         )
     return size // block_bytes
 

@@ -2,9 +2,11 @@
 
 `EngineConfig.create` is the one mapping from `LLM`'s keyword arguments (and so from
 the CLI's flags, which are passed as those arguments) to the configs: the model
-and where it runs, the KV cache (`CacheConfig`) and the scheduler's limits. Sizes
-given as text ("2GiB") are parsed here; what depends on the model (bytes per
-block, the pool's blocks) is settled when the engine is built (`engine.build`).
+and where it runs, the KV cache (`CacheConfig`) and the scheduler's limits. What
+depends on the model (bytes per block, so whether a memory size holds a block,
+the pool's blocks) is settled when the engine is built (`engine.build`), in the
+order a user's error is reported: the policy, the counts, the device, the model,
+then the sizes.
 """
 
 from dataclasses import dataclass
@@ -13,19 +15,9 @@ from kvforge.engine.scheduler import PREEMPTION_MODES
 from kvforge.errors import KVForgeError, positive_int
 from kvforge.kvcache.formats import get_kv_format
 from kvforge.kvcache.policy import KVPolicy, make_policy
-from kvforge.units import parse_bytes
+from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
-DEFAULT_DISK_CACHE_BYTES = 4 * 2**30
-
-
-def _bytes(name: str, value: int | str | None) -> int | None:
-    """A size given as bytes or as text ("2GiB"); KVForgeError if it is not positive."""
-    if value is None:
-        return None
-    size = parse_bytes(value) if isinstance(value, str) else value
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise KVForgeError(f"{name} must be a positive number of bytes, got {value!r}")
-    return size
+DEFAULT_DISK_CACHE_MEMORY = "4GiB"
 
 
 @dataclass(frozen=True)
@@ -36,12 +28,12 @@ class CacheConfig:
 
     kv_dtype: str = "auto"
     block_size: int | None = None
-    kv_memory: int | None = None
+    kv_memory: int | str | None = None  # bytes or "2GiB"; checked when the pool is sized
     num_blocks: int | None = None
     enable_prefix_caching: bool = True
-    host_cache_memory: int | None = None
+    host_cache_memory: int | str | None = None  # checked against a block's bytes
     disk_cache_dir: str | None = None
-    disk_cache_memory: int = DEFAULT_DISK_CACHE_BYTES
+    disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY
     kv_policy: KVPolicy | None = None
 
     def __post_init__(self) -> None:
@@ -51,6 +43,8 @@ class CacheConfig:
             positive_int("block_size", self.block_size)
         if self.num_blocks is not None:
             positive_int("num_blocks", self.num_blocks)
+        if self.kv_policy is not None and not isinstance(self.kv_policy, KVPolicy):
+            raise KVForgeError(f"kv_policy must be a KVPolicy here, got {self.kv_policy!r}")
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class EngineConfig:
     device: str = "auto"
     cache: CacheConfig = CacheConfig()
     max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 256
+    max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     preemption_mode: str = "recompute"
     seed: int = 0
 
@@ -90,24 +84,29 @@ class EngineConfig:
         kv_policy: str | KVPolicy | None = None,
         kv_budget: int | None = None,
         max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         seed: int = 0,
         preemption_mode: str = "recompute",
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
-        disk_cache_memory: int | str = "4GiB",
+        disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
+        policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
+        for name, value in (("block_size", 1 if block_size is None else block_size),
+                            ("max_num_batched_tokens", max_num_batched_tokens),
+                            ("max_num_seqs", max_num_seqs)):  # fmt: skip
+            positive_int(name, value)
         cache = CacheConfig(
             kv_dtype=kv_dtype,
             block_size=block_size,
-            kv_memory=_bytes("kv_memory", kv_memory),
+            kv_memory=kv_memory,
             num_blocks=num_blocks,
             enable_prefix_caching=enable_prefix_caching,
-            host_cache_memory=_bytes("host_cache_memory", host_cache_memory),
+            host_cache_memory=host_cache_memory,
             disk_cache_dir=disk_cache_dir,
-            disk_cache_memory=_bytes("disk_cache_memory", disk_cache_memory),
-            kv_policy=make_policy(kv_policy, kv_budget),
+            disk_cache_memory=disk_cache_memory,
+            kv_policy=policy,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
                    preemption_mode, seed)  # fmt: skip
