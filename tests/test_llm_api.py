@@ -232,8 +232,8 @@ def test_top_k_and_top_p_keep_exactly_the_best_on_ties():
 
 
 def test_stream_holds_back_text_that_may_still_change():
-    from kvforge.engine.engine import stable_text as _stable_text
     from kvforge.engine.request import Request, RequestMetrics
+    from kvforge.engine.request import stable_text as _stable_text
     from kvforge.kvcache.block_table import BlockTable
 
     r = Request("r", None, [1], SamplingParams(stop=["END"]), BlockTable(16),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kvforge.engine.pruning import Pruner
-from kvforge.engine.request import Request, RequestMetrics, Status
+from kvforge.engine.request import Request, RequestMetrics, Status, stable_text
 from kvforge.engine.runner import ModelRunner
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
@@ -396,20 +396,3 @@ class LLMEngine:
     def prefix_cache_hits(self) -> int:
         """Prompt tokens found in the prefix cache, so not computed."""
         return self.scheduler.prefix_hits
-
-
-def stable_text(r: Request, text: str) -> str:
-    """The part of a running request's text that later tokens cannot change.
-
-    Held back: a trailing U+FFFD (a multi-byte character cut between tokens)
-    and any tail that could be the start of a stop string (cut if it completes).
-    """
-    if r.finish_reason is not None:
-        return r.text
-    text = text.rstrip("\ufffd")
-    for stop in r.params.stop_strings:
-        for k in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:k]):
-                text = text[:-k]
-                break
-    return text

@@ -134,3 +134,20 @@ class Request:
             metrics=self.metrics,
             error=self.error,
         )
+
+
+def stable_text(r: Request, text: str) -> str:
+    """The part of a running request's text that later tokens cannot change.
+
+    Held back: a trailing U+FFFD (a multi-byte character cut between tokens)
+    and any tail that could be the start of a stop string (cut if it completes).
+    """
+    if r.finish_reason is not None:
+        return r.text
+    text = text.rstrip("\ufffd")
+    for stop in r.params.stop_strings:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                text = text[:-k]
+                break
+    return text
