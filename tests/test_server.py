@@ -15,6 +15,7 @@ from kvforge import LLM, SamplingParams
 from kvforge.chat_template import default_chat_prompt
 from kvforge.server.app import build_app
 from kvforge.server.protocol import ChatMessage
+from process_util import served
 
 MODEL = "kvforge-builtin-untrained"
 KEY = "test-key"
@@ -403,39 +404,15 @@ def test_64_concurrent_streaming_clients_all_complete_and_the_pool_is_whole():
 
 
 def test_kvforge_serve_command_answers_the_openai_client(tmp_path):
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:  # a free port (the server binds it right after)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvforge", "serve", "--model", "random", "--port", str(port),
-         "--kv-memory", "4MiB", "--device", "cpu", "--api-key", KEY],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "kvforge serve did not come up"
-            time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY)
+    with served("--model", "random", "--kv-memory", "4MiB", "--device", "cpu",
+                "--api-key", KEY, timeout_s=60) as (_, url):  # fmt: skip
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
         chunks = list(
             client.chat.completions.create(
                 model=MODEL, messages=MESSAGES, max_tokens=6, stream=True, **GREEDY
             )
         )
         assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_kvforge_serve_bad_options_exit_2(capsys):

@@ -18,6 +18,7 @@ from kvforge.chat_template import chat_prompt
 from kvforge.cli import main
 from kvforge.models import catalog
 from model_util import hf_greedy, prefill_logits
+from process_util import served
 
 QUESTIONS = (
     "What is the capital of France?",
@@ -232,30 +233,10 @@ def test_a_file_edited_in_place_gets_its_own_tokenizer_copy(path, tmp_path, monk
 
 @pytest.mark.slow
 def test_serve_answers_an_openai_client_with_the_default_model():
-    import socket
-    import time
-
-    import httpx
     import openai
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kvforge", "serve", "--port", str(port), "--kv-memory", "64MiB"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            assert time.monotonic() < deadline, "the server did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.3)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    with served("--kv-memory", "64MiB") as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["smollm2-135m-instruct"]
         reply = client.chat.completions.create(
             model="smollm2-135m-instruct",
@@ -265,6 +246,3 @@ def test_serve_answers_an_openai_client_with_the_default_model():
         )
         assert reply.choices[0].message.content == "The capital of France is Paris."
         assert reply.choices[0].finish_reason == "stop"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

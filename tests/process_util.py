@@ -1,0 +1,37 @@
+"""Starting `kvforge serve` as a real process on a free loopback port, for tests."""
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+
+@contextlib.contextmanager
+def served(*args: str, timeout_s: float = 120):
+    """`kvforge serve ARGS` on a free port until /health answers; yields (process, base
+    URL); the process is stopped afterwards. Its output is kept for the failure message."""
+    with socket.socket() as probe:  # a free port (the server binds it right after)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvforge", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "kvforge serve did not come up"
+            time.sleep(0.2)
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
