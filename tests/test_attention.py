@@ -5,6 +5,7 @@ import torch
 
 import kvforge.attention.paged as paged
 from kvforge.attention import AttentionMetadata, paged_attention, reference_attention
+from kvforge.kvcache.plain_cache import PlainCache
 
 KV_HEADS, HEADS, HEAD_DIM, NUM_BLOCKS = 2, 8, 16, 200
 # (query_len, seq_len): decode rows, prefill chunks after a cached context, a fresh prefill
@@ -41,7 +42,7 @@ def test_paged_equals_reference(monkeypatch, block_size, tile_tokens, window):
     if tile_tokens == 8:
         monkeypatch.setattr(paged, "DECODE_TILE_BYTES", 0)  # decode tiles of 8 keys too
     q, k_cache, v_cache, meta = batch(block_size)
-    ours = paged_attention(q, k_cache, v_cache, meta, 0.25, window)
+    ours = paged_attention(q, PlainCache(k_cache), PlainCache(v_cache), meta, 0.25, window)
     ref = reference_attention(q, k_cache, v_cache, meta, 0.25, window)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
@@ -75,6 +76,8 @@ def test_fresh_prefill_from_new_kv_equals_reading_the_cache(window):
     k_new = k_cache[:, blocks, offsets].transpose(0, 1)  # [T, kv_heads, D]
     v_new = v_cache[:, blocks, offsets].transpose(0, 1)
     assert k_new.shape == (tokens, KV_HEADS, HEAD_DIM)
-    ours = paged_attention(q, k_cache, v_cache, meta, 0.25, window, k_new, v_new)
+    ours = paged_attention(
+        q, PlainCache(k_cache), PlainCache(v_cache), meta, 0.25, window, k_new, v_new
+    )
     ref = reference_attention(q, k_cache, v_cache, meta, 0.25, window)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

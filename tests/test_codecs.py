@@ -198,6 +198,7 @@ def test_paged_attention_over_a_quantized_cache_equals_it_over_the_decoded_value
 ):
     import kvforge.attention.paged as paged
     from kvforge.attention import paged_attention
+    from kvforge.kvcache.plain_cache import PlainCache
     from kvforge.kvcache.quantized_cache import QuantizedCache
     from test_attention import batch
 
@@ -211,7 +212,7 @@ def test_paged_attention_over_a_quantized_cache_equals_it_over_the_decoded_value
         cache = QuantizedCache(get_codec(kv_dtype, dim), heads, num_blocks, block, "cpu")
         cache.write(torch.arange(num_blocks * block), plain.reshape(heads, -1, dim))
         caches.append(cache)
-    decoded = [c.gather(torch.arange(num_blocks)) for c in caches]
+    decoded = [PlainCache(c.gather(torch.arange(num_blocks))) for c in caches]
     ours = paged_attention(q, *caches, meta, 0.25)
     expected = paged_attention(q, *decoded, meta, 0.25)
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)

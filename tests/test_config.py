@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from kvforge.config import ModelSpec, load_hf_config, normalize_dtype, spec_from_hf_config
+from kvforge.config import ModelSpec, load_hf_config, spec_from_hf_config
+from kvforge.dtypes import normalize_dtype
 from kvforge.errors import ConfigError
 
 BASE = {

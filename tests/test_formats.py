@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvforge.config import DTYPE_BITS
+from kvforge.dtypes import DTYPE_BITS
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS, get_kv_format
 

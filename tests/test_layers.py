@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvforge"
 # lowest first; the package root (`from kvforge import LLM`) is the user API, llm's layer
 LAYERS = [
     ["errors"],
-    ["units", "config"],
+    ["units", "dtypes"],
+    ["config"],
     ["presets"],
     ["kvcache"],
     ["attention", "planner"],
@@ -29,7 +30,13 @@ LAYERS = [
     ["__main__"],
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
-TORCH_FREE = ("kvcache/block_pool.py", "kvcache/block_table.py", "kvcache/prefix_cache.py")
+TORCH_FREE = (
+    "kvcache/block_pool.py",
+    "kvcache/block_table.py",
+    "kvcache/prefix_cache.py",
+    "kvcache/block_ops.py",
+    "kvcache/manager.py",
+)
 
 
 def unit_of(path: Path) -> str:

@@ -10,11 +10,13 @@ from kvforge.attention.metadata import ScoreCollector
 from kvforge.cli import main
 from kvforge.config import ModelSpec
 from kvforge.engine.request import Request, RequestMetrics
-from kvforge.engine.scheduler import Scheduler, SchedulerConfig
+from kvforge.engine.runner import ModelRunner
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.block_pool import BlockPool
+from kvforge.kvcache.block_ops import MoveTokens
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.formats import KV_FORMATS
+from kvforge.kvcache.manager import KVCacheManager
+from kvforge.kvcache.plain_cache import PlainCache
 from kvforge.kvcache.policy import (
     H2O,
     PolicyState,
@@ -153,31 +155,20 @@ SPEC = ModelSpec(name="tiny", architecture="llama", num_layers=2, num_attention_
 BLOCK = 4
 
 
-class _IO:
-    def __init__(self, store):
-        self.store = store
-        self.moves = 0
-
-    def move_tokens(self, src, dst):
-        self.moves += len(src)
-        self.store.move_tokens(src, dst)
-
-    def copy_blocks(self, src, dst):
-        self.store.copy_blocks(src, dst)
-
-    @property
-    def token_moves(self):
-        return self.store.token_moves
-
-    def retire(self, block_ids, num_tokens):
-        pass
-
-
 def _setup(fmt="fp32", num_blocks=12):
+    """A store, the manager of its blocks, and a compaction that runs the manager's
+    operations on the store as the engine's runner does: (done, tokens moved)."""
     store = KVStore(SPEC, KV_FORMATS[fmt], num_blocks, BLOCK)
-    pool = BlockPool(num_blocks)
-    io = _IO(store)
-    return store, pool, Scheduler(pool, SchedulerConfig(), io), io
+    manager = KVCacheManager(num_blocks, BLOCK, token_moves=store.token_moves)
+    runner = ModelRunner(None, store, torch.device("cpu"))
+
+    def compact(r, keep, rewritten=0):
+        done = manager.compact(r, keep, rewritten)
+        ops = manager.take_ops()
+        runner.execute(ops)
+        return done, sum(len(op.src_slots) for op in ops if isinstance(op, MoveTokens))
+
+    return store, manager.pool, compact
 
 
 def _request(pool, tokens: int) -> Request:
@@ -201,38 +192,39 @@ def _fill(store, r):
 
 def _read(store, r, layer=0, head=0):
     """What the cache holds for the request, in cache order (K channel 0)."""
-    k = store.k[layer].view(SPEC.num_kv_heads, -1, SPEC.head_dim)
+    k = store.k[layer].data.view(SPEC.num_kv_heads, -1, SPEC.head_dim)
     return [k[head, r.block_table.slot(t), 0].item() for t in range(r.block_table.num_tokens)]
 
 
 def test_compaction_moves_kept_tokens_to_the_front_and_frees_blocks():
-    store, pool, sched, io = _setup()
+    store, pool, compact = _setup()
     r = _request(pool, 22)  # 6 blocks, 22 tokens
     old = list(r.block_table.block_ids)
     _fill(store, r)
     keep = [0, 1, 2, 3, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]  # streaming-like: 4 sinks
-    assert sched.compact(r, keep)
+    done, moves = compact(r, keep)
+    assert done
     # tokens 0-3, 12-15 and 16-19 are old blocks 0, 3 and 4 whole, and tokens 20-21 the
     # partial last block 5: all taken as they are, nothing copied
     assert r.block_table.block_ids == [old[0], old[3], old[4], old[5]]
     assert r.block_table.num_tokens == 14 and r.num_dropped == 8 and r.num_kv_tokens == 14
     assert _read(store, r) == [t + 1.0 for t in keep]
-    v = store.v[1].view(SPEC.num_kv_heads, -1, SPEC.head_dim)
+    v = store.v[1].data.view(SPEC.num_kv_heads, -1, SPEC.head_dim)
     assert [v[1, r.block_table.slot(i), 7].item() for i in range(14)] == [-(t + 1.0) for t in keep]
-    assert io.moves == 0
+    assert moves == 0
     assert r.cache_seed is None  # a pruned request publishes nothing more
     pool.check_integrity()
     assert pool.num_free == 12 - 4
 
 
 def test_compaction_never_writes_a_shared_or_cached_block():
-    store, pool, sched, _ = _setup()
+    store, pool, compact = _setup()
     r = _request(pool, 12)  # 3 blocks
     old = list(r.block_table.block_ids)
     _fill(store, r)
     pool.cache(old[0], b"k0")  # the first block is in the prefix cache
     before = store.read_blocks([old[0]])
-    assert sched.compact(r, [0, 1, 5, 6, 7, 9, 10, 11])  # nothing whole: every block written
+    assert compact(r, [0, 1, 5, 6, 7, 9, 10, 11])[0]  # nothing whole: every block written
     assert old[0] not in r.block_table.block_ids  # the cached block is left as it was
     assert torch.equal(store.read_blocks([old[0]]), before)
     assert r.block_table.block_ids[1] == old[1]  # own, uncached, unshared: written in place
@@ -242,7 +234,7 @@ def test_compaction_never_writes_a_shared_or_cached_block():
 
 
 def test_tokens_to_be_rewritten_never_stay_in_a_cached_block():
-    store, pool, sched, io = _setup()
+    store, pool, compact = _setup()
     r = _request(pool, 12)  # 3 blocks
     old = list(r.block_table.block_ids)
     _fill(store, r)
@@ -250,21 +242,22 @@ def test_tokens_to_be_rewritten_never_stay_in_a_cached_block():
     before = store.read_blocks([old[0]])
     # tokens 0-3 are old block 0 whole, but the first 4 kept will be rewritten (moved
     # sinks): they go to a fresh block; tokens 8-11 are old block 2 whole, taken as is
-    assert sched.compact(r, [0, 1, 2, 3, 8, 9, 10, 11], rewritten=4)
+    done, moves = compact(r, [0, 1, 2, 3, 8, 9, 10, 11], rewritten=4)
+    assert done
     assert r.block_table.block_ids[0] not in old and r.block_table.block_ids[1] == old[2]
-    assert io.moves == 4 and _read(store, r) == [1.0, 2.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]
+    assert moves == 4 and _read(store, r) == [1.0, 2.0, 3.0, 4.0, 9.0, 10.0, 11.0, 12.0]
     assert torch.equal(store.read_blocks([old[0]]), before)
     pool.check_integrity()
     # without rewriting, the same block is taken as it is
-    store, pool, sched, io = _setup()
+    store, pool, compact = _setup()
     r = _request(pool, 12)
     old = list(r.block_table.block_ids)
-    assert sched.compact(r, [0, 1, 2, 3, 8, 9, 10, 11])
-    assert r.block_table.block_ids == [old[0], old[2]] and io.moves == 0
+    assert compact(r, [0, 1, 2, 3, 8, 9, 10, 11]) == (True, 0)
+    assert r.block_table.block_ids == [old[0], old[2]]
 
 
 def test_compaction_of_quantized_tokens_copies_their_codes():
-    store, pool, sched, _ = _setup("int4")
+    store, pool, compact = _setup("int4")
     r = _request(pool, 10)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(10, SPEC.num_kv_heads, SPEC.head_dim, generator=gen)
@@ -272,7 +265,7 @@ def test_compaction_of_quantized_tokens_copies_their_codes():
     store.write(0, slots, x, x)
     decoded_before = store.k[0].gather(torch.tensor(r.block_table.block_ids))
     flat = decoded_before.reshape(SPEC.num_kv_heads, -1, SPEC.head_dim)
-    assert sched.compact(r, [1, 4, 8, 9])
+    assert compact(r, [1, 4, 8, 9])[0]
     after = store.k[0].gather(torch.tensor(r.block_table.block_ids))
     assert torch.equal(after.reshape(SPEC.num_kv_heads, -1, SPEC.head_dim)[:, :4],
                        flat[:, [1, 4, 8, 9]])  # fmt: skip
@@ -300,7 +293,7 @@ def test_gathered_attention_equals_the_softmax(monkeypatch, tile_tokens):
         collect=ScoreCollector(modes={0: "all", 1: "window"}, window={1: 2}),
     )  # fmt: skip
     q = torch.randn(6, heads, dim, generator=gen)
-    paged_attention(q, k_cache, v_cache, meta, 0.5)
+    paged_attention(q, PlainCache(k_cache), PlainCache(v_cache), meta, 0.5)
 
     def expected(seq, rows, seq_len):
         keys = k_cache[:, tables[seq]].reshape(kv_heads, -1, dim)[:, :seq_len]
@@ -541,7 +534,7 @@ def test_preemption_under_a_policy(mode):
     llm = LLM(model="random", device="cpu", num_blocks=7, kv_policy="sliding", kv_budget=32,
               preemption_mode=mode)  # fmt: skip
     outs = llm.generate(prompts, params)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.manager.num_preemptions > 0
     assert [len(o.token_ids) for o in outs] == [120] * 3
     if mode == "swap":  # the pruned cache comes back as it was: the same tokens
         assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
@@ -588,7 +581,7 @@ def test_int2_preemption_under_streaming(mode):
     roomy = _llm(**options).generate(prompts, params)
     llm = LLM(model="random", device="cpu", num_blocks=10, preemption_mode=mode, **options)
     outs = llm.generate(prompts, params)
-    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.manager.num_preemptions > 0
     assert [len(o.token_ids) for o in outs] == [400] * 3
     if mode == "swap":  # hot blocks leave with the request and come back: the same tokens
         assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]

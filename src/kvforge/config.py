@@ -10,42 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvforge.dtypes import DTYPE_BITS, normalize_dtype
 from kvforge.errors import ConfigError, positive_int
-
-# Canonical short names for element types, and what each costs in bits.
-DTYPE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4, "int2": 2}
-
-_DTYPE_ALIASES = {
-    "fp32": "fp32",
-    "float32": "fp32",
-    "float": "fp32",
-    "f32": "fp32",
-    "fp16": "fp16",
-    "float16": "fp16",
-    "half": "fp16",
-    "f16": "fp16",
-    "bf16": "bf16",
-    "bfloat16": "bf16",
-    "fp8": "fp8",
-    "float8_e4m3fn": "fp8",
-    "f8_e4m3": "fp8",
-    "int8": "int8",
-    "i8": "int8",
-    "int4": "int4",
-    "int2": "int2",
-}
 
 # Families whose parameter count follows from the config alone (see `parameter_count`).
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GPT_FAMILY = ("gpt2", "gpt3")
-
-
-def normalize_dtype(name: str) -> str:
-    """'bfloat16' -> 'bf16', 'torch.float16' -> 'fp16'; ConfigError for anything else."""
-    key = str(name).lower().removeprefix("torch.")
-    if key not in _DTYPE_ALIASES:
-        raise ConfigError(f"unknown dtype {name!r}; known: {', '.join(DTYPE_BITS)}")
-    return _DTYPE_ALIASES[key]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from math import ceil
 
-from kvforge.config import DTYPE_BITS, ModelSpec, normalize_dtype
+from kvforge.config import ModelSpec
+from kvforge.dtypes import DTYPE_BITS, normalize_dtype
 from kvforge.errors import PlanError, positive_int
 from kvforge.kvcache.formats import (
     KV_FORMATS,

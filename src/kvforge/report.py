@@ -2,7 +2,7 @@
 
 from collections.abc import Sequence
 
-from kvforge.config import DTYPE_BITS
+from kvforge.dtypes import DTYPE_BITS
 from kvforge.planner import Plan
 from kvforge.units import format_bytes, format_count
 

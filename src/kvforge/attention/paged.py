@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvforge.attention.metadata import AttentionMetadata
+from kvforge.kvcache.layer_cache import LayerCache
 
 TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_TOKENS]
 # Decode rows are few, so their tiles are sized by the K/V they gather (all sequences
@@ -65,23 +66,20 @@ def _tiles(
     return tuple(tiles)
 
 
-def _gather(cache, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gather(cache: LayerCache, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One tile's blocks as float32 [kv_heads, n, block_size, D], and the per-token scale
     [kv_heads, n, block_size] a quantized cache left for attention to apply (else None).
 
-    A quantized cache decodes just these blocks; a plain one is gathered with
-    index_select, not cache[:, ids] (advanced indexing is ~8x slower on CPU).
-    Head-major blocks make each (head, sequence) tile one contiguous [L, D] matrix.
+    A quantized cache decodes just these blocks. Head-major blocks make each
+    (head, sequence) tile one contiguous [L, D] matrix.
     """
-    if isinstance(cache, torch.Tensor):
-        return cache.index_select(1, block_ids).float(), None
     return cache.gather_scaled(block_ids)
 
 
 def _attend(
     q: torch.Tensor,  # [kv_heads, B, group * Lq, D] float32, already scaled; rows (head, token)
-    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
-    v_cache: torch.Tensor,
+    k_cache: LayerCache,  # [kv_heads, num_blocks, block_size, D]
+    v_cache: LayerCache,
     tiles: tuple[_Tile, ...],
     group: int,
     collect: torch.Tensor | None = None,  # [B, group * Lq]: weight of each row's attention
@@ -195,8 +193,8 @@ def _plan(meta: AttentionMetadata, key: tuple, build) -> _Plan:
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, D]
-    v_cache: torch.Tensor,
+    k_cache: LayerCache,  # [kv_heads, num_blocks, block_size, D]
+    v_cache: LayerCache,
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
@@ -243,7 +241,7 @@ def paged_attention(
         exact = (
             k_new is not None
             and v_new is not None
-            and (k_new.dtype == k_cache.dtype or getattr(k_cache, "prefill_full_precision", False))
+            and (k_new.dtype == k_cache.dtype or k_cache.prefill_full_precision)
         )
         mode = meta.collect.modes.get(i) if meta.collect is not None else None
         if fresh and exact and mode is None:

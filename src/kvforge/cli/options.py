@@ -5,8 +5,9 @@ that report a bad value as a usage error (exit 2)."""
 import argparse
 from collections.abc import Callable
 
+from kvforge.dtypes import FLOAT_DTYPES
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.formats import KV_FORMATS, UNQUANTIZED_FORMATS
+from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.kvcache.policy import POLICIES
 from kvforge.planner import (
     DEFAULT_BLOCK_SIZE,
@@ -72,7 +73,7 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", *UNQUANTIZED_FORMATS],
+        choices=["auto", *FLOAT_DTYPES],
         help="weights' dtype (default auto: the checkpoint's; a GGUF file's is dequantized "
         "to fp32 on CPU, bf16 on CUDA)",
     )

@@ -10,6 +10,7 @@ from kvforge.cli.options import (
     param_count,
     positive_int,
 )
+from kvforge.dtypes import DTYPES
 from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import (
@@ -81,7 +82,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--weights-dtype",
-        choices=["fp32", "fp16", "bf16", "fp8", "int8", "int4"],
+        choices=[name for name, d in DTYPES.items() if d.bits >= 4],  # no 2-bit weights
         help="precision of the weights (default: the checkpoint's or config's dtype)",
     )
     p.add_argument(

@@ -7,11 +7,12 @@ import os
 
 import torch
 
+from kvforge.dtypes import dtype_name
 from kvforge.engine.config import CacheConfig, EngineConfig
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.kvcache.store import TORCH_DTYPES, KVStore
+from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
     bytes_per_block,
@@ -51,7 +52,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     net.pack_weights()
     model_config = net.config
     weights_dtype = next(net.parameters()).dtype
-    model_dtype = next(k for k, v in TORCH_DTYPES.items() if v == weights_dtype)
+    model_dtype = dtype_name(weights_dtype)
     if ref.path is None:
         model_id = f"{ref.name}:seed={BUILTIN_SEED}"
     else:
@@ -62,7 +63,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     block_size = cache.block_size or default_block_size(fmt.name)
     num_blocks, max_running = _pool_size(config, spec, fmt, block_size, device)
     store = _allocate_store(spec, fmt, num_blocks, block_size, device, max_running)
-    tiers = _tiers(cache, bytes_per_block(spec, fmt, block_size))
+    tiers = _tiers(cache, bytes_per_block(spec, fmt, block_size), store)
     engine = LLMEngine(
         net,
         tokenizer,
@@ -130,7 +131,7 @@ def _memory_blocks(name: str, memory: int | str, block_bytes: int) -> int:
     return size // block_bytes
 
 
-def _tiers(cache: CacheConfig, block_bytes: int) -> TieredBlocks | None:
+def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore) -> TieredBlocks | None:
     """The lower tiers of the prefix cache that the options ask for, or None."""
     disk_dir, host_memory = cache.disk_cache_dir, cache.host_cache_memory
     disk = None
@@ -145,7 +146,7 @@ def _tiers(cache: CacheConfig, block_bytes: int) -> TieredBlocks | None:
         host = HostTier(_memory_blocks("host_cache_memory", host_memory, block_bytes), disk)
     if host is None and disk is None:
         return None
-    return TieredBlocks(host, disk)
+    return TieredBlocks(host, disk, store.block_shape, store.dtype)
 
 
 def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device,

@@ -19,60 +19,15 @@ from kvforge.engine.pruning import Pruner
 from kvforge.engine.request import Request, RequestMetrics, Status, stable_text
 from kvforge.engine.runner import ModelRunner
 from kvforge.engine.sampling import SamplingParams
-from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
+from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.block_pool import BlockPool
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.manager import KVCacheManager
 from kvforge.kvcache.policy import KVPolicy
-from kvforge.kvcache.prefix_cache import chain_seed
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
 
 MAX_POSITION = 1 << 24  # with a policy, positions may run past the context up to here
-
-
-class _StoreIO:
-    """The scheduler's access to block contents: the KV store and the lower tiers."""
-
-    def __init__(self, store: KVStore, tiers: TieredBlocks | None) -> None:
-        self.store, self.tiers = store, tiers
-
-    def fetch_lower(self, key: bytes):
-        if self.tiers is None:
-            return None
-        return self.tiers.get(key, self.store.block_shape, self.store.dtype)
-
-    def load(self, block_ids: list[int], contents: list[torch.Tensor]) -> None:
-        self.store.write_blocks(block_ids, torch.stack(contents))
-
-    def swap_out(self, block_ids: list[int]):
-        return self.store.swap_out(block_ids)
-
-    def swap_in(self, block_ids: list[int], swapped) -> None:
-        self.store.swap_in(block_ids, swapped)
-
-    def retire(self, block_ids: list[int], num_tokens: int) -> None:
-        self.store.retire(block_ids, num_tokens)
-
-    def move_tokens(self, src_slots: list[int], dst_slots: list[int]) -> None:
-        self.store.move_tokens(src_slots, dst_slots)
-
-    def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
-        self.store.copy_blocks(src_ids, dst_ids)
-
-    @property
-    def token_moves(self) -> bool:
-        return self.store.token_moves
-
-    def loaded(self, sources: list[str]) -> None:
-        if self.tiers is not None:
-            self.tiers.loaded(sources)
-
-    def persist(self, block_id: int, key: bytes) -> None:
-        # write-through: a new process over the same directory finds every computed block,
-        # not only those this one happened to evict before it ended
-        if self.tiers is not None and self.tiers.disk is not None:
-            self.tiers.disk.put(key, self.store.read_blocks([block_id])[0])
 
 
 @dataclass(frozen=True)
@@ -88,7 +43,7 @@ class StepEvent:
 
 
 class LLMEngine:
-    """Owns the tokenizer, the block pool, the scheduler and the model runner."""
+    """Owns the tokenizer, the KV cache manager, the scheduler and the model runner."""
 
     def __init__(
         self,
@@ -112,13 +67,20 @@ class LLMEngine:
         self.model_id = model_id
         self.enable_prefix_caching = enable_prefix_caching
         self.store = store
-        self.pool = BlockPool(store.num_blocks)
         self.tiers = tiers if enable_prefix_caching else None
-        if self.tiers is not None:
-            self.pool.on_evict = self._spill
-        self.scheduler = Scheduler(self.pool, scheduler_config, _StoreIO(store, self.tiers))
-        self.runner = ModelRunner(model, store, device)
-        self.pruner = Pruner(store, self.scheduler, model)
+        self.manager = KVCacheManager(
+            store.num_blocks,
+            store.block_size,
+            token_moves=store.token_moves,
+            cache_id=(model_id, store.format.name) if enable_prefix_caching else None,
+            tiers=self.tiers,
+            sliding_window=store.spec.sliding_window,
+            recent_tokens=store.format.residual_tokens,
+        )
+        self.pool = self.manager.pool
+        self.scheduler = Scheduler(self.manager, scheduler_config)
+        self.runner = ModelRunner(model, store, device, self.tiers)
+        self.pruner = Pruner(store, self.manager)
         self.pruner.check(kv_policy)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -166,11 +128,7 @@ class LLMEngine:
             generator=generator,
             kv_policy=policy,
         )
-        if self.enable_prefix_caching:
-            request.cache_seed = chain_seed(
-                self.model_id, self.store.format.name, self.store.block_size, cache_salt
-            )
-            request.update_block_keys(self.store.block_size)
+        self.manager.start(request, cache_salt)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -252,20 +210,20 @@ class LLMEngine:
         try:
             while r.num_computed_tokens < len(token_ids) - 1:
                 n = min(chunk_size, len(token_ids) - 1 - r.num_computed_tokens)
-                blocks = self.pool.allocate(r.block_table.blocks_needed(n))
-                slots = r.block_table.append_tokens(n, blocks)
-                item = ScheduledRequest(r, n, slots, prompt_done=True)
-                logits = self.runner.all_logits([item])
+                item = ScheduledRequest(r, n, self.manager.allocate_slots(r, n), prompt_done=True)
+                logits = self.runner.all_logits(SchedulerOutput([item], self.manager.take_ops()))
                 start = r.num_computed_tokens
                 logprobs = torch.log_softmax(logits.cpu(), dim=-1)
                 out.append(logprobs.gather(1, targets[start : start + n, None]).squeeze(1))
                 r.num_computed_tokens += n
                 collected = self.runner.collected
                 self.pruner.after_pass(r, True, collected.scores.get(0) if collected else None)
+                if policy is None:
+                    self.manager.drop_out_of_window(r)
         finally:
             self.last_score_peak_kv_tokens = r.metrics.peak_kv_tokens
-            self.store.retire(r.block_table.block_ids, r.num_kv_tokens)
-            r.block_table.release(self.pool)
+            self.manager.free(r)
+            self.runner.execute(self.manager.take_ops())
         return torch.cat(out)
 
     @property
@@ -278,6 +236,7 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is not None and request.status is not Status.FINISHED:
             self._finish(request, "abort")
+            self.runner.execute(self.manager.take_ops())
 
     @property
     def has_unfinished(self) -> bool:
@@ -286,19 +245,20 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
-        batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        step = self.scheduler.schedule()
         try:
-            token_ids = self.runner.run(batch)
+            token_ids = self.runner.run(step)
         except BaseException as exc:
             # Slots were reserved for tokens that were never computed: end these requests
             # (blocks back to the pool) rather than leave their tables out of step.
-            for item in batch:
+            for item in step.scheduled:
                 item.request.error = f"the forward pass failed: {type(exc).__name__}: {exc}"
                 self._finish(item.request, "abort")
+            self.runner.execute(self.manager.take_ops())  # their blocks let go of
             raise
-        return self._update(batch, token_ids)
+        events = self._update(step.scheduled, token_ids)
+        self.runner.execute(self.manager.take_ops())  # registered, pruned, freed
+        return events
 
     def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:
         now = time.perf_counter()
@@ -307,9 +267,11 @@ class LLMEngine:
         for i, (item, token) in enumerate(zip(batch, token_ids, strict=True)):
             r = item.request
             r.num_computed_tokens += item.num_new_tokens
-            self.scheduler.register_computed_blocks(r)
+            self.manager.register(r)
             scores = collected.scores.get(i) if collected else None
             self.pruner.after_pass(r, item.prompt_done, scores)
+            if r.kv_policy is None:  # a policy bounds (and moves) the cache itself
+                self.manager.drop_out_of_window(r)
             if token is not None:
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))
@@ -317,7 +279,7 @@ class LLMEngine:
 
     def _append_token(self, r: Request, token: int, now: float) -> None:
         r.output_token_ids.append(token)
-        r.update_block_keys(self.store.block_size)
+        self.manager.update_keys(r)
         r.metrics.completion_tokens = len(r.output_token_ids)
         if r.metrics.first_token_s is None:
             r.metrics.first_token_s = now
@@ -361,38 +323,21 @@ class LLMEngine:
     # --- the cache ------------------------------------------------------------------
 
     def kv_stats(self) -> dict:
-        block_size = self.store.block_size
-        tokens_stored = sum(r.block_table.num_tokens for r in self.scheduler.running)
-        used = self.pool.num_used
         return {
-            "block_size": block_size,
-            "blocks_total": self.pool.num_blocks,
-            "blocks_free": self.pool.num_free,
-            "blocks_used": used,
+            **self.manager.stats(self.scheduler.running),
             "bytes_per_token": self.store.bytes_per_token,
             "kv_bytes_allocated": self.store.bytes_allocated,
             "recent_window_bytes": self.store.recent_bytes_allocated,
             "max_num_seqs": self.scheduler.config.max_num_seqs,
-            "tokens_stored": tokens_stored,
-            "waste_ratio": 0.0 if used == 0 else 1 - tokens_stored / (used * block_size),
-            "num_preemptions": self.scheduler.num_preemptions,
-            "blocks_cached": self.pool.num_cached_free,
-            "prefix_cache_queries": self.prefix_cache_queries,
-            "prefix_cache_hits": self.prefix_cache_hits,
-            "prefix_cache_evictions": self.pool.num_evictions,
             **(self.tiers.stats() if self.tiers is not None else {}),
         }
-
-    def _spill(self, block_id: int, key: bytes) -> None:
-        """A cached block is about to be reused: keep its contents in the lower tiers."""
-        self.tiers.put(key, self.store.read_blocks([block_id])[0])
 
     @property
     def prefix_cache_queries(self) -> int:
         """Prompt tokens looked up in the prefix cache (first admissions)."""
-        return self.scheduler.prefix_queries
+        return self.manager.prefix_queries
 
     @property
     def prefix_cache_hits(self) -> int:
         """Prompt tokens found in the prefix cache, so not computed."""
-        return self.scheduler.prefix_hits
+        return self.manager.prefix_hits

@@ -6,16 +6,16 @@ acts on it, the one place that does:
 * `check` refuses a policy the store cannot apply (int2's budget floor);
 * `after_pass` adds the attention a pass gathered to the request's scores, asks the
   policy whether to compact, rounds the choice to whole blocks where tokens cannot
-  move one by one (int2), has the scheduler compact the blocks, and re-rotates the
-  keys of the tokens that move along (streaming's sinks) through the model's own
-  `rotate_keys`.
+  move one by one (int2), has the KV cache manager compact the blocks, and has the
+  keys of the tokens that move along (streaming's sinks) re-rotated (the runner does
+  it through the model's own `rotate_keys`).
 """
 
 import torch
 
 from kvforge.engine.request import Request
-from kvforge.engine.scheduler import Scheduler
 from kvforge.errors import KVForgeError
+from kvforge.kvcache.manager import KVCacheManager
 from kvforge.kvcache.policy import KVPolicy, whole_blocks
 from kvforge.kvcache.store import KVStore
 
@@ -23,10 +23,9 @@ from kvforge.kvcache.store import KVStore
 class Pruner:
     """Applies each request's eviction policy after every pass it takes part in."""
 
-    def __init__(self, store: KVStore, scheduler: Scheduler, model: torch.nn.Module) -> None:
+    def __init__(self, store: KVStore, manager: KVCacheManager) -> None:
         self.store = store
-        self.scheduler = scheduler
-        self.model = model
+        self.manager = manager
 
     def check(self, policy: KVPolicy | None) -> None:
         """KVForgeError if this store cannot apply `policy`. Under int2 (keys quantized
@@ -67,21 +66,11 @@ class Pruner:
             bs = self.store.block_size
             keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
             moved = -(-moved // bs) * bs  # the sinks' whole block moves along
-        if not self.scheduler.compact(r, keep, rewritten=moved):
+        if not self.manager.compact(r, keep, rewritten=moved):
             return
         if state.scores is not None:
             state.scores = state.scores[keep]
         if moved and r.num_dropped:
-            self._move_ahead(r, moved)
-
-    def _move_ahead(self, r: Request, n: int) -> None:
-        """Re-rotate the keys of the request's first `n` cached tokens (streaming's sinks)
-        to positions num_dropped .. num_dropped + n - 1, just before the oldest other kept
-        token, from their keys as first computed (at 0 .. n-1)."""
-        table = r.block_table
-        slots = [table.slot(i) for i in range(n)]
-        state = r.policy_state
-        if state.moved_keys is None:  # the first move: they still sit where computed
-            dtype = next(self.model.parameters()).dtype  # what the keys came out as
-            state.moved_keys = self.store.read_keys(slots).to(dtype)
-        self.store.write_keys(slots, self.model.rotate_keys(state.moved_keys, r.num_dropped))
+            # the sinks go to positions num_dropped .. num_dropped + moved - 1, just before
+            # the oldest other kept token, from their keys as first computed (at 0 ..)
+            self.manager.rotate_keys(r, moved, r.num_dropped, state)

@@ -8,7 +8,6 @@ import torch
 from kvforge.engine.sampling import SamplingParams
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.policy import KVPolicy, PolicyState
-from kvforge.kvcache.prefix_cache import extend_keys
 
 
 class Status(enum.Enum):
@@ -95,7 +94,7 @@ class Request:
     cache_seed: bytes | None = None
     block_keys: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
-    swapped: torch.Tensor | None = None  # its blocks in host memory while preempted by swap
+    swapped: bool = False  # its blocks are in host memory (preempted by swap)
     kv_policy: KVPolicy | None = None  # None: keep every token
     policy_state: PolicyState = field(default_factory=PolicyState)
     num_dropped: int = 0  # computed tokens evicted from the cache by the policy
@@ -116,12 +115,6 @@ class Request:
         if start >= prompt_len:  # decode: no copy of the whole sequence each step
             return self.output_token_ids[start - prompt_len : end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
-
-    def update_block_keys(self, block_size: int) -> None:
-        """Key every block that has become full (prompt or output tokens)."""
-        if self.cache_seed is not None and self.num_tokens // block_size > len(self.block_keys):
-            tokens = self.prompt_token_ids + self.output_token_ids
-            extend_keys(self.block_keys, self.cache_seed, tokens, block_size)
 
     def output(self) -> RequestOutput:
         return RequestOutput(

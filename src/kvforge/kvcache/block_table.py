@@ -2,6 +2,8 @@
 
 from kvforge.kvcache.block_pool import BlockPool
 
+NULL_BLOCK = -1  # a table entry whose block was freed (out of a sliding window)
+
 
 class BlockTable:
     """The blocks one request holds, in order, and where its tokens' K/V live.
@@ -19,6 +21,11 @@ class BlockTable:
     Slots 22 and 23 belong to the request but hold no token yet; the next two
     tokens take them without a new block. The table holds one reference to each
     of its blocks, returned by `release`.
+
+    A model with a sliding window never reads a block wholly before its window
+    again: `free_leading` gives such leading blocks back early and leaves
+    `NULL_BLOCK` in their place (`num_freed` of them), so positions keep their
+    meaning.
     """
 
     def __init__(self, block_size: int) -> None:
@@ -27,6 +34,7 @@ class BlockTable:
         self.block_size = block_size
         self.block_ids: list[int] = []
         self.num_tokens = 0  # tokens whose slots are reserved
+        self.num_freed = 0  # leading entries given back (NULL_BLOCK)
 
     def blocks_needed(self, num_new_tokens: int) -> int:
         """Blocks to add so the table holds num_tokens + num_new_tokens; never negative."""
@@ -64,8 +72,22 @@ class BlockTable:
         num_tokens = len(block_ids) * self.block_size if num_tokens is None else num_tokens
         if -(-num_tokens // self.block_size) != len(block_ids):
             raise ValueError(f"{num_tokens} tokens do not fill {len(block_ids)} blocks")
+        freed = block_ids.count(NULL_BLOCK)
+        if block_ids[:freed] != [NULL_BLOCK] * freed:
+            raise ValueError("freed entries can only lead a table")
         self.block_ids = list(block_ids)
         self.num_tokens = num_tokens
+        self.num_freed = freed
+
+    def free_leading(self, n: int, pool: BlockPool) -> None:
+        """Give back the table's first `n` blocks (those not given back yet), leaving
+        `NULL_BLOCK` in their place; the last block stays, however far it lies."""
+        n = min(n, len(self.block_ids) - 1)
+        if n <= self.num_freed:
+            return
+        pool.release(reversed(self.block_ids[self.num_freed : n]))
+        self.block_ids[self.num_freed : n] = [NULL_BLOCK] * (n - self.num_freed)
+        self.num_freed = n
 
     def slot(self, position: int) -> int:
         """The slot of the token at `position`, which must already be reserved."""
@@ -74,6 +96,8 @@ class BlockTable:
                 f"position {position} is outside the {self.num_tokens} reserved tokens"
             )
         block_index, offset = divmod(position, self.block_size)
+        if block_index < self.num_freed:
+            raise IndexError(f"position {position} is in a block given back")
         return self.block_ids[block_index] * self.block_size + offset
 
     def release(self, pool: BlockPool) -> None:
@@ -83,6 +107,7 @@ class BlockTable:
         nearest the tail of the pool's free queue, so they are evicted last.
         If the pool rejects the release, it changes nothing and neither does this.
         """
-        pool.release(reversed(self.block_ids))
+        pool.release(reversed(self.block_ids[self.num_freed :]))
         self.block_ids = []
         self.num_tokens = 0
+        self.num_freed = 0

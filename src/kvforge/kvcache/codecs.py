@@ -3,8 +3,9 @@
 Each codec is one small unit: `parts` (the block-shaped tensors it stores,
 their dtype and last dimension), `encode` (new tokens' values → those parts,
 once, at write time) and `decode` (gathered parts → float32, inside attention,
-one tile of blocks at a time). The layouts are exactly `formats.KV_FORMATS`,
-so the store's bytes equal the planner's.
+one tile of blocks at a time). `formats.KV_FORMATS`, the one registry of
+formats, names each format's K and V codec; a codec's parts are exactly its
+format's layout, so the store's bytes equal the planner's.
 
     int8   value int8 [D]        + scale fp16 [1]      symmetric, per token per head
     fp8    value e4m3 bits [D]   + scale fp16 [1]      per token per head
@@ -27,7 +28,11 @@ from math import ceil
 import torch
 
 from kvforge.errors import KVForgeError
-from kvforge.kvcache.formats import INT2_GROUP_SIZE, INT4_GROUP_SIZE
+from kvforge.kvcache.formats import (
+    INT2_GROUP_SIZE,
+    INT4_GROUP_SIZE,
+    KV_FORMATS,
+)
 
 PARAM_DTYPE = torch.float16  # scales and zero points
 TINY = 1e-8  # a zero vector still gets a non-zero scale
@@ -45,6 +50,7 @@ class Part:
 
 class Int8Codec:
     name = "int8"
+    block_wise = False  # parameters per token (int2's keys: per block)
 
     def __init__(self, head_dim: int) -> None:
         self.head_dim = head_dim
@@ -67,6 +73,7 @@ class Int8Codec:
 
 class Fp8Codec:
     name = "fp8"
+    block_wise = False
     MAX = 448.0  # the largest finite e4m3 value
 
     def __init__(self, head_dim: int) -> None:
@@ -152,6 +159,8 @@ class GroupCodec:
     """Asymmetric `bits`-bit values with an fp16 scale and zero point per group of
     `group_size` channels of a token; 8 / bits values a byte."""
 
+    block_wise = False
+
     def __init__(self, head_dim: int, bits: int, group_size: int) -> None:
         self.head_dim, self.bits, self.group_size = head_dim, bits, group_size
         self.groups = ceil(head_dim / group_size)
@@ -225,25 +234,18 @@ class Int2KeyCodec:
         return torch.addcmul(parts["zero"].float(), q, parts["scale"].float())
 
 
-# format -> (key codec, value codec)
-CODECS = {
-    "int8": (Int8Codec, Int8Codec),
-    "fp8": (Fp8Codec, Fp8Codec),
-    "int4": (Int4Codec, Int4Codec),
-    "int2": (Int2KeyCodec, Int2ValueCodec),
-}
+_CLASSES = {c.__name__: c for c in (Int8Codec, Fp8Codec, Int4Codec, Int2KeyCodec, Int2ValueCodec)}
 
 
 def get_codecs(name: str, head_dim: int) -> tuple:
-    """The (key, value) codecs of a quantized KV format; KVForgeError naming what exists
-    otherwise."""
-    if name not in CODECS:
-        raise KVForgeError(
-            f"kv_dtype {name!r} has no codec; available: fp32, fp16, bf16, {', '.join(CODECS)}"
-        )
-    key, value = CODECS[name]
-    k = key(head_dim)
-    return k, (k if value is key else value(head_dim))
+    """The (key, value) codecs of a quantized KV format, as `formats.KV_FORMATS` names
+    them; KVForgeError naming what exists otherwise."""
+    fmt = KV_FORMATS.get(name)
+    if fmt is None or fmt.codecs is None:
+        raise KVForgeError(f"kv_dtype {name!r} has no codec; available: {', '.join(KV_FORMATS)}")
+    key, value = fmt.codecs
+    k = _CLASSES[key](head_dim)
+    return k, (k if value == key else _CLASSES[value](head_dim))
 
 
 def get_codec(name: str, head_dim: int):

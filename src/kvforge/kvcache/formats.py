@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from math import ceil
 
-from kvforge.config import DTYPE_BITS, ModelSpec
+from kvforge.config import ModelSpec
+from kvforge.dtypes import DTYPE_BITS
 from kvforge.errors import KVForgeError
 
 PARAM_BYTES = 2  # scales and zero points are stored as fp16
-UNQUANTIZED_FORMATS = ("fp32", "fp16", "bf16")
 INT4_GROUP_SIZE = 64
 INT2_GROUP_SIZE = 64
 INT2_RESIDUAL_TOKENS = 32
@@ -70,6 +70,8 @@ class KVFormat:
     value_groups: QuantGroups | None = None
     residual_tokens: int = 0  # most recent tokens per request kept in full precision
     summary: str = ""
+    # the classes in `codecs` that encode K and V in this layout (None: stored as is)
+    codecs: tuple[str, str] | None = None
 
     @property
     def quantized(self) -> bool:
@@ -97,6 +99,7 @@ KV_FORMATS: dict[str, KVFormat] = {
         _PER_TOKEN_SCALE,
         _PER_TOKEN_SCALE,
         summary="e4m3, 1 B a value + fp16 scale per token per head",
+        codecs=("Fp8Codec", "Fp8Codec"),
     ),
     "int8": KVFormat(
         "int8",
@@ -104,6 +107,7 @@ KV_FORMATS: dict[str, KVFormat] = {
         _PER_TOKEN_SCALE,
         _PER_TOKEN_SCALE,
         summary="symmetric, 1 B a value + fp16 scale per token per head",
+        codecs=("Int8Codec", "Int8Codec"),
     ),
     "int4": KVFormat(
         "int4",
@@ -111,6 +115,7 @@ KV_FORMATS: dict[str, KVFormat] = {
         QuantGroups("channels", 2, INT4_GROUP_SIZE),
         QuantGroups("channels", 2, INT4_GROUP_SIZE),
         summary=f"2 values a byte + fp16 scale and zero per {INT4_GROUP_SIZE} channels",
+        codecs=("Int4Codec", "Int4Codec"),
     ),
     "int2": KVFormat(
         "int2",
@@ -122,8 +127,10 @@ KV_FORMATS: dict[str, KVFormat] = {
             "4 values a byte; K scale+zero per channel per block, V per "
             f"{INT2_GROUP_SIZE} channels; last {INT2_RESIDUAL_TOKENS} tokens full precision"
         ),
+        codecs=("Int2KeyCodec", "Int2ValueCodec"),
     ),
 }
+UNQUANTIZED_FORMATS = tuple(name for name, f in KV_FORMATS.items() if f.codecs is None)
 
 
 def get_kv_format(name: str) -> KVFormat:

@@ -1,4 +1,5 @@
-"""One layer's K (or V) stored in a codec's packed parts, decoded a tile at a time."""
+"""One layer's K (or V) stored in a codec's packed parts, decoded a tile at a time.
+It answers the layer-cache calls listed in plain_cache.py."""
 
 import torch
 
@@ -32,6 +33,10 @@ class QuantizedCache:
             part = self.parts[name]
             part.view(part.shape[0], -1, part.shape[-1]).index_copy_(1, slot_mapping, encoded)
 
+    def write_slots(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
+        """Rewrite tokens, encoded as new ones are."""
+        self.write(slot_mapping, x)
+
     def write_whole_blocks(self, block_ids: torch.Tensor, x: torch.Tensor) -> None:
         """Encode whole blocks ([kv_heads, n, block_size, D]) into `block_ids`."""
         for name, encoded in self.codec.encode(x).items():
@@ -48,6 +53,25 @@ class QuantizedCache:
             return self.gather(block_ids), None
         parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
         return self.codec.decode_unscaled(parts), parts["scale"].squeeze(-1).float()
+
+    def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """Tokens' values, decoded: [kv_heads, len(slots), D] float32."""
+        block_size = self.shape[2]
+        blocks, offsets = slots // block_size, slots % block_size
+        picked = torch.arange(len(slots), device=slots.device)
+        return self.gather(blocks)[:, picked, offsets]
+
+    def move_tokens(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Tokens' codes and parameters between slots, as stored: nothing re-encoded."""
+        if self.codec.block_wise:
+            raise AssertionError("a codec with per-block parameters cannot move tokens")
+        for part in self.parts.values():
+            flat = part.view(part.shape[0], -1, part.shape[-1])
+            flat.index_copy_(1, dst, flat.index_select(1, src))
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for part in self.parts.values():
+            part.index_copy_(1, dst, part.index_select(1, src))
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.parts.values())

@@ -201,7 +201,9 @@ class WindowedCache(QuantizedCache):
                                   dtype=dtype, device=device)  # fmt: skip
         window.caches.append(self)
 
-    def write_pass(self, x: torch.Tensor) -> None:  # x [kv_heads, T, D]: the pass's new K/V
+    def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
+        """The pass's new K/V ([kv_heads, T, D]): where each token goes (a recent slot, or
+        its block committed whole) was planned by `RecentWindow.begin_pass`."""
         plan = self.window.plan
         heads, _, dim = x.shape
         flat = self.recent.view(heads, -1, dim)
@@ -214,6 +216,26 @@ class WindowedCache(QuantizedCache):
             staged.index_copy_(1, plan.stage_new_dst, x.index_select(1, plan.stage_new_src).float())
             self.write_whole_blocks(plan.commit_ids, staged.view(heads, -1, block, dim))
         flat.index_copy_(1, plan.recent_dst, x.index_select(1, plan.recent_src).to(flat.dtype))
+
+    def write_slots(self, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Rewrite whole blocks of tokens (the keys are quantized per block), outside the
+        recent window: `slots` cover whole blocks, in order."""
+        bs = self.shape[2]
+        ids = slots[::bs] // bs
+        expected = (ids[:, None] * bs + torch.arange(bs, device=slots.device)).reshape(-1)
+        if not torch.equal(slots, expected):
+            raise AssertionError("int2 tokens are rewritten a whole block at a time")
+        if any(int(b) in self.window.slots for b in ids):
+            raise AssertionError("a block in the recent window is rewritten by its writes")
+        self.write_whole_blocks(ids, x.view(x.shape[0], len(ids), bs, x.shape[-1]))
+
+    def move_tokens(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        raise AssertionError("tokens of a windowed (int2) cache cannot move")
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        if any(int(b) in self.window.slots for b in src):
+            raise AssertionError("a block in the recent window cannot be copied")
+        super().copy_blocks(src, dst)
 
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)

@@ -1,38 +1,47 @@
 """The physical KV cache: per layer, K and V tensors cut into fixed blocks of tokens.
 
-Allocated once at start and never grown. Plain formats keep each layer's K and V
-as tensors; quantized ones as `QuantizedCache`s (quantized_cache.py), int2's with
-its full-precision recent window (recent_window.py). Only num_kv_heads are stored, so
+Allocated once at start and never grown. Each layer's K and V is a layer cache
+answering one interface (plain_cache.py lists it): `PlainCache` for fp32/fp16/
+bf16, `QuantizedCache` (quantized_cache.py) for a codec's packed parts, int2's
+`WindowedCache` with its full-precision recent window (recent_window.py). The
+store is their owner: it routes each call to every layer and moves whole blocks
+as bytes (tiers, swap). Only num_kv_heads are stored, so
 GQA/MQA savings are real bytes, and the store's bytes per token equal the
 planner's: both count with `formats.bytes_per_block`.
 """
 
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
 from kvforge.config import ModelSpec
+from kvforge.dtypes import torch_dtype
 from kvforge.kvcache.codecs import get_codecs
-from kvforge.kvcache.formats import (
-    KVFormat,
-    as_number,
-    bytes_per_block,
-    residual_bytes,
-)
+from kvforge.kvcache.formats import KVFormat, as_number, bytes_per_block, residual_bytes
+from kvforge.kvcache.plain_cache import PlainCache
 from kvforge.kvcache.quantized_cache import QuantizedCache
 from kvforge.kvcache.recent_window import RecentWindow, WindowedCache
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+@dataclass(frozen=True)
+class Swapped:
+    """A swapped-out request's blocks in host memory: the packed blocks, and (int2) the
+    full-precision tokens of its hot blocks, at `hot` positions of its block list."""
+
+    blocks: torch.Tensor
+    hot: list[int]
+    recent: torch.Tensor | None = None
 
 
 class KVStore:
-    """K and V of every layer: [num_kv_heads, num_blocks, block_size, head_dim] each.
+    """K and V of every layer, each a layer cache of [num_kv_heads, num_blocks,
+    block_size, head_dim] (plain_cache.py lists what a layer cache answers).
 
     A token's K/V is written once, at its slot (block_id * block_size + offset),
     and read by attention through the request's block table. The head comes
     first so that gathering a sequence's blocks for one head yields one
-    contiguous [tokens, head_dim] matrix, multiplied without a copy. Quantized
-    formats keep each layer's K and V as a `QuantizedCache` of the same shape.
+    contiguous [tokens, head_dim] matrix, multiplied without a copy.
     """
 
     def __init__(
@@ -48,37 +57,39 @@ class KVStore:
         formats that keep one (int2); their precision is the model's (`spec.dtype`)."""
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (spec.num_kv_heads, num_blocks, block_size, spec.head_dim)
+        shape = (spec.num_kv_heads, num_blocks, block_size)
         self.window = None
-        if fmt.name in TORCH_DTYPES:
-            self.codec = None
-            self.dtype = TORCH_DTYPES[fmt.name]
-            self.k = [torch.zeros(shape, dtype=self.dtype, device=device)
-                      for _ in range(spec.num_layers)]  # fmt: skip
-            self.v = [torch.zeros(shape, dtype=self.dtype, device=device)
-                      for _ in range(spec.num_layers)]  # fmt: skip
+        self.packed = fmt.codecs is not None  # blocks move as bytes (tiers, swap)
+        if not self.packed:
+            self.dtype = torch_dtype(fmt.name)
+
+            def make(_):
+                return PlainCache.zeros(*shape, spec.head_dim, self.dtype, device)
+        elif fmt.residual_tokens:
+            self.dtype = torch.uint8
+            self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
+                                       max_running, device)  # fmt: skip
+            full = torch_dtype(spec.dtype)
+
+            def make(codec):
+                return WindowedCache(codec, *shape, device, self.window, full)
         else:
-            k_codec, v_codec = get_codecs(fmt.name, spec.head_dim)
-            self.codec = k_codec
-            self.dtype = torch.uint8  # what whole blocks move as (tiers, swap)
-            if fmt.residual_tokens:
-                self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
-                                           max_running, device)  # fmt: skip
-                full = TORCH_DTYPES[spec.dtype]
+            self.dtype = torch.uint8
 
-                def make(codec):
-                    return WindowedCache(codec, *shape[:3], device, self.window, full)
-            else:
+            def make(codec):
+                return QuantizedCache(codec, *shape, device)
 
-                def make(codec):
-                    return QuantizedCache(codec, *shape[:3], device)
-
-            self.k = [make(k_codec) for _ in range(spec.num_layers)]
-            self.v = [make(v_codec) for _ in range(spec.num_layers)]
+        k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if self.packed else (None, None)
+        self.k = [make(k_codec) for _ in range(spec.num_layers)]
+        self.v = [make(v_codec) for _ in range(spec.num_layers)]
+        self.caches = [c for pair in zip(self.k, self.v, strict=True) for c in pair]
         if self.block_bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
             raise AssertionError("store layout disagrees with its format")  # a bug, not input
         if self.recent_bytes_allocated != max_running * residual_bytes(spec, fmt, block_size):
             raise AssertionError("recent window disagrees with its format")
+
+    def _ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.k[0].device)
 
     def begin_pass(self, seqs: list[tuple[list[int], int, int]]) -> None:
         """Before a forward pass: each sequence's block ids and new positions [start, end),
@@ -95,52 +106,38 @@ class KVStore:
         self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
         """Store the new tokens' K/V ([T, kv_heads, D]) at their slots ([T])."""
-        if self.window is not None:  # where each token goes was planned by begin_pass
-            self.k[layer].write_pass(k.transpose(0, 1))
-            self.v[layer].write_pass(v.transpose(0, 1))
-            return
-        if self.codec is not None:
-            self.k[layer].write(slot_mapping, k.transpose(0, 1))
-            self.v[layer].write(slot_mapping, v.transpose(0, 1))
-            return
-        heads, dim = k.shape[1], k.shape[2]
-        k_slots = self.k[layer].view(heads, -1, dim)  # [kv_heads, num_blocks * block_size, D]
-        v_slots = self.v[layer].view(heads, -1, dim)
-        k_slots.index_copy_(1, slot_mapping, k.transpose(0, 1).to(self.dtype))
-        v_slots.index_copy_(1, slot_mapping, v.transpose(0, 1).to(self.dtype))
+        self.k[layer].write(slot_mapping, k.transpose(0, 1))
+        self.v[layer].write(slot_mapping, v.transpose(0, 1))
 
     def _tensors(self) -> list[torch.Tensor]:
-        """Every tensor of the store, in a fixed order: [kv_heads, num_blocks, block, width]."""
-        out = []
-        for k, v in zip(self.k, self.v, strict=True):
-            out += [k, v] if self.codec is None else [*k.tensors(), *v.tensors()]
-        return out
+        """Every tensor of the store, in a fixed order: [kv_heads, num_blocks, rows, width]."""
+        return [t for cache in self.caches for t in cache.tensors()]
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """A host copy of whole blocks as stored (packed, for quantized formats), one row of
         bytes a block: [n, bytes_per_block] uint8 (or the plain dtype: [n, block_shape])."""
         if self.window is not None:
             self.window.settle(block_ids)
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
+        ids = self._ids(block_ids)
         rows = [
             t.index_select(1, ids).transpose(0, 1).reshape(len(block_ids), -1)
             for t in self._tensors()
         ]
-        if self.codec is None:
+        if not self.packed:
             return torch.cat(rows, dim=1).view(len(block_ids), *self.block_shape).cpu()
         return torch.cat([r.view(torch.uint8) for r in rows], dim=1).cpu()
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         """Put back blocks copied by `read_blocks` (same layout), into `block_ids`."""
-        ids = torch.tensor(block_ids, dtype=torch.long, device=self.k[0].device)
+        ids = self._ids(block_ids)
         data = data.to(self.k[0].device).reshape(len(block_ids), -1)
         at = 0
         for t in self._tensors():
             heads, _, block, width = t.shape
-            size = heads * block * width * (t.element_size() if self.codec is not None else 1)
+            size = heads * block * width * (t.element_size() if self.packed else 1)
             chunk = data[:, at : at + size]
             at += size
-            if self.codec is not None:
+            if self.packed:
                 chunk = chunk.contiguous().view(t.dtype)
             t.index_copy_(
                 1, ids, chunk.reshape(len(block_ids), heads, block, width).transpose(0, 1)
@@ -150,57 +147,29 @@ class KVStore:
         """Copy the K/V of every layer from `src_slots` to `dst_slots`, as stored (a
         quantized token keeps its codes and scale: nothing is re-encoded). All sources
         are read before any destination is written, so the two may overlap."""
-        if self.window is not None:
-            raise AssertionError("tokens of a windowed (int2) cache cannot move")
-        device = self.k[0].device
-        src = torch.tensor(src_slots, dtype=torch.long, device=device)
-        dst = torch.tensor(dst_slots, dtype=torch.long, device=device)
-        for t in self._tensors():
-            flat = t.view(t.shape[0], -1, t.shape[-1])  # [kv_heads, slots, width]
-            flat.index_copy_(1, dst, flat.index_select(1, src))
+        src, dst = self._ids(src_slots), self._ids(dst_slots)
+        for cache in self.caches:
+            cache.move_tokens(src, dst)
 
     def copy_blocks(self, src_ids: list[int], dst_ids: list[int]) -> None:
         """Copy whole blocks as stored, every layer; all sources are read before any
         destination is written. Blocks in the recent window (int2) are not copied."""
-        if self.window is not None and any(b in self.window.slots for b in src_ids):
-            raise AssertionError("a block in the recent window cannot be copied")
-        device = self.k[0].device
-        src = torch.tensor(src_ids, dtype=torch.long, device=device)
-        dst = torch.tensor(dst_ids, dtype=torch.long, device=device)
-        for t in self._tensors():
-            t.index_copy_(1, dst, t.index_select(1, src))
+        src, dst = self._ids(src_ids), self._ids(dst_ids)
+        for cache in self.caches:
+            cache.copy_blocks(src, dst)
 
     def read_keys(self, slots: list[int]) -> torch.Tensor:
         """Every layer's keys at `slots`, decoded: [layers, kv_heads, len(slots), D] float32."""
-        at = torch.tensor(slots, dtype=torch.long, device=self.k[0].device)
-        if self.codec is None:
-            rows = [k.view(k.shape[0], -1, k.shape[-1]).index_select(1, at) for k in self.k]
-            return torch.stack(rows).float()
-        blocks, offsets = at // self.block_size, at % self.block_size
-        picked = torch.arange(len(slots), device=at.device)
-        return torch.stack([k.gather(blocks)[:, picked, offsets] for k in self.k])
+        at = self._ids(slots)
+        return torch.stack([k.read_slots(at) for k in self.k])
 
     def write_keys(self, slots: list[int], keys: torch.Tensor) -> None:
         """Store every layer's keys ([layers, kv_heads, len(slots), D]) at `slots`, encoded
         as new tokens' are; values stay as they are. A codec that encodes whole blocks
         (int2) takes whole blocks of slots, outside the recent window."""
-        at = torch.tensor(slots, dtype=torch.long, device=self.k[0].device)
-        block_wise = getattr(self.codec, "block_wise", False)
-        if block_wise:
-            bs = self.block_size
-            blocks = [s // bs for s in slots[::bs]]
-            if slots != [b * bs + o for b in blocks for o in range(bs)]:
-                raise AssertionError("int2 keys are rewritten a whole block at a time")
-            if any(b in self.window.slots for b in blocks):
-                raise AssertionError("a block in the recent window is rewritten by its writes")
-            ids = torch.tensor(blocks, dtype=torch.long, device=at.device)
+        at = self._ids(slots)
         for k, new in zip(self.k, keys, strict=True):
-            if self.codec is None:
-                k.view(k.shape[0], -1, k.shape[-1]).index_copy_(1, at, new.to(self.dtype))
-            elif block_wise:
-                k.write_whole_blocks(ids, new.view(new.shape[0], len(ids), -1, new.shape[-1]))
-            else:
-                k.write(at, new)
+            k.write_slots(at, new)
 
     @property
     def token_moves(self) -> bool:
@@ -211,26 +180,23 @@ class KVStore:
     @property
     def block_shape(self) -> tuple[int, ...]:
         """The shape of one block in `read_blocks`' layout."""
-        if self.codec is not None:
+        if self.packed:
             return (bytes_per_block(self.spec, self.format, self.block_size),)
         return (self.spec.num_layers, 2, self.spec.num_kv_heads, self.block_size,
                 self.spec.head_dim)  # fmt: skip
 
-    def swap_out(self, block_ids: list[int]):
+    def swap_out(self, block_ids: list[int]) -> Swapped:
         """A host copy of a request's blocks, recent full-precision tokens included; the
         window's slots are given up (the request leaves the device)."""
         blocks = self.read_blocks(block_ids)
         if self.window is None:
-            return blocks
-        return blocks, *self.window.take_out(block_ids)
+            return Swapped(blocks, [])
+        return Swapped(blocks, *self.window.take_out(block_ids))
 
-    def swap_in(self, block_ids: list[int], swapped) -> None:
-        if self.window is None:
-            self.write_blocks(block_ids, swapped)
-            return
-        blocks, pos, recent = swapped
-        self.write_blocks(block_ids, blocks)
-        self.window.put_back(block_ids, pos, recent)
+    def swap_in(self, block_ids: list[int], swapped: Swapped) -> None:
+        self.write_blocks(block_ids, swapped.blocks)
+        if self.window is not None:
+            self.window.put_back(block_ids, swapped.hot, swapped.recent)
 
     def layer(self, layer: int):
         return self.k[layer], self.v[layer]

@@ -29,12 +29,11 @@ import torch
 
 MAGIC = b"KVFORGE-BLOCK-1\n"
 SUFFIX = ".kvblock"
-TORCH_DTYPE_NAMES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.uint8: "uint8",  # packed blocks of quantized codecs
-}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """torch's own name ("float32", "uint8" for packed blocks), as a file records it."""
+    return str(dtype).removeprefix("torch.")
 
 
 class DiskTier:
@@ -68,7 +67,7 @@ class DiskTier:
         payload = block.contiguous().view(torch.uint8).numpy().tobytes()  # any dtype
         header = {
             "key": name,
-            "dtype": TORCH_DTYPE_NAMES[block.dtype],
+            "dtype": _dtype_name(block.dtype),
             "shape": list(block.shape),
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
@@ -115,7 +114,7 @@ class DiskTier:
             payload = data[at + 4 + head_len :]
         except (OSError, ValueError, UnicodeDecodeError):
             return None
-        expected = {"key": name, "dtype": TORCH_DTYPE_NAMES.get(dtype), "shape": list(shape)}
+        expected = {"key": name, "dtype": _dtype_name(dtype), "shape": list(shape)}
         if any(header.get(k) != v for k, v in expected.items()):
             return None
         if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
@@ -173,11 +172,29 @@ class HostTier:
 
 
 class TieredBlocks:
-    """The lower tiers together: where an evicted block goes, and where a miss looks."""
+    """The lower tiers together: where an evicted block goes, and where a miss looks.
+    Blocks are the store's `read_blocks` rows: `block_shape` and `dtype` each."""
 
-    def __init__(self, host: HostTier | None, disk: DiskTier | None) -> None:
+    def __init__(self, host: HostTier | None, disk: DiskTier | None,
+                 block_shape: tuple[int, ...], dtype: torch.dtype) -> None:  # fmt: skip
         self.host, self.disk = host, disk
+        self.block_shape, self.dtype = tuple(block_shape), dtype
         self.num_loaded = {"host": 0, "disk": 0}  # blocks loaded back into the device pool
+
+    @property
+    def writes_through(self) -> bool:
+        """Whether newly cached blocks are written to disk at once (`persist`): so that a
+        new process over the same directory finds every block this one computed, not
+        only those it happened to evict."""
+        return self.disk is not None
+
+    def persist(self, key: bytes, block: torch.Tensor) -> None:
+        if self.disk is not None:
+            self.disk.put(key, block)
+
+    def fetch(self, key: bytes) -> tuple[torch.Tensor, str] | None:
+        """(block, "host" or "disk"), or None: `get` for the store's blocks."""
+        return self.get(key, self.block_shape, self.dtype)
 
     def loaded(self, sources: list[str]) -> None:
         """Count blocks a request actually loaded (a lookup whose request then waited

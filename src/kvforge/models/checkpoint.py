@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-from kvforge.config import ModelSpec, load_hf_config, normalize_dtype, spec_from_hf_config
+from kvforge.config import ModelSpec, load_hf_config, spec_from_hf_config
+from kvforge.dtypes import normalize_dtype
 from kvforge.errors import ConfigError
 from kvforge.presets import PRESETS, find_preset, get_preset
 

@@ -24,9 +24,9 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from kvforge.config import load_hf_config, normalize_dtype
+from kvforge.config import load_hf_config
+from kvforge.dtypes import FLOAT_DTYPES, normalize_dtype, torch_dtype
 from kvforge.errors import ConfigError
-from kvforge.kvcache.store import TORCH_DTYPES
 from kvforge.models.checkpoint import (
     CheckpointInfo,
     TensorInfo,
@@ -109,7 +109,7 @@ def load_model(
         del expected["lm_head.weight"]  # shared with embed_tokens; a stored copy is ignored
     tensors = _checkpoint_tensors(checkpoint)
     _check_tensors(directory, expected, tensors)
-    state = _read_tensors(directory, expected, tensors, TORCH_DTYPES[dtype_name], device)
+    state = _read_tensors(directory, expected, tensors, torch_dtype(dtype_name), device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     model.to(device)  # moves the RoPE tables; parameters are already there
@@ -167,11 +167,11 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> Llama
             f"{info.architecture} model"
         )
     state = {}
-    torch_dtype = TORCH_DTYPES[dtype_name]
+    weights_dtype = torch_dtype(dtype_name)
     heads = (config.spec.num_attention_heads, config.spec.num_kv_heads)
     with tqdm(total=len(info.tensors), desc=f"loading {path.name}", unit="tensor",
               disable=None) as bar:  # fmt: skip
-        for gguf_name, tensor in iter_gguf_tensors(info, torch_dtype, *heads):
+        for gguf_name, tensor in iter_gguf_tensors(info, weights_dtype, *heads):
             if gguf_name != ROPE_FREQS_TENSOR:  # read apart, in float32
                 state[expected[gguf_name]] = tensor.to(device)
             bar.update()
@@ -200,10 +200,10 @@ def _resolve_dtype(
         name = normalize_dtype(raw) if raw is not None else checkpoint.dtype or "fp32"
     else:
         name = normalize_dtype(dtype)
-    if name not in TORCH_DTYPES:
+    if name not in FLOAT_DTYPES:
         raise ConfigError(
             f"{directory}: weights cannot be loaded as {name}; choose one of: "
-            f"{', '.join(TORCH_DTYPES)}"
+            f"{', '.join(FLOAT_DTYPES)}"
         )
     return name
 

@@ -37,7 +37,7 @@ class _EngineCollector:
         preemptions = CounterMetricFamily(
             "kvforge_num_preemptions", "Requests preempted (blocks freed, recomputed later)."
         )
-        preemptions.add_metric([], scheduler.num_preemptions)
+        preemptions.add_metric([], self.engine.manager.num_preemptions)
         yield preemptions
         for name, text, value in (
             ("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
