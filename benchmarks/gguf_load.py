@@ -25,7 +25,8 @@ base = peak_mib()
 start = time.perf_counter()
 if who == "kvforge":
     from kvforge.models.gguf_file import read_gguf
-    from kvforge.models.loader import load_model, load_tokenizer
+    from kvforge.models.loader import load_model
+    from kvforge.models.tokenizer import load_tokenizer
     info = read_gguf(path)
     model = load_model(info)
     model_s, model_peak = time.perf_counter() - start, peak_mib()

@@ -112,7 +112,7 @@ def exported(request, tmp_path_factory) -> tuple[str, Path]:
 
 def test_exported_files_equal_transformers_reading_them(exported):
     name, path = exported
-    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB")
+    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB", weights_dtype="fp32")
     assert_same_model(llm, hf_from_gguf(path))
     family, overrides, dtype = CASES[name]
     info = read_gguf(path)
@@ -133,7 +133,7 @@ def test_llama3_rope_file_equals_the_checkpoint(tmp_path):
             "original_max_position_embeddings": 64}  # fmt: skip
     directory = save_checkpoint(tmp_path / "llama3", "llama", rope_parameters=rope)
     path = export_gguf(directory, tmp_path / "llama3.gguf")
-    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB")
+    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB", weights_dtype="fp32")
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
     long_prompt = [(7 * i + 3) % 320 for i in range(200)]  # past the scaled wavelengths
     torch.testing.assert_close(
@@ -206,7 +206,7 @@ def test_k_quant_files_equal_transformers_reading_them(wide_f32, tmp_path, type_
 
     path = rewrite(wide_f32, tmp_path / f"wide-{type_name}.gguf", quantize)
     reference = hf_from_gguf(path)
-    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB")
+    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB", weights_dtype="fp32")
     info = read_gguf(path)
     assert info.tensors["blk.0.attn_q.weight"].type_name == type_name
     # the same dequantized bits: the embedding (read by lookup, never packed) is equal
@@ -227,7 +227,7 @@ def test_a_llama_file_with_qkv_biases_and_no_output_bias_runs(tmp_path):
     path = rewrite(qwen2, tmp_path / "llamafied.gguf", interleave,
                    fields={"general.architecture": "llama"})  # fmt: skip
     assert read_gguf(path).architecture == "llama"
-    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB")
+    llm = LLM(model=str(path), device="cpu", kv_memory="8MiB", weights_dtype="fp32")
     spec = llm.engine.runner.model.config.spec
     assert spec.qkv_bias and not spec.o_bias
     reference = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
@@ -307,7 +307,7 @@ BAD = ("truncated", "header-only", "not-gguf", "architecture", "tensor-type", "m
 def test_bad_files_get_one_line_naming_the_problem(small_f32, tmp_path, capsys, bad):
     path, message = bad_files(small_f32, tmp_path)[bad]
     with pytest.raises(ConfigError) as error:
-        LLM(model=str(path), device="cpu", kv_memory="8MiB")
+        LLM(model=str(path), device="cpu", kv_memory="8MiB", weights_dtype="fp32")
     assert message in str(error.value) and str(path) in str(error.value)
     commands = [["generate", "--prompt", "x"], ["plan"], ["eval", "perplexity"],
                 ["bench", "memory", "--quick"]]  # fmt: skip

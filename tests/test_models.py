@@ -19,8 +19,9 @@ from kvforge.kvcache.formats import get_kv_format
 from kvforge.kvcache.store import KVStore
 from kvforge.models.builtin import BUILTIN_NAME, ByteTokenizer, builtin_model
 from kvforge.models.llama import LlamaForCausalLM, ModelConfig
-from kvforge.models.loader import SUPPORTED_ARCHITECTURES, load_model, load_tokenizer
+from kvforge.models.loader import SUPPORTED_ARCHITECTURES, load_model
 from kvforge.models.rope import rope_inv_freq
+from kvforge.models.tokenizer import load_tokenizer
 
 VOCAB = 128
 BLOCK_SIZE = 4

@@ -36,7 +36,9 @@ def path():
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB")
+    return LLM(
+        model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB", weights_dtype="fp32"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,8 @@ def test_a_prefix_cache_hit_on_the_second_turn_equals_a_miss(llm, hf_tokenizer):
 def test_generate_chat_on_the_file_path_gives_transformers_tokens(path, hf, hf_tokenizer):
     result = subprocess.run(
         [sys.executable, "-m", "kvforge", "generate", "--model", str(path), "--chat",
-         "--prompt", QUESTIONS[2], "--max-tokens", "32", "--ignore-eos", "--json"],
+         "--weights-dtype", "fp32", "--prompt", QUESTIONS[2], "--max-tokens", "32",
+         "--ignore-eos", "--json"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -170,7 +173,8 @@ def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer)
     ids = hf_tokenizer.encode(held_out_text())[:3000]
     expected = hf_greedy(hf, ids, 16)
     chunked = LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB",
-                  max_num_batched_tokens=512, enable_prefix_caching=False)  # fmt: skip
+                  weights_dtype="fp32", max_num_batched_tokens=512,
+                  enable_prefix_caching=False)  # fmt: skip
     params = SamplingParams(max_tokens=16, ignore_eos=True)
     assert chunked.generate([ids], params)[0].token_ids == expected
     assert llm.generate([ids], params)[0].token_ids == expected
@@ -179,7 +183,7 @@ def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer)
 @pytest.mark.slow
 def test_the_converted_tokenizer_is_kept_and_reused(path, tmp_path, monkeypatch):
     from kvforge.models.gguf_file import read_gguf
-    from kvforge.models.loader import load_tokenizer
+    from kvforge.models.tokenizer import load_tokenizer
 
     monkeypatch.setenv("KVFORGE_CACHE_DIR", str(tmp_path))
     info = read_gguf(path)
@@ -215,7 +219,7 @@ def test_a_file_edited_in_place_gets_its_own_tokenizer_copy(path, tmp_path, monk
     """The copy is named by the whole header: a chat template edited in place (same size,
     as llama.cpp's gguf_set_metadata does) is converted anew, not served the old copy."""
     from kvforge.models.gguf_file import read_gguf
-    from kvforge.models.loader import load_tokenizer
+    from kvforge.models.tokenizer import load_tokenizer
 
     monkeypatch.setenv("KVFORGE_CACHE_DIR", str(tmp_path / "cache"))
     edited = tmp_path / path.name

@@ -59,6 +59,11 @@ class LLM:
     `kv_policy` (sliding, streaming, h2o, snapkv) with `kv_budget` keeps at most that
     many tokens of each request's KV; a policy object (`Streaming(256, sinks=8)`)
     carries its own options and budget.
+
+    `weights_dtype`: "auto" keeps a GGUF file's Q4_0/Q4_1/Q8_0 matmul weights in their
+    own blocks (multiplied by kvforge's int4/int8 CPU kernels) and an HF checkpoint
+    in its dtype; "fp32", "fp16", "bf16" serve dense weights in that dtype; "int8" and
+    "int4" quantize every matmul weight (int4 keeps the embedding and LM head int8).
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class LLM:
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = "4GiB",
+        weights_dtype: str = "auto",
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -99,6 +105,7 @@ class LLM:
             host_cache_memory=host_cache_memory,
             disk_cache_dir=disk_cache_dir,
             disk_cache_memory=disk_cache_memory,
+            weights_dtype=weights_dtype,
         )
         self.engine, self.model_name = build_engine(self.config)
         self.device = self.engine.device

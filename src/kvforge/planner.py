@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from math import ceil
 
-from kvforge.config import ModelSpec
+from kvforge.config import LLAMA_FAMILY, ModelSpec
 from kvforge.dtypes import DTYPE_BITS, normalize_dtype
 from kvforge.errors import PlanError, positive_int
 from kvforge.kvcache.formats import (
@@ -106,9 +106,27 @@ def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: i
     return low
 
 
-def weights_bytes_for(num_params: int, dtype: str) -> int:
-    """Parameters at `dtype`; quantized weights count only their packed values."""
-    return ceil(num_params * DTYPE_BITS[dtype] / 8)
+# kvforge's quantized matmul weights: groups of 32 with an fp16 scale (int8, as Q8_0) or
+# an fp16 scale and minimum (int4, as Q4_1): bits a weight, scales included
+GROUP_BITS = {"int8": 8.5, "int4": 5}
+
+
+def weights_bytes_for(num_params: int, dtype: str, spec: ModelSpec | None = None) -> int:
+    """Parameters at `dtype`. For int8/int4 with a Llama-family `spec`, what kvforge's
+    loader holds: the matmul weights in groups of 32 with their fp16 scales (the
+    embedding and LM head int8 under int4), the rest (norms, biases) at `spec.dtype`.
+    Otherwise quantized weights count only their packed values."""
+    counted = spec is not None and spec.architecture in LLAMA_FAMILY and dtype in GROUP_BITS
+    if not counted or spec.parameter_count() is None:
+        return ceil(num_params * DTYPE_BITS[dtype] / 8)
+    h, q_dim = spec.hidden_size, spec.num_attention_heads * spec.head_dim
+    kv_dim = spec.num_kv_heads * spec.head_dim
+    per_layer = h * q_dim + 2 * h * kv_dim + q_dim * h + 3 * h * spec.intermediate_size
+    matmuls = spec.num_layers * per_layer
+    tables = spec.vocab_size * h * (1 if spec.tie_word_embeddings else 2)
+    rest = spec.parameter_count() - matmuls - tables
+    bits = matmuls * GROUP_BITS[dtype] + tables * GROUP_BITS["int8"]
+    return ceil(bits / 8) + rest * DTYPE_BITS[spec.dtype] // 8
 
 
 @dataclass(frozen=True)
@@ -136,7 +154,7 @@ def resolve_weights(
         raise PlanError(
             "weights dtype int2 is not supported; use fp32, fp16, bf16, fp8, int8, int4"
         )
-    num_bytes = None if num_params is None else weights_bytes_for(num_params, dtype)
+    num_bytes = None if num_params is None else weights_bytes_for(num_params, dtype, spec)
     return Weights(num_params, dtype, num_bytes)
 
 

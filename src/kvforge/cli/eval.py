@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
         # the same model with the full-precision, full cache
         reference = LLM(model=args.model, dtype=args.dtype, device=args.device,
-                        kv_memory=args.kv_memory, kv_dtype="fp32")  # fmt: skip
+                        weights_dtype=args.weights_dtype, kv_memory=args.kv_memory,
+                        kv_dtype="fp32")  # fmt: skip
         result = tasks.agreement(llm, reference, args.prompts, args.prompt_tokens,
                                  args.new_tokens, policy)  # fmt: skip
     if args.out is not None:

@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from kvforge.dtypes import FLOAT_DTYPES
+from kvforge.engine.config import WEIGHTS_DTYPES
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.kvcache.policy import POLICIES
@@ -74,8 +75,16 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         "--dtype",
         default="auto",
         choices=["auto", *FLOAT_DTYPES],
-        help="weights' dtype (default auto: the checkpoint's; a GGUF file's is dequantized "
-        "to fp32 on CPU, bf16 on CUDA)",
+        help="the dtype the model computes in (default auto: the checkpoint's; for a GGUF "
+        "file fp32 on CPU, bf16 on CUDA)",
+    )
+    p.add_argument(
+        "--weights-dtype",
+        default="auto",
+        choices=list(WEIGHTS_DTYPES),
+        help="how matmul weights are kept (default auto: a GGUF file's Q4_0/Q4_1/Q8_0 as "
+        "they are, run by int4/int8 kernels; an HF checkpoint dense); fp32/fp16/bf16: "
+        "dense; int8/int4: quantized at load",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument(
@@ -139,6 +148,7 @@ def engine_from_args(args: argparse.Namespace, **options):
     return LLM(
         model=args.model,
         dtype=args.dtype,
+        weights_dtype=args.weights_dtype,
         device=args.device,
         block_size=args.block_size,
         kv_memory=args.kv_memory,

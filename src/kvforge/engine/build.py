@@ -34,16 +34,19 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     from kvforge.models.catalog import find_model
     from kvforge.models.checkpoint import model_fingerprint
     from kvforge.models.gguf_file import read_gguf
-    from kvforge.models.loader import load_model, load_tokenizer
+    from kvforge.models.loader import load_model
+    from kvforge.models.quantized import apply_weights
+    from kvforge.models.tokenizer import load_tokenizer
 
     cache = config.cache
     device = _resolve_device(config.device)
     ref = find_model(config.model)
     if ref.kind == "random":
         net, tokenizer = builtin_model(device)
+        apply_weights(net, config.weights_dtype, {})
     else:
         source = read_gguf(ref.path) if ref.kind == "gguf" else ref.path
-        net = load_model(source, dtype=config.dtype, device=device)
+        net = load_model(source, config.compute_dtype, device, config.weights_dtype)
         try:
             tokenizer = load_tokenizer(source)
         except ConfigError as exc:
@@ -56,7 +59,8 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     if ref.path is None:
         model_id = f"{ref.name}:seed={BUILTIN_SEED}"
     else:
-        model_id = model_fingerprint(ref.path, model_dtype)
+        # what computed a cached block: the file, the compute dtype, the weights' format
+        model_id = model_fingerprint(ref.path, f"{model_dtype}/{config.weights_dtype}")
     # int2's recent tokens are kept at the precision the model computes in
     spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
     fmt = resolve_kv_format(spec, model_dtype if cache.kv_dtype == "auto" else cache.kv_dtype)

@@ -11,6 +11,7 @@ then the sizes.
 
 from dataclasses import dataclass
 
+from kvforge.dtypes import FLOAT_DTYPES
 from kvforge.engine.scheduler import PREEMPTION_MODES
 from kvforge.errors import KVForgeError, positive_int
 from kvforge.kvcache.formats import get_kv_format
@@ -18,6 +19,7 @@ from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
 DEFAULT_DISK_CACHE_MEMORY = "4GiB"
+WEIGHTS_DTYPES = ("auto", *FLOAT_DTYPES, "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,21 @@ class EngineConfig:
     max_num_seqs: int = DEFAULT_MAX_NUM_SEQS
     preemption_mode: str = "recompute"
     seed: int = 0
+    # how matmul weights are kept: auto (a GGUF file's own quantization), a float dtype
+    # (dense, and the dtype the model computes in), int8 or int4 (see models.quantized)
+    weights_dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.weights_dtype not in WEIGHTS_DTYPES:
+            raise KVForgeError(
+                f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
+                f"got {self.weights_dtype!r}"
+            )
+        if self.weights_dtype in FLOAT_DTYPES and self.dtype not in ("auto", self.weights_dtype):
+            raise KVForgeError(
+                f"weights_dtype {self.weights_dtype!r} and dtype {self.dtype!r} disagree: a "
+                "model with dense weights computes in their dtype"
+            )
         positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         positive_int("max_num_seqs", self.max_num_seqs)
         if self.preemption_mode not in PREEMPTION_MODES:
@@ -90,6 +105,7 @@ class EngineConfig:
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
+        weights_dtype: str = "auto",
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -109,4 +125,9 @@ class EngineConfig:
             kv_policy=policy,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
-                   preemption_mode, seed)  # fmt: skip
+                   preemption_mode, seed, weights_dtype)  # fmt: skip
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the model computes in: dense weights' own, else `dtype`."""
+        return self.weights_dtype if self.weights_dtype in FLOAT_DTYPES else self.dtype

@@ -52,7 +52,7 @@ BUILTIN_CONFIG = ModelConfig(
 class ByteTokenizer:
     """UTF-8 bytes as tokens 0..255, plus BOS (256) and EOS (257).
 
-    Same interface as `loader.HFTokenizer`: `encode` prepends BOS, `decode`
+    Same interface as `tokenizer.HFTokenizer`: `encode` prepends BOS, `decode`
     skips special tokens and replaces invalid UTF-8 (a sampled byte sequence
     need not be valid).
     """

@@ -10,7 +10,7 @@ dequantizers, and undoes llama.cpp's q/k row order (`gguf_layout`).
 """
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from kvforge.models.gguf_layout import (
     rope_deinterleave,
     rope_permuted_heads,
 )
+from kvforge.models.quantized import GGUF_BLOCKS, QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
 Q = gguf.GGMLQuantizationType
@@ -91,6 +92,16 @@ def is_gguf_file(path: Path) -> bool:
             return f.read(4) == GGUF_MAGIC
     except OSError:
         return False
+
+
+def as_gguf(source: "str | Path | GGUFModel") -> "GGUFModel | None":
+    """The GGUF model `source` is (read if it is a path to a .gguf file), or None."""
+    if isinstance(source, GGUFModel):
+        return source
+    path = Path(source).expanduser()
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path)):
+        return read_gguf(path)
+    return None
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -243,19 +254,32 @@ def rope_freq_divisors(model: GGUFModel) -> tuple[float, ...] | None:
 
 
 def iter_gguf_tensors(
-    model: GGUFModel, dtype: torch.dtype, num_heads: int, num_kv_heads: int
-) -> Iterator[tuple[str, torch.Tensor]]:
+    model: GGUFModel,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    keep: Callable[[str, str], bool] = lambda name, type_name: False,
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """(GGUF name, tensor in HF row order and `dtype`) for every tensor, one at a time.
 
     Each tensor is dequantized from the memory-mapped file by the `gguf` package,
     `DEQUANTIZE_CHUNK_BYTES` of float32 at a time, straight into a tensor of
     `dtype` (gguf's dequantizers hold a few float32 copies of what they are given:
-    in chunks, that stays small beside the model). q/k rows of `llama` files are
-    then put back in HF's order.
+    in chunks, that stays small beside the model) — but for those `keep(name, type
+    name)` accepts, which come as `QuantizedWeight`s of the file's own blocks (Q4_0,
+    Q4_1, Q8_0). q/k rows of `llama` files are then put back in HF's order.
     """
     for t in model.reader.tensors:
         data = t.data  # [rows, bytes or values per row], memory-mapped
         shape = model.tensors[t.name].shape
+        heads = rope_permuted_heads(model.architecture, t.name, num_heads, num_kv_heads)
+        if t.tensor_type.name in GGUF_BLOCKS and keep(t.name, t.tensor_type.name):
+            weight = QuantizedWeight.from_gguf(t.tensor_type.name, data.reshape(shape[0], -1))
+            if heads is not None:
+                order = rope_deinterleave(torch.arange(shape[0]), heads)
+                weight = weight.rows(order)
+            yield t.name, weight
+            continue
         out = torch.empty(shape, dtype=dtype)
         rows = out.view(-1, shape[-1])
         step = max(1, DEQUANTIZE_CHUNK_BYTES // (4 * shape[-1]))
@@ -264,7 +288,6 @@ def iter_gguf_tensors(
             chunk = gguf.quants.dequantize(flat[start : start + step], t.tensor_type)
             # a copy: F32 chunks are read-only views of the mapped file
             rows[start : start + step] = torch.from_numpy(np.array(chunk, dtype=np.float32))
-        heads = rope_permuted_heads(model.architecture, t.name, num_heads, num_kv_heads)
         if heads is not None:
             out = rope_deinterleave(out, heads)
         yield t.name, out

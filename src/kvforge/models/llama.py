@@ -25,6 +25,7 @@ from kvforge.config import ModelSpec, spec_from_hf_config
 from kvforge.errors import ConfigError
 from kvforge.kvcache.store import KVStore
 from kvforge.models.linear import ONEDNN, Linear
+from kvforge.models.quantized import QuantizedLinear, fuse_quantized
 from kvforge.models.rope import (
     DEFAULT_ROPE_THETA,
     Llama3RopeScaling,
@@ -170,6 +171,13 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """Replace q/k/v_proj by one matmul (fewer, larger GEMMs); weights move, not copy twice."""
         parts = (self.q_proj, self.k_proj, self.v_proj)
+        fused = fuse_quantized(parts)
+        if fused is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+            self.qkv_proj = fused
+            return
+        if any(isinstance(p, QuantizedLinear) for p in parts):
+            return  # formats differ: they stay apart
         fused = Linear(parts[0].in_features, sum(p.out_features for p in parts),
                           bias=parts[0].bias is not None)  # fmt: skip
         fused = fused.to(device=parts[0].weight.device, dtype=parts[0].weight.dtype)
@@ -230,6 +238,13 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         """Replace gate_proj and up_proj by one matmul."""
         gate, up = self.gate_proj, self.up_proj
+        fused = fuse_quantized((gate, up))
+        if fused is not None:
+            del self.gate_proj, self.up_proj
+            self.gate_up_proj = fused
+            return
+        if isinstance(gate, QuantizedLinear) or isinstance(up, QuantizedLinear):
+            return
         fused = Linear(gate.in_features, 2 * gate.out_features, bias=False)
         fused = fused.to(device=gate.weight.device, dtype=gate.weight.dtype)
         with torch.no_grad():
@@ -335,6 +350,8 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+        if isinstance(self.lm_head, QuantizedLinear):
+            return
         head = self.lm_head.weight
         if not ONEDNN and head.device.type == "cpu" and not self.config.tie_word_embeddings:
             self.lm_head_t = head.detach().t().contiguous()

@@ -9,16 +9,11 @@ weights are never held twice. A GGUF file goes the same way, each tensor
 dequantized on its own (`gguf_file.iter_gguf_tensors`).
 """
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -35,14 +30,19 @@ from kvforge.models.checkpoint import (
 )
 from kvforge.models.gguf_file import (
     GGUFModel,
+    as_gguf,
     eos_token_ids,
-    is_gguf_file,
     iter_gguf_tensors,
-    read_gguf,
     rope_freq_divisors,
 )
 from kvforge.models.gguf_layout import ROPE_FREQS_TENSOR, gguf_tensor_name
 from kvforge.models.llama import LLAMA_ARCHITECTURES, LlamaForCausalLM, ModelConfig
+from kvforge.models.quantized import (
+    WEIGHT_FORMATS,
+    QuantizedWeight,
+    apply_weights,
+    keeps_gguf_blocks,
+)
 
 # HF architecture name -> the class that runs it; adding a family is one entry.
 SUPPORTED_ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = dict.fromkeys(
@@ -50,34 +50,34 @@ SUPPORTED_ARCHITECTURES: dict[str, type[LlamaForCausalLM]] = dict.fromkeys(
 )
 # Tensors some checkpoints carry that we recompute rather than load.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
-class Tokenizer(Protocol):
-    """What the engine needs from a tokenizer (`ByteTokenizer` and `HFTokenizer` have it)."""
-
-    bos_token_id: int | None
-    eos_token_ids: frozenset[int]
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
 
 
 def load_model(
-    path: str | Path | GGUFModel, dtype: str = "auto", device: str | torch.device = "cpu"
+    path: str | Path | GGUFModel,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    weights: str = "auto",
 ) -> LlamaForCausalLM:
     """Build the model a checkpoint directory or a GGUF file describes, and load its weights.
 
     dtype "auto" takes the config's torch_dtype (or `dtype`), else the dtype most
     weights are stored in; for a GGUF file, fp32 on a CPU and bf16 on CUDA (its
     quantized weights are dequantized at load). Otherwise one of fp32, fp16, bf16.
-    The returned model's `config.spec.dtype` is the dtype its weights were loaded in.
+    The returned model's `config.spec.dtype` is the dtype it computes in.
+    `weights`: "auto" serves a GGUF file's Q4_0/Q4_1/Q8_0 matmul weights from their
+    own blocks (`models.quantized`) and the rest dense; "int8"/"int4" serve every
+    matmul weight quantized (the file's blocks where they are that format, else
+    quantized at load); a float dtype, dense.
     A GGUF file whose header was read already may be passed as its `GGUFModel`.
     """
-    if isinstance(path, GGUFModel) or _is_gguf(Path(path).expanduser()):
-        return _load_gguf(_gguf(path), dtype, device)
+    if weights not in ("auto", *FLOAT_DTYPES, *WEIGHT_FORMATS):
+        raise ConfigError(
+            f"weights_dtype must be one of auto, {', '.join((*FLOAT_DTYPES, *WEIGHT_FORMATS))}, "
+            f"got {weights!r}"
+        )
+    info = as_gguf(path)
+    if info is not None:
+        return _load_gguf(info, dtype, device, weights)
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a checkpoint directory")
@@ -115,18 +115,12 @@ def load_model(
     model.to(device)  # moves the RoPE tables; parameters are already there
     if any(p.is_meta for p in model.parameters()):
         raise AssertionError("a parameter was not loaded")  # a bug: _check_tensors passed
+    apply_weights(model, weights, {})  # int8/int4: quantized from the loaded values
     return model.eval().requires_grad_(False)
 
 
-def _is_gguf(path: Path) -> bool:
-    return path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path))
-
-
-def _gguf(source: str | Path | GGUFModel) -> GGUFModel:
-    return source if isinstance(source, GGUFModel) else read_gguf(source)
-
-
-def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> LlamaForCausalLM:
+def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device, weights: str
+               ) -> LlamaForCausalLM:  # fmt: skip
     """The model of a GGUF file (see `load_model`)."""
     path = info.path
     if dtype == "auto":
@@ -166,17 +160,25 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device) -> Llama
             f"{path}: tensor(s) {', '.join(unexpected[:5])} have no place in a "
             f"{info.architecture} model"
         )
-    state = {}
-    weights_dtype = torch_dtype(dtype_name)
+    state, taken = {}, {}
     heads = (config.spec.num_attention_heads, config.spec.num_kv_heads)
+
+    def keep(gguf_name: str, type_name: str) -> bool:
+        name = expected.get(gguf_name)
+        return name is not None and keeps_gguf_blocks(name, type_name, weights)
+
+    tensors = iter_gguf_tensors(info, torch_dtype(dtype_name), *heads, keep=keep)
     with tqdm(total=len(info.tensors), desc=f"loading {path.name}", unit="tensor",
               disable=None) as bar:  # fmt: skip
-        for gguf_name, tensor in iter_gguf_tensors(info, weights_dtype, *heads):
-            if gguf_name != ROPE_FREQS_TENSOR:  # read apart, in float32
+        for gguf_name, tensor in tensors:
+            if isinstance(tensor, QuantizedWeight):
+                taken[expected[gguf_name]] = tensor.to(device)
+            elif gguf_name != ROPE_FREQS_TENSOR:  # read apart, in float32
                 state[expected[gguf_name]] = tensor.to(device)
             bar.update()
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    apply_weights(model, weights, taken)
     model.to(device)
     if any(p.is_meta for p in model.parameters()):
         raise AssertionError("a parameter was not loaded")  # a bug: the checks above passed
@@ -259,124 +261,3 @@ def _read_tensors(
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
                     bar.update()
     return state
-
-
-class HFTokenizer:
-    """A transformers tokenizer behind the engine's small `Tokenizer` interface.
-
-    `encode` adds special tokens as the tokenizer does by default (BOS for
-    Llama); `decode` skips them. `eos_token_ids` joins the tokenizer's EOS with
-    those of config.json and generation_config.json (chat models end turns
-    with tokens other than the tokenizer's EOS).
-    """
-
-    def __init__(self, tokenizer: Any, extra_eos_token_ids: tuple[int, ...] = ()) -> None:
-        self._tokenizer = tokenizer
-        eos = {tokenizer.eos_token_id, *extra_eos_token_ids}
-        self.eos_token_ids = frozenset(i for i in eos if i is not None)
-        self.bos_token_id: int | None = tokenizer.bos_token_id
-        self.vocab_size = len(tokenizer)
-
-    @property
-    def hf_tokenizer(self) -> Any:
-        """The transformers tokenizer underneath (its chat template, for the server)."""
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text))
-
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
-def load_tokenizer(path: str | Path | GGUFModel) -> HFTokenizer:
-    """The tokenizer saved in a checkpoint directory or a GGUF file; ConfigError if none.
-
-    A GGUF file's vocabulary, merges, special tokens, BOS handling and chat template
-    are in its metadata; transformers converts them to a fast tokenizer.
-    """
-    if isinstance(path, GGUFModel) or _is_gguf(Path(path).expanduser()):
-        return _load_gguf_tokenizer(_gguf(path))
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise ConfigError(f"{directory}: not a checkpoint directory")
-    if not any((directory / name).exists() for name in TOKENIZER_FILES):
-        raise ConfigError(
-            f"{directory}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES)})"
-        )
-    from transformers import AutoTokenizer  # slow to import; only needed here
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{directory}: cannot load the tokenizer: {exc}") from None
-    return HFTokenizer(tokenizer, _config_eos_ids(directory))
-
-
-def _load_gguf_tokenizer(info: GGUFModel, cache_dir: Path | None = None) -> HFTokenizer:
-    """The file's tokenizer, converted by transformers (~4 s for a 50K vocabulary: it
-    parses the file again) once, then read from a converted copy kept in the cache
-    directory (~0.3 s). The copy's name hashes the file's whole header (vocabulary,
-    special tokens, chat template) and the transformers and tokenizers versions, so
-    another file, an edited one, or another conversion never reads it."""
-    path = info.path
-    if "tokenizer.ggml.model" not in info.metadata:
-        raise ConfigError(f"{path}: the GGUF file has no tokenizer")
-    import tokenizers
-    import transformers
-    from transformers import AutoTokenizer
-
-    versions = f"{transformers.__version__}:{tokenizers.__version__}"
-    key = hashlib.sha256(f"{info.header_digest()}:{versions}".encode()).hexdigest()[:24]
-    cached = (cache_dir or kvforge_cache_dir()) / "tokenizers" / key
-    tokenizer, damaged = None, False
-    if (cached / "tokenizer_config.json").is_file():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-        except Exception:  # any unreadable copy (tokenizers raises bare Exceptions)
-            damaged = True  # is converted again, and replaced
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from None
-        _save_converted(tokenizer, cached, replace_existing=damaged)
-    return HFTokenizer(tokenizer, eos_token_ids(info))
-
-
-def kvforge_cache_dir() -> Path:
-    """$KVFORGE_CACHE_DIR, else $XDG_CACHE_HOME/kvforge, else ~/.cache/kvforge."""
-    if os.environ.get("KVFORGE_CACHE_DIR"):
-        return Path(os.environ["KVFORGE_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvforge"
-
-
-def _save_converted(tokenizer: Any, target: Path, replace_existing: bool = False) -> None:
-    """Best effort: written to a temporary name and renamed, so a reader never sees half a
-    copy; a read-only or full disk only costs the next load its conversion. A copy that
-    another process published meanwhile is kept, unless ours replaces a damaged one."""
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=target.parent, prefix=".tmp-")
-        tokenizer.save_pretrained(tmp)
-        if replace_existing:
-            shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)  # fails if a copy is there: then that one stays
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _config_eos_ids(directory: Path) -> tuple[int, ...]:
-    ids: list[int] = []
-    for name in ("config.json", "generation_config.json"):
-        try:
-            eos = json.loads((directory / name).read_text()).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
-            continue  # absent or unreadable: the tokenizer's own EOS still applies
-        ids += [eos] if isinstance(eos, int) else [i for i in eos or () if isinstance(i, int)]
-    return tuple(ids)
