@@ -106,9 +106,7 @@ def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: i
     return low
 
 
-# kvforge's quantized matmul weights: groups of 32 with an fp16 scale (int8, as Q8_0) or
-# an fp16 scale and minimum (int4, as Q4_1): bits a weight, scales included
-GROUP_BITS = {"int8": 8.5, "int4": 5}
+GROUP_BITS = {"int8": 8.5, "int4": 5}  # groups of 32 + fp16 scale (and int4's minimum)
 
 
 def weights_bytes_for(num_params: int, dtype: str, spec: ModelSpec | None = None) -> int:
