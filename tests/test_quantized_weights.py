@@ -29,13 +29,15 @@ def test_gguf_blocks_dequantize_as_gguf_does(type_name):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 33])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16, 65])
 def test_the_matmul_equals_the_dequantized_one(fmt, rows):
     gen = torch.Generator().manual_seed(rows)
     weight = QuantizedWeight.quantize(torch.randn(37, 160, generator=gen), fmt)
     x = torch.randn(rows, 160, generator=gen)
     expected = x @ weight.dequantize().T
-    torch.testing.assert_close(weight.matmul(x), expected, rtol=1e-5, atol=1e-4)
+    # few rows: x rounded to 15 bits a row (3e-5 of its largest value); many: float32 GEMM
+    error = (weight.matmul(x) - expected).abs().max() / expected.abs().max()
+    assert error.item() < (1e-4 if rows <= 64 else 1e-6)
 
 
 def test_quantizing_keeps_each_group_within_half_a_step():

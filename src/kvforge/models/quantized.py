@@ -24,7 +24,7 @@ from kvforge.models import kernels
 from kvforge.models.linear import linear
 
 GROUP = 32
-DIRECT_ROWS = 8  # activation rows multiplied in registers; more take a dense GEMM
+DIRECT_ROWS = 64  # activation rows multiplied in registers; more take a dense GEMM
 WEIGHT_FORMATS = ("int8", "int4")
 # GGUF block types read as they are: (format, bytes a block of 32)
 GGUF_BLOCKS = {"Q4_0": ("int4", 18), "Q4_1": ("int4", 20), "Q8_0": ("int8", 34)}
