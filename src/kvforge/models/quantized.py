@@ -182,6 +182,8 @@ def apply_weights(model: nn.Module, weights: str, taken: dict[str, QuantizedWeig
     from its loaded values. A tied LM head shares the embedding's quantized table."""
     config = model.config
     dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
+    if (taken or weights in WEIGHT_FORMATS) and device.type == "cpu":
+        kernels.qlinear()  # built now, while loading, rather than in the first request
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
         if not isinstance(module, nn.Linear) or (key == LM_HEAD and config.tie_word_embeddings):

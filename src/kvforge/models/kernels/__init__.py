@@ -10,6 +10,7 @@ dequantized weight. `reason()` says why there are none.
 import hashlib
 import os
 import platform
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -55,9 +56,18 @@ def qlinear():
     build = _cache_dir(key)
     try:
         build.mkdir(parents=True, exist_ok=True)
+        # compiled from a copy inside the build folder: every checkout (and installed
+        # copy) of the same source then finds the same build, and nothing is rebuilt
+        source_copy = build / SOURCE.name
+        if not source_copy.exists():
+            tmp = build / f".{SOURCE.name}.{os.getpid()}"
+            tmp.write_bytes(source)
+            tmp.replace(source_copy)
+        if not any(build.glob("*.so")):
+            print("kvforge: building the int4/int8 CPU kernels (once)", file=sys.stderr)
         return cpp_extension.load(
             name=f"kvforge_qlinear_{key}",
-            sources=[str(SOURCE)],
+            sources=[str(source_copy)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
