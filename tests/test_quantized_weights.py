@@ -131,3 +131,15 @@ def test_weights_dtype_errors_name_the_choices():
         LLM(model="random", device="cpu", weights_dtype="int3")
     with pytest.raises(KVForgeError, match="weights_dtype 'bf16' and dtype 'fp32' disagree"):
         LLM(model="random", device="cpu", weights_dtype="bf16", dtype="fp32")
+
+
+def test_without_the_kernels_auto_serves_dense_weights(monkeypatch):
+    """Where the kernels cannot run, a per-call dequantization would be slower than dense
+    weights: "auto" dequantizes the file at load; an explicit int4 stays packed and gives
+    the dequantized matmul's results."""
+    monkeypatch.setattr(kernels, "qlinear", lambda: None)
+    llm = LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="16MiB")
+    assert not any(isinstance(m, QuantizedLinear) for m in llm.engine.runner.model.modules())
+    weight = QuantizedWeight.quantize(torch.randn(8, 64, generator=torch.Generator()), "int4")
+    x = torch.randn(2, 64, generator=torch.Generator())
+    assert torch.equal(weight.matmul(x), x @ weight.dequantize().T)

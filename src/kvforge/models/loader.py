@@ -22,6 +22,7 @@ from tqdm import tqdm
 from kvforge.config import load_hf_config
 from kvforge.dtypes import FLOAT_DTYPES, normalize_dtype, torch_dtype
 from kvforge.errors import ConfigError
+from kvforge.models import kernels
 from kvforge.models.checkpoint import (
     CheckpointInfo,
     TensorInfo,
@@ -162,6 +163,12 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device, weights:
         )
     state, taken = {}, {}
     heads = (config.spec.num_attention_heads, config.spec.num_kv_heads)
+
+    # "auto" keeps the file's blocks where kvforge's kernels run them (a CPU with AVX-512,
+    # float32); elsewhere a per-call dequantization would be slower than dense weights
+    fast = torch.device(device).type == "cpu" and dtype_name == "fp32" and kernels.qlinear()
+    if weights == "auto" and not fast:
+        weights = dtype_name
 
     def keep(gguf_name: str, type_name: str) -> bool:
         name = expected.get(gguf_name)
