@@ -16,6 +16,12 @@ from model_util import prefill_logits
 Q = gguf.GGMLQuantizationType
 
 
+def packed_bytes(model) -> int:
+    """Bytes of a model's quantized weights, each counted once (a tied head shares one)."""
+    weights = {id(m.qweight): m.qweight for m in model.modules() if hasattr(m, "qweight")}
+    return sum(w.nbytes for w in weights.values())
+
+
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
 def test_gguf_blocks_dequantize_as_gguf_does(type_name):
     rng = np.random.default_rng(0)
@@ -86,8 +92,7 @@ def test_smollm2_keeps_its_file_blocks(smollm2_packed):
     # the file's Q4_1 and Q8_0 bytes, held as they are
     reader = gguf.GGUFReader(catalog.smollm2_path())
     file_bytes = sum(int(t.n_bytes) for t in reader.tensors if t.tensor_type.name != "F32")
-    held = {id(m.qweight): m.qweight.nbytes for m in model.modules() if hasattr(m, "qweight")}
-    assert sum(held.values()) == file_bytes
+    assert packed_bytes(model) == file_bytes
 
 
 def test_smollm2_packed_logits_equal_the_dequantized_ones(smollm2_dense, smollm2_packed):
@@ -119,9 +124,7 @@ def test_an_hf_checkpoint_quantized_at_load(tmp_path):
         logits = prefill_logits(llm, ids)
         assert ((logits - dense).abs().max() / dense.abs().max()).item() < tolerance
         # what the planner counts for these weights is what the model holds
-        held = sum(p.numel() * p.element_size() for p in model.parameters())
-        held += sum({id(m.qweight): m.qweight.nbytes for m in model.modules()
-                     if hasattr(m, "qweight")}.values())  # fmt: skip
+        held = packed_bytes(model) + sum(p.numel() * p.element_size() for p in model.parameters())
         spec = model.config.spec
         assert resolve_weights(spec, weights_dtype=fmt).num_bytes == held
 

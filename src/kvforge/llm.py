@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from kvforge.engine.build import build_engine
-from kvforge.engine.config import EngineConfig
+from kvforge.engine.config import DEFAULT_DISK_CACHE_MEMORY, EngineConfig
 from kvforge.engine.request import Request, RequestMetrics, RequestOutput
 from kvforge.engine.sampling import SamplingParams
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.policy import KVPolicy
+from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
 Prompt = str | list[int]
 
@@ -79,12 +80,12 @@ class LLM:
         kv_policy: str | KVPolicy | None = None,
         kv_budget: int | None = None,
         max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
+        max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
         seed: int = 0,
         preemption_mode: str = "recompute",
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
-        disk_cache_memory: int | str = "4GiB",
+        disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
         weights_dtype: str = "auto",
     ) -> None:
         self.config = EngineConfig.create(

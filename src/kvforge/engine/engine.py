@@ -218,8 +218,6 @@ class LLMEngine:
                 r.num_computed_tokens += n
                 collected = self.runner.collected
                 self.pruner.after_pass(r, True, collected.scores.get(0) if collected else None)
-                if policy is None:
-                    self.manager.drop_out_of_window(r)
         finally:
             self.last_score_peak_kv_tokens = r.metrics.peak_kv_tokens
             self.manager.free(r)
@@ -270,8 +268,6 @@ class LLMEngine:
             self.manager.register(r)
             scores = collected.scores.get(i) if collected else None
             self.pruner.after_pass(r, item.prompt_done, scores)
-            if r.kv_policy is None:  # a policy bounds (and moves) the cache itself
-                self.manager.drop_out_of_window(r)
             if token is not None:
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))

@@ -4,7 +4,8 @@
 acts on it, the one place that does:
 
 * `check` refuses a policy the store cannot apply (int2's budget floor);
-* `after_pass` adds the attention a pass gathered to the request's scores, asks the
+* `after_pass` (without a policy) has a sliding-window model's blocks before its window
+  given back; with one, it adds the attention a pass gathered to the request's scores, asks the
   policy whether to compact, rounds the choice to whole blocks where tokens cannot
   move one by one (int2), has the KV cache manager compact the blocks, and has the
   keys of the tokens that move along (streaming's sinks) re-rotated (the runner does
@@ -50,7 +51,8 @@ class Pruner:
         held = r.num_kv_tokens
         r.metrics.peak_kv_tokens = max(r.metrics.peak_kv_tokens, held)
         policy = r.kv_policy
-        if policy is None:
+        if policy is None:  # a policy bounds (and moves) the cache; else a sliding window
+            self.manager.drop_out_of_window(r)  # gives back the blocks it no longer reads
             return
         state = r.policy_state
         if received is not None:

@@ -76,15 +76,6 @@ class ScheduledRequest:
         return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
 
 
-def _cap(request: Request, budget: int, block_size: int) -> int:
-    """The most tokens one pass computes for `request`: the step's budget, and what its
-    eviction policy reads in one piece (`KVPolicy.max_pass_tokens`)."""
-    policy = request.kv_policy
-    if policy is None:
-        return budget
-    return min(budget, policy.max_pass_tokens(block_size))
-
-
 @dataclass
 class SchedulerOutput:
     """One step's plan: the tokens each request computes, and the operations on block
@@ -158,7 +149,12 @@ class Scheduler:
         return SchedulerOutput(batch, self.manager.take_ops())
 
     def _cap(self, request: Request, budget: int) -> int:
-        return _cap(request, budget, self.manager.block_size)
+        """The most tokens one pass computes for `request`: the step's budget, and what its
+        eviction policy reads in one piece (`KVPolicy.max_pass_tokens`)."""
+        policy = request.kv_policy
+        if policy is None:
+            return budget
+        return min(budget, policy.max_pass_tokens(self.manager.block_size))
 
     def _scheduled(self, request: Request, num_new: int, slots: list[int]) -> ScheduledRequest:
         end = request.num_computed_tokens + num_new

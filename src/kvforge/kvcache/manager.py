@@ -169,16 +169,16 @@ class KVCacheManager:
             return None
         self.pool.take(device)
         loaded = self.pool.allocate(len(lower))
+        sources = [source for _, _, source in lower]
         if lower:
             self.ops.append(LoadBlocks(loaded, [contents for _, contents, _ in lower]))
             for block_id, (key, _, _) in zip(loaded, lower, strict=True):
                 self.pool.cache(block_id, key)
-            self.tiers.loaded([source for _, _, source in lower])
+            self.tiers.loaded(sources)
         if cached:
             seq.block_table.adopt(device + loaded)
             seq.num_registered_blocks = len(device) + len(lower)
             seq.num_computed_tokens = cached
-        sources = [source for _, _, source in lower]
         if first and seq.cache_seed is not None:
             self.prefix_queries += seq.num_tokens
             self.prefix_hits += cached

@@ -150,6 +150,23 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def fuse_linears(parts) -> nn.Module | None:
+    """One matmul for several of the same input (q/k/v, gate/up): their rows one after
+    another, weights and biases alike. Quantized parts fuse when they share a format;
+    None when the parts cannot be fused (dense and quantized, or two formats)."""
+    if any(isinstance(p, QuantizedLinear) for p in parts):
+        return fuse_quantized(parts)
+    first = parts[0]
+    fused = Linear(first.in_features, sum(p.out_features for p in parts),
+                   bias=first.bias is not None)  # fmt: skip
+    fused = fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused.requires_grad_(False)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -170,24 +187,10 @@ class Attention(nn.Module):
 
     def fuse_projections(self) -> None:
         """Replace q/k/v_proj by one matmul (fewer, larger GEMMs); weights move, not copy twice."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        fused = fuse_quantized(parts)
+        fused = fuse_linears((self.q_proj, self.k_proj, self.v_proj))
         if fused is not None:
             del self.q_proj, self.k_proj, self.v_proj
             self.qkv_proj = fused
-            return
-        if any(isinstance(p, QuantizedLinear) for p in parts):
-            return  # formats differ: they stay apart
-        fused = Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                          bias=parts[0].bias is not None)  # fmt: skip
-        fused = fused.to(device=parts[0].weight.device, dtype=parts[0].weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([p.weight for p in parts]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([p.bias for p in parts]))
-        fused.requires_grad_(False)
-        del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj = fused
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q and k side by side as one [T, H + kvH, D] tensor (one RoPE for both), and v."""
@@ -237,21 +240,10 @@ class MLP(nn.Module):
 
     def fuse_projections(self) -> None:
         """Replace gate_proj and up_proj by one matmul."""
-        gate, up = self.gate_proj, self.up_proj
-        fused = fuse_quantized((gate, up))
+        fused = fuse_linears((self.gate_proj, self.up_proj))
         if fused is not None:
             del self.gate_proj, self.up_proj
             self.gate_up_proj = fused
-            return
-        if isinstance(gate, QuantizedLinear) or isinstance(up, QuantizedLinear):
-            return
-        fused = Linear(gate.in_features, 2 * gate.out_features, bias=False)
-        fused = fused.to(device=gate.weight.device, dtype=gate.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
-        fused.requires_grad_(False)
-        del self.gate_proj, self.up_proj
-        self.gate_up_proj = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         if self.gate_up_proj is None:
