@@ -1,5 +1,5 @@
 """kvforge's int4/int8 matmul kernels against fp32 (oneDNN, packed weight) on SmolLM2's
-matrix shapes, one activation row (a batch-1 decode step) and 16, in microseconds a call,
+matrix shapes, one activation row (a batch-1 decode step), 16 and 64, in microseconds a call,
 and the sum over one decode step's matmuls (30 layers + the LM head).
 
     python benchmarks/qlinear_kernels.py
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from kvforge.models import kernels
+from kvforge import kernels
 from kvforge.models.linear import linear
 from kvforge.models.quantized import QuantizedWeight
 
@@ -31,8 +31,8 @@ def timed(f, calls: int) -> float:
 
 def main() -> None:
     torch.set_num_threads(2)
-    print(f"kernels: {'built' if kernels.qlinear() else kernels.reason()}")
-    for rows in (1, 16):
+    print(f"kernels: {'built' if kernels.cpu() else kernels.reason()}")
+    for rows in (1, 16, 64):
         step = {"fp32": 0.0, "int4": 0.0, "int8": 0.0}
         print(f"\n{rows} row(s): out x in | fp32 us | int4 us | int8 us")
         for out_features, in_features, count in SHAPES:
@@ -56,6 +56,19 @@ def main() -> None:
             "a decode step's matmuls, ms: "
             + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in step.items())
         )
+
+    # where the direct kernel stops paying (quantized.DIRECT_ROWS): int4, in registers
+    # against a dequantized copy and oneDNN's GEMM
+    ops = kernels.cpu()
+    if ops is not None:
+        print("\nint4 rows: out x in | direct us | dequantize + GEMM us")
+        for out_features, in_features, _ in SHAPES[:4]:
+            q4 = QuantizedWeight.quantize(torch.randn(out_features, in_features), "int4")
+            for rows in (4, 16, 32, 64):
+                x = torch.randn(rows, in_features)
+                direct = timed(lambda: ops.q4_linear(x, q4.qs, q4.d, q4.m), 50)  # noqa: B023
+                dense = timed(lambda: linear(x, ops.q4_dequantize(q4.qs, q4.d, q4.m)), 50)  # noqa: B023
+                print(f"{rows}: {out_features} x {in_features} | {direct:.0f} | {dense:.0f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def bench(capsys, tmp_path, scenario: str, *options: str) -> dict:
 
 @pytest.mark.slow
 def test_throughput_quick_json(capsys, tmp_path):
-    data = bench(capsys, tmp_path, "throughput")
+    data = bench(capsys, tmp_path, "throughput", "--model", "random")
     engines = {r["engine"] for r in data["results"]}
     assert {"kvforge", "transformers generate", "transformers generate_batch"} <= engines
     settings = data["settings"]
@@ -43,6 +43,7 @@ def test_throughput_quick_json(capsys, tmp_path):
     assert data["machine"]["device"] == "cpu" and "gpu" not in data["machine"]
     for name in ("throughput.json", "throughput.md", "throughput.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert_versus(data, [f"{n} x (16 prompt + 8 generated), S t/s" for n in (1, 4)])
 
 
 @pytest.mark.slow
@@ -118,7 +119,7 @@ def test_clock_waits_for_cuda_only(monkeypatch):
 
 @pytest.mark.slow
 def test_latency_quick(capsys, tmp_path):
-    data = bench(capsys, tmp_path, "latency")
+    data = bench(capsys, tmp_path, "latency", "--model", "random")
     prefill = [r for r in data["results"] if r["phase"] == "prefill"]
     decode = [r for r in data["results"] if r["phase"] == "decode"]
     assert sorted({r["prompt_tokens"] for r in prefill}) == [8, 32]
@@ -129,11 +130,41 @@ def test_latency_quick(capsys, tmp_path):
     assert {r["samples"] for r in decode} == {2 * 5}  # 6 tokens: 5 gaps, 2 repeats
     assert set(data["ratios"]["transformers_over_kvforge_ttft_p50"]) == {"8", "32"}
     assert (tmp_path / "latency_ttft.png").exists() and (tmp_path / "latency_tpot.png").exists()
+    assert_versus(data, ["prefill 32 (llama-bench -p)", "decode 8 at batch 1 (llama-bench -n)"])
+
+
+def assert_versus(data: dict, workloads: list[str]) -> None:
+    """llama.cpp's workloads ran on kvforge; llama.cpp too, or a note says how to get it."""
+    versus = data["versus"]
+    assert [r["workload"] for r in versus] == workloads
+    assert all(r["kvforge t/s"] > 0 for r in versus)
+    for row in versus:
+        if row["llama.cpp t/s"] is None:
+            assert row["kvforge ÷ llama.cpp"] is None
+            assert any("LLAMACPP_BIN" in n for n in data["notes"])
+        else:
+            assert row["kvforge ÷ llama.cpp"] == row["kvforge t/s"] / row["llama.cpp t/s"]
+    assert "On llama.cpp's own workloads" in markdown_of(data)
+
+
+def markdown_of(data: dict) -> str:
+    fields = {k: data[k] for k in ("scenario", "machine", "settings", "results", "ratios",
+                                   "notes", "versus")}  # fmt: skip
+    return markdown(Report(**fields))
+
+
+@pytest.mark.slow
+def test_latency_quick_on_the_default_model(capsys, tmp_path):
+    # no --model: the real model, its GGUF file given to llama.cpp as it is
+    data = bench(capsys, tmp_path, "latency")
+    assert data["settings"]["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert data["settings"]["weights_dtype"] == "auto"
+    assert_versus(data, ["prefill 32 (llama-bench -p)", "decode 8 at batch 1 (llama-bench -n)"])
 
 
 @pytest.mark.slow
 def test_roofline_quick(capsys, tmp_path):
-    data = bench(capsys, tmp_path, "roofline")
+    data = bench(capsys, tmp_path, "roofline", "--model", "random")
     values = {r["measure"]: r["value"] for r in data["results"]}
     assert values["memory bandwidth (copy)"] > 0 and values["matmul rate (fp32 GEMM 2048^3)"] > 0
     # tiny model, untied: every weight but the embedding table is read per token
@@ -142,6 +173,8 @@ def test_roofline_quick(capsys, tmp_path):
     assert values["KV read per token at 32 tokens"] == 32 * 1024
     for key in ("batch1_decode_vs_bandwidth_floor", "batched_decode_vs_compute_floor"):
         assert data["ratios"][key] > 0
+    assert_versus(data, ["prefill 32 (llama-bench -p)", "decode 8 at batch 1 (llama-bench -n)"])
+    assert data["ratios"]["kvforge_tg8_vs_weights_floor"] > 0
 
 
 @pytest.mark.gpu

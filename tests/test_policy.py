@@ -397,10 +397,12 @@ def _first_layer_keys(engine, tokens: list[int], first_position: int) -> torch.T
     model = engine.runner.model.model
     attention = model.layers[0].self_attn
     with torch.no_grad():
-        qk, _ = attention._project(model.layers[0].input_layernorm(
+        qkv = attention._project(model.layers[0].input_layernorm(
             model.embed_tokens(torch.tensor(tokens))))  # fmt: skip
+    heads, kv_heads, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(len(tokens), kv_heads, dim)
     cos, sin = model.rotary_emb(torch.arange(len(tokens)) + first_position)
-    return apply_rope(qk[:, attention.num_heads :], cos[:, None], sin[:, None]).transpose(0, 1)
+    return apply_rope(k, cos[:, None], sin[:, None]).transpose(0, 1)
 
 
 def _held_when_predicting(n: int, budget: int, block: int, sinks: int = 4) -> list[list[int]]:

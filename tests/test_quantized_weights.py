@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvforge import LLM, SamplingParams
+from kvforge import LLM, SamplingParams, kernels
 from kvforge.errors import KVForgeError
-from kvforge.models import kernels
 from kvforge.models.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 from kvforge.planner import resolve_weights
 from model_util import prefill_logits
@@ -60,7 +59,7 @@ def test_quantizing_keeps_each_group_within_half_a_step():
 
 
 def test_the_kernels_build_here_or_say_why_not():
-    ops, why = kernels.qlinear(), kernels.reason()
+    ops, why = kernels.cpu(), kernels.reason()
     assert (ops is None) == (why is not None)
     if ops is not None:
         with pytest.raises(RuntimeError, match="columns"):
@@ -140,7 +139,7 @@ def test_without_the_kernels_auto_serves_dense_weights(monkeypatch):
     """Where the kernels cannot run, a per-call dequantization would be slower than dense
     weights: "auto" dequantizes the file at load; an explicit int4 stays packed and gives
     the dequantized matmul's results."""
-    monkeypatch.setattr(kernels, "qlinear", lambda: None)
+    monkeypatch.setattr(kernels, "cpu", lambda: None)
     llm = LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="16MiB")
     assert not any(isinstance(m, QuantizedLinear) for m in llm.engine.runner.model.modules())
     weight = QuantizedWeight.quantize(torch.randn(8, 64, generator=torch.Generator()), "int4")

@@ -5,6 +5,7 @@ tokens on chat prompts, batched == alone, and a prefix-cache hit == a miss.
 The model loads once per module (about 10 s for kvforge, 15 s for transformers).
 """
 
+import copy
 import json
 import subprocess
 import sys
@@ -101,11 +102,20 @@ def test_tokenizer_and_chat_template_equal_transformers(llm, hf_tokenizer):
 
 
 def test_prefill_logits_equal_transformers(llm, hf, hf_tokenizer):
+    # Both sides compute in float32, each off the exact (float64) logits by its own
+    # rounding: ~1e-4 after SmolLM2's 30 layers (kvforge's fused kernels sum in another
+    # order than PyTorch). kvforge must be within that of transformers, and as close to
+    # the exact logits as transformers itself is.
+    exact_model = copy.deepcopy(hf).double()
     for question in QUESTIONS[:2]:
         ids = chat_ids(hf_tokenizer, user(question))
         with torch.no_grad():
             expected = hf(torch.tensor([ids])).logits[0].float()
-        torch.testing.assert_close(prefill_logits(llm, ids), expected, atol=1e-4, rtol=1e-4)
+            exact = exact_model(torch.tensor([ids])).logits[0]
+        ours = prefill_logits(llm, ids)
+        torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
+        ours_error = (ours.double() - exact).abs().max()
+        assert ours_error <= 1.5 * (expected.double() - exact).abs().max()
 
 
 def test_greedy_tokens_equal_transformers_batched_and_alone(llm, hf, hf_tokenizer):

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvforge import kernels
 from kvforge.attention.metadata import AttentionMetadata
 from kvforge.kvcache.layer_cache import LayerCache
+from kvforge.kvcache.plain_cache import PlainCache
 
 TILE_TOKENS = 512  # keys per tile: bounds the scores to [kv_heads, rows, TILE_TOKENS]
 # Decode rows are few, so their tiles are sized by the K/V they gather (all sequences
@@ -184,11 +186,50 @@ def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None) -
     return _Plan(tables, tiles)
 
 
-def _plan(meta: AttentionMetadata, key: tuple, build) -> _Plan:
+def _split(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
+    """The sequences with one new token (decode) and those with more (prefill)."""
+    lengths = [meta.query_len(i) for i in range(meta.num_seqs)]
+    return [i for i, n in enumerate(lengths) if n == 1], [i for i, n in enumerate(lengths) if n > 1]
+
+
+def _plan(meta: AttentionMetadata, key: tuple, build):
     plan = meta.plans.get(key)
     if plan is None:
         plan = meta.plans[key] = build()
     return plan
+
+
+def _in_place_decode(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: LayerCache,
+    v_cache: LayerCache,
+    meta: AttentionMetadata,
+    decode: list[int],
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """The decode rows' attention [len(decode), H, D] from the compiled kernel, which reads
+    each sequence's keys and values where they lie in the cache (no gathered copy, no
+    padding to the longest sequence); None where it does not apply: a CPU without the
+    kernels, not float32, an encoded cache, or attention gathered for an eviction policy."""
+    if not (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0):
+        return None
+    if not isinstance(k_cache, PlainCache) or _wanted(meta, decode):
+        return None
+    ops = kernels.cpu()
+    if ops is None:
+        return None
+
+    def build():
+        tables = meta.block_tables if len(decode) == meta.num_seqs else meta.block_tables[decode]
+        lens = torch.tensor([meta.seq_lens[i] for i in decode], dtype=torch.long)
+        return tables.contiguous(), lens
+
+    tables, lens = _plan(meta, ("in place", len(decode)), build)
+    rows = q if len(decode) == meta.num_tokens else q[[meta.query_start_loc[i] for i in decode]]
+    o = ops.decode_attention(rows.flatten(1), k_cache.data, v_cache.data, tables, lens, scale,
+                             sliding_window or 0)  # fmt: skip
+    return o.view(len(decode), *q.shape[1:])
 
 
 def paged_attention(
@@ -205,10 +246,17 @@ def paged_attention(
     kv_heads = k_cache.shape[0]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
-    decode = [i for i in range(meta.num_seqs) if meta.query_len(i) == 1]
-    prefill = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
+    decode, prefill = _plan(meta, ("split",), lambda: _split(meta))
 
+    o = None
     if decode:
+        o = _in_place_decode(q, k_cache, v_cache, meta, decode, scale, sliding_window)
+    if o is not None:
+        if len(decode) == meta.num_tokens:
+            out = o
+        else:
+            out[[meta.query_start_loc[i] for i in decode]] = o
+    elif decode:
         kv_row_bytes = 2 * kv_heads * head_dim * 4  # K and V of one token, float32
         plan = _plan(meta, ("decode", sliding_window),
                      lambda: _decode_plan(meta, decode, sliding_window, kv_row_bytes))  # fmt: skip

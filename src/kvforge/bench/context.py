@@ -27,6 +27,24 @@ class BenchContext:
     quick: bool
     model_path: Path | None = None
     device: str = "cpu"
+    weights_dtype: str = "auto"  # kvforge's --weights-dtype
+    # no --model given: scenarios that compare with llama.cpp run the default model
+    default_model: bool = False
+
+    def real_model(self, notes: list[str], config: dict | None = None) -> Path:
+        """--model if given; else the default model (SmolLM2) when no --model was named
+        and it is installed, so that llama.cpp runs the same GGUF file; else the random
+        benchmark model, with a note saying why."""
+        if self.model_path is not None or not self.default_model:
+            return self.checkpoint(config)
+        from kvforge.errors import KVForgeError
+        from kvforge.models.catalog import find_model
+
+        try:
+            return find_model(None).path
+        except KVForgeError as exc:
+            notes.append(f"the random-init model ran: {exc}")
+            return self.checkpoint(config)
 
     def checkpoint(self, config: dict | None = None) -> Path:
         """--model if given, else the random-init benchmark model (written once, then reused)."""

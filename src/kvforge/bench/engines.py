@@ -7,6 +7,7 @@ request's length for every request (the cost of that method) and the extra
 tokens are cut off, not counted.
 """
 
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -18,13 +19,20 @@ class KVForgeEngine:
     name = "kvforge"
 
     def __init__(
-        self, model_path: Path, max_num_seqs: int, kv_memory: str = "1GiB", *, device: str
+        self,
+        model_path: Path,
+        max_num_seqs: int,
+        kv_memory: str = "1GiB",
+        *,
+        device: str,
+        weights_dtype: str = "auto",
     ) -> None:
         from kvforge import LLM
 
         self.llm = LLM(
             model=str(model_path),
             device=device,
+            weights_dtype=weights_dtype,
             kv_memory=kv_memory,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(2048, max_num_seqs),
@@ -121,6 +129,21 @@ def transformers_engines(model_path: Path, device: str) -> list:
     return [HFGenerateEngine(model_path, device), HFGenerateBatchEngine(model_path, device)]
 
 
+@cache
+def gguf_of(model_path: Path) -> Path:
+    """The GGUF file llama.cpp runs: the model's own, or for a checkpoint directory the
+    same weights written as an f32 GGUF once by kvforge's converter."""
+    import tempfile
+
+    from kvforge.models.gguf_export import export_gguf
+
+    gguf = Path(model_path)
+    if gguf.is_dir():
+        gguf = Path(tempfile.mkdtemp(prefix="kvforge-gguf-")) / "model-f32.gguf"
+        export_gguf(model_path, gguf, dtype="f32")
+    return gguf
+
+
 def llamacpp_peer(model_path: Path):
     """The llama.cpp engine on the same weights, or the line saying how to install it.
 
@@ -143,17 +166,10 @@ class LlamaCppPeer:
     name = "llama.cpp"
 
     def __init__(self, model_path: Path, engine_class) -> None:
-        import tempfile
-
         from kvforge.models.catalog import model_config
-        from kvforge.models.gguf_export import export_gguf
 
         config = model_config(model_path)
-        gguf = Path(model_path)
-        if gguf.is_dir():  # a checkpoint: the same weights, written as GGUF once
-            gguf = Path(tempfile.mkdtemp(prefix="kvforge-gguf-")) / "model-f32.gguf"
-            export_gguf(model_path, gguf, dtype="f32")
-        self.engine = engine_class(gguf, n_ctx=config["max_position_embeddings"])
+        self.engine = engine_class(gguf_of(model_path), n_ctx=config["max_position_embeddings"])
 
     def generate(self, requests: list[Request]) -> list[list[int]]:
         # llama-cpp-python serves one sequence at a time: requests run one after another

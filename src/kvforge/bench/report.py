@@ -29,6 +29,8 @@ class Report:
     ratios: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     plots: list[Plot] = field(default_factory=list)
+    # kvforge and llama.cpp on llama.cpp's own workloads (its tools' shapes), one row each
+    versus: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -44,13 +46,16 @@ def _cell(value: object) -> str:
     return "—" if value is None else str(value)
 
 
+def _table(rows: list[dict]) -> list[str]:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+
+
 def markdown(report: Report) -> str:
-    columns = list(dict.fromkeys(k for row in report.results for k in row))
-    lines = [f"# kvforge bench {report.scenario}", ""]
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += [
-        "| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in report.results
-    ]
+    lines = [f"# kvforge bench {report.scenario}", "", *_table(report.results)]
+    if report.versus:
+        lines += ["", "On llama.cpp's own workloads, side by side:", "", *_table(report.versus)]
     if report.ratios:
         lines += ["", "Ratios:", ""] + [f"- {k}: {_cell(v)}" for k, v in report.ratios.items()]
     if report.notes:

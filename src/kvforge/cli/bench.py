@@ -5,10 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvforge.cli.options import (
-    EXIT_OK,
-    MODEL_HELP,
-)
+from kvforge.cli.options import EXIT_OK, MODEL_HELP, add_weights_dtype_option
 from kvforge.errors import KVForgeError
 from kvforge.models.builtin import RANDOM_MODEL
 
@@ -30,6 +27,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         + " (default, or random: a random-init Llama sized for the scenario)",
     )
     p.add_argument("--quick", action="store_true", help="smoke size, under a minute")
+    add_weights_dtype_option(p)
     p.add_argument(
         "--device",
         default="cpu",
@@ -60,7 +58,13 @@ def run(args: argparse.Namespace) -> int:
             raise KVForgeError(f"{model_path}: not a checkpoint directory (no config.json)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KVForgeError("--device cuda: torch sees no CUDA device")
-    context = BenchContext(quick=args.quick, model_path=model_path, device=args.device)
+    context = BenchContext(
+        quick=args.quick,
+        model_path=model_path,
+        device=args.device,
+        weights_dtype=args.weights_dtype,
+        default_model=args.model is None,
+    )
     report = run_scenario(args.scenario, context)
     paths = save(report, Path(args.out))
     if args.json:

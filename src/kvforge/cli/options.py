@@ -67,6 +67,17 @@ def budget_value(text: str) -> int | float:
     return positive_int(text)
 
 
+def add_weights_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights-dtype",
+        default="auto",
+        choices=list(WEIGHTS_DTYPES),
+        help="how matmul weights are kept (default auto: a GGUF file's Q4_0/Q4_1/Q8_0 as "
+        "they are, run by int4/int8 kernels; an HF checkpoint dense); fp32/fp16/bf16: "
+        "dense; int8/int4: quantized at load",
+    )
+
+
 def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -> None:
     """Model and KV cache options shared by the commands that run the engine
     (`budget_share`: --kv-budget may be a share of each prompt, as eval's is)."""
@@ -78,14 +89,7 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         help="the dtype the model computes in (default auto: the checkpoint's; for a GGUF "
         "file fp32 on CPU, bf16 on CUDA)",
     )
-    p.add_argument(
-        "--weights-dtype",
-        default="auto",
-        choices=list(WEIGHTS_DTYPES),
-        help="how matmul weights are kept (default auto: a GGUF file's Q4_0/Q4_1/Q8_0 as "
-        "they are, run by int4/int8 kernels; an HF checkpoint dense); fp32/fp16/bf16: "
-        "dense; int8/int4: quantized at load",
-    )
+    add_weights_dtype_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument(
         "--kv-memory",

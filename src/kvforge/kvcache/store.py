@@ -201,6 +201,13 @@ class KVStore:
     def layer(self, layer: int):
         return self.k[layer], self.v[layer]
 
+    def plain(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A layer's K and V tensors when stored as computed (fp32/fp16/bf16), which kernels
+        may read and write in place; None for encoded formats."""
+        if self.packed:
+            return None
+        return self.k[layer].data, self.v[layer].data
+
     @property
     def block_bytes_allocated(self) -> int:
         """The paged blocks: num_blocks × the planner's bytes per block."""

@@ -24,13 +24,13 @@ from kvforge.attention import AttentionMetadata, paged_attention
 from kvforge.config import ModelSpec, spec_from_hf_config
 from kvforge.errors import ConfigError
 from kvforge.kvcache.store import KVStore
+from kvforge.models.layer_ops import rms_norm, rope_and_store, silu_mul
 from kvforge.models.linear import ONEDNN, Linear
 from kvforge.models.quantized import QuantizedLinear, fuse_quantized
 from kvforge.models.rope import (
     DEFAULT_ROPE_THETA,
     Llama3RopeScaling,
     RotaryEmbedding,
-    apply_rope,
     rope_settings,
 )
 
@@ -137,17 +137,16 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 and cast back before the weight (as HF)."""
+    """x / rms(x) * weight, computed in float32 and cast back before the weight (as HF);
+    with `residual`, of residual += x (in place), as `layer_ops.rms_norm`."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def fuse_linears(parts) -> nn.Module | None:
@@ -192,41 +191,34 @@ class Attention(nn.Module):
             del self.q_proj, self.k_proj, self.v_proj
             self.qkv_proj = fused
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q and k side by side as one [T, H + kvH, D] tensor (one RoPE for both), and v."""
-        num_tokens, q_size = x.shape[0], self.num_heads * self.head_dim
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side, [T, (H + 2 kvH) * D]."""
         if self.qkv_proj is None:
-            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
-            v = self.v_proj(x)
-        else:
-            qkv = self.qkv_proj(x)
-            qk, v = (
-                qkv[:, : q_size + self.num_kv_heads * self.head_dim],
-                qkv[:, -self.num_kv_heads * self.head_dim :],
-            )
-        return (
-            qk.view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim),
-            v.view(num_tokens, self.num_kv_heads, self.head_dim),
-        )
+            return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        return self.qkv_proj(x)
+
+    def _norm_qk(self, qkv: torch.Tensor) -> None:
+        """Qwen3's RMSNorm over each head of q and k, in place in `qkv`."""
+        num_tokens, heads, kv_heads = qkv.shape[0], self.num_heads, self.num_kv_heads
+        qk = qkv[:, : (heads + kv_heads) * self.head_dim].view(num_tokens, -1, self.head_dim)
+        qk.copy_(torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1))
 
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, D/2]
+        cos: torch.Tensor,  # [T, D/2]
         sin: torch.Tensor,
         kv: KVStore,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        num_tokens, heads = x.shape[0], self.num_heads
-        qk, v = self._project(x)
-        if self.q_norm is not None and self.k_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :heads], qk[:, heads:]  # [T, H, D], [T, kvH, D]
-        kv.write(self.layer_idx, meta.slot_mapping, k, v)
+        qkv = self._project(x)
+        if self.q_norm is not None:
+            self._norm_qk(qkv)
+        q, k, v = rope_and_store(qkv, cos, sin, self.num_heads, self.head_dim, kv,
+                                 self.layer_idx, meta.slot_mapping)  # fmt: skip
         k_cache, v_cache = kv.layer(self.layer_idx)
         o = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window, k, v)
-        return self.o_proj(o.reshape(num_tokens, heads * self.head_dim))
+        return self.o_proj(o.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -248,9 +240,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, inter] each
-        # in place: no new [T, inter] tensors (allocating them costs page faults in prefill)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -264,14 +254,21 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        x: torch.Tensor,  # [T, hidden]: the last sublayer's output (or the embeddings)
+        residual: torch.Tensor | None,  # [T, hidden]: the stream x adds to (None: first layer)
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv: KVStore,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's MLP output, the stream before it)
+        """The residual stream is kept apart and each add fused with the norm after it
+        (vLLM's arrangement): the stream is x_0 + sublayer outputs, as in transformers."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h = self.input_layernorm(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -292,10 +289,11 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         x = self.embed_tokens(input_ids)  # [T, hidden]
         cos, sin = self.rotary_emb(positions)  # [T, D/2] each, float32
-        cos, sin = cos.to(x.dtype)[:, None], sin.to(x.dtype)[:, None]  # once for all layers
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once for all layers
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.norm(x, residual)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -19,10 +19,10 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from kvforge import kernels
 from kvforge.config import load_hf_config
 from kvforge.dtypes import FLOAT_DTYPES, normalize_dtype, torch_dtype
 from kvforge.errors import ConfigError
-from kvforge.models import kernels
 from kvforge.models.checkpoint import (
     CheckpointInfo,
     TensorInfo,
@@ -166,7 +166,7 @@ def _load_gguf(info: GGUFModel, dtype: str, device: str | torch.device, weights:
 
     # "auto" keeps the file's blocks where kvforge's kernels run them (a CPU with AVX-512,
     # float32); elsewhere a per-call dequantization would be slower than dense weights
-    fast = torch.device(device).type == "cpu" and dtype_name == "fp32" and kernels.qlinear()
+    fast = torch.device(device).type == "cpu" and dtype_name == "fp32" and kernels.cpu()
     if weights == "auto" and not fast:
         weights = dtype_name
 

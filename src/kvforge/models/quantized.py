@@ -19,12 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvforge import kernels
 from kvforge.errors import ConfigError
-from kvforge.models import kernels
 from kvforge.models.linear import linear
 
 GROUP = 32
-DIRECT_ROWS = 64  # activation rows multiplied in registers; more take a dense GEMM
+# activation rows multiplied in registers; more take a dense GEMM on a dequantized copy.
+# The direct kernel costs in proportion to the rows (compute-bound past one row): on
+# SmolLM2's shapes it equals dequantize + oneDNN at 16 rows and takes 1.4-1.8x as long at
+# 32-64 (benchmarks/qlinear_kernels.py).
+DIRECT_ROWS = 16
 WEIGHT_FORMATS = ("int8", "int4")
 # GGUF block types read as they are: (format, bytes a block of 32)
 GGUF_BLOCKS = {"Q4_0": ("int4", 18), "Q4_1": ("int4", 20), "Q8_0": ("int8", 34)}
@@ -106,7 +110,7 @@ class QuantizedWeight:
         """x [M, in] @ self.T -> [M, out], in x's dtype. Up to `DIRECT_ROWS` rows are
         multiplied in registers (memory-bound: the packed bytes are what is read); more
         rows go through a dense GEMM on a dequantized copy made for the call."""
-        ops = kernels.qlinear() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        ops = kernels.cpu() if x.device.type == "cpu" and x.dtype == torch.float32 else None
         if ops is None:
             return x @ self.dequantize(x.dtype).T
         x = x.contiguous()
@@ -183,7 +187,7 @@ def apply_weights(model: nn.Module, weights: str, taken: dict[str, QuantizedWeig
     config = model.config
     dtype, device = model.model.norm.weight.dtype, model.model.norm.weight.device
     if (taken or weights in WEIGHT_FORMATS) and device.type == "cpu":
-        kernels.qlinear()  # built now, while loading, rather than in the first request
+        kernels.cpu()  # built now, while loading, rather than in the first request
     for name, module in list(model.named_modules()):
         key = f"{name}.weight"
         if not isinstance(module, nn.Linear) or (key == LM_HEAD and config.tie_word_embeddings):

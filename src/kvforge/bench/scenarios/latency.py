@@ -14,7 +14,8 @@ import time
 import torch
 
 from kvforge.bench.context import BenchContext, now
-from kvforge.bench.engines import hf_model, llamacpp_peer
+from kvforge.bench.engines import gguf_of, hf_model, llamacpp_peer
+from kvforge.bench.llamacpp_workloads import Shapes, bench_side_by_side
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
@@ -37,10 +38,11 @@ def _percentile(values: list[float], q: float) -> float:
 class _KVForge:
     name = "kvforge"
 
-    def __init__(self, model_path, device: str) -> None:
+    def __init__(self, model_path, device: str, weights_dtype: str) -> None:
         from kvforge import LLM
 
-        self.llm = LLM(model=str(model_path), device=device, kv_memory="256MiB")
+        self.llm = LLM(model=str(model_path), device=device, kv_memory="256MiB",
+                       weights_dtype=weights_dtype)  # fmt: skip
         self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
@@ -107,10 +109,11 @@ class _LlamaCpp:
 
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
-    model_path = ctx.checkpoint()
-    vocab_size = model_config(model_path)["vocab_size"]
-    engines = [_KVForge(model_path, ctx.device), _Transformers(model_path, ctx.device)]
     notes = ["p99 of a few samples is close to their maximum"]
+    model_path = ctx.real_model(notes)
+    vocab_size = model_config(model_path)["vocab_size"]
+    kvforge = _KVForge(model_path, ctx.device, ctx.weights_dtype)
+    engines = [kvforge, _Transformers(model_path, ctx.device)]
     peer = llamacpp_peer(model_path)
     if isinstance(peer, str):
         notes.append(peer)
@@ -152,12 +155,21 @@ def run(ctx: BenchContext) -> Report:
                 str(o.get("prompt_tokens", o.get("context_tokens"))): t["p50_ms"] / o["p50_ms"]
                 for o, t in zip(ours, theirs, strict=True)
             }
+    versus = bench_side_by_side(kvforge.llm, gguf_of(model_path), Shapes.for_run(ctx.quick),
+                                torch.get_num_threads(), notes,
+                                None if isinstance(peer, str) else peer.engine)  # fmt: skip
     return Report(
         scenario="latency",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), "dtype": "float32", **sizes},
+        settings={
+            "model": str(model_path),
+            "weights_dtype": ctx.weights_dtype,
+            "compute_dtype": str(kvforge.llm.engine.runner.model.model.norm.weight.dtype),
+            **sizes,
+        },
         results=rows,
         ratios=ratios,
+        versus=versus,
         notes=notes,
         plots=[
             Plot(

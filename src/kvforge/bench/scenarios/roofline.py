@@ -3,7 +3,8 @@
 Measures memory bandwidth (a large copy) and the matmul rate (a large fp32
 GEMM) on the benchmark's device, then compares decode steps with their floors:
 - batch 1: every weight and every cached K/V byte is read once per token, so a
-  step takes at least (weight bytes + KV bytes) / bandwidth;
+  step takes at least (weight bytes + KV bytes) / bandwidth, with the weights
+  counted as they are stored (fp32, or int4/int8 packed with their scales);
 - batched: the matmuls of B tokens take at least their FLOPs / matmul rate.
 Ratios are floor / measured: 1.0 would be at the limit. On CUDA the GEMM is
 true fp32: torch leaves TF32 off for fp32 matmuls unless asked, and so do we.
@@ -15,9 +16,13 @@ from collections.abc import Callable
 import torch
 
 from kvforge.bench.context import BenchContext
+from kvforge.bench.engines import gguf_of
+from kvforge.bench.llamacpp_workloads import Shapes, bench_side_by_side
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Report
 from kvforge.bench.workloads import MEDIUM_LLAMA, TINY_LLAMA, mixed_workload
+from kvforge.models.catalog import model_config
+from kvforge.models.quantized import QuantizedLinear
 
 FULL = {
     "model": MEDIUM_LLAMA,
@@ -84,35 +89,50 @@ def decode_step_s(
     return statistics.median(times)
 
 
+def weights_read(net: torch.nn.Module) -> tuple[int, int]:
+    """(matmul parameters, bytes of weights a batch-1 decode step reads): every matrix it
+    multiplies by — the layers' and the LM head, as stored (dense, transposed or packed
+    outside the parameters, or quantized with scales) — and the vectors (norms, biases).
+    The embedding table is only indexed, unless it is also the (tied) LM head."""
+    itemsize = net.model.norm.weight.element_size()
+    params = total = 0
+    for module in net.modules():
+        if isinstance(module, QuantizedLinear):
+            params += module.out_features * module.in_features
+            total += module.qweight.nbytes
+        elif isinstance(module, torch.nn.Linear):
+            params += module.out_features * module.in_features
+            total += module.out_features * module.in_features * itemsize
+    head_t = getattr(net, "lm_head_t", None)
+    if head_t is not None:
+        params += head_t.numel()
+        total += head_t.numel() * head_t.element_size()
+    vectors = [p for p in net.parameters() if p.dim() == 1]
+    return params, total + sum(v.numel() * v.element_size() for v in vectors)
+
+
 def run(ctx: BenchContext) -> Report:
     from kvforge import LLM
 
     sizes = {**(QUICK if ctx.quick else FULL), **(CUDA if ctx.device == "cuda" else {})}
-    config = sizes["model"]
-    model_path = ctx.checkpoint(config)
+    notes: list[str] = []
+    model_path = ctx.real_model(notes, sizes["model"])
+    vocab_size = model_config(model_path)["vocab_size"]
     llm = LLM(
         model=str(model_path),
         device=ctx.device,
+        weights_dtype=ctx.weights_dtype,
         kv_memory="512MiB",
         max_num_batched_tokens=max(2048, sizes["batch"] * sizes["context"]),
     )
     net = llm.engine.runner.model
-    # every matrix a decode step multiplies by: the layers' and the LM head (serving may keep
-    # them packed or transposed, outside the parameters); the embedding table is only indexed
-    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
-    matmul_params = sum(m.out_features * m.in_features for m in linears)
-    head_t = getattr(net, "lm_head_t", None)
-    if head_t is not None:
-        matmul_params += head_t.numel()
-    itemsize = net.model.embed_tokens.weight.element_size()
-    vectors = [p for p in net.parameters() if p.dim() == 1]  # norms, biases
-    read_bytes = matmul_params * itemsize + sum(v.numel() * v.element_size() for v in vectors)
+    matmul_params, read_bytes = weights_read(net)
     kv_bytes_per_token = llm.engine.store.bytes_per_token
     bandwidth = memory_bandwidth(sizes["copy_bytes"], ctx.device, ctx.now)
     rate = matmul_rate(sizes["gemm"], ctx.device, ctx.now)
     context, batch = sizes["context"], sizes["batch"]
-    one = decode_step_s(llm, 1, context, sizes["steps"], config["vocab_size"], ctx.now)
-    many = decode_step_s(llm, batch, context, sizes["steps"], config["vocab_size"], ctx.now)
+    one = decode_step_s(llm, 1, context, sizes["steps"], vocab_size, ctx.now)
+    many = decode_step_s(llm, batch, context, sizes["steps"], vocab_size, ctx.now)
     floor_one = (read_bytes + context * kv_bytes_per_token) / bandwidth
     floor_many = batch * 2 * matmul_params / rate
     rows = [
@@ -133,13 +153,27 @@ def run(ctx: BenchContext) -> Report:
         {"measure": f"batch-{batch} decode step", "value": many * 1000, "unit": "ms"},
         {"measure": f"batch-{batch} compute floor", "value": floor_many * 1000, "unit": "ms"},
     ]
+    # llama.cpp's batch-1 decode (llama-bench's tg, from an empty cache) against the same
+    # floor without KV, next to kvforge's on the same workload
+    shapes = Shapes.for_run(ctx.quick)
+    versus = bench_side_by_side(llm, gguf_of(model_path), shapes, torch.get_num_threads(), notes)
+    weights_floor = read_bytes / bandwidth
+    ratios = {}
+    for engine in ("kvforge", "llama.cpp"):
+        rate = versus[1][f"{engine} t/s"]
+        if rate:
+            key = f"{engine}_tg{shapes.decode}_vs_weights_floor".replace(".", "")
+            ratios[key] = weights_floor * rate
     return Report(
         scenario="roofline",
         machine=describe_machine(ctx.device),
+        versus=versus,
+        notes=notes,
         settings={
             "model": str(model_path),
             "parameters": net.config.spec.parameter_count(),
-            "dtype": "float32",
+            "weights_dtype": ctx.weights_dtype,
+            "compute_dtype": str(net.model.norm.weight.dtype),
             "context": context,
             "batch": batch,
             "copy_bytes": sizes["copy_bytes"],
@@ -151,5 +185,6 @@ def run(ctx: BenchContext) -> Report:
             "batched_decode_vs_compute_floor": floor_many / many,
             "batch1_tokens_per_s": 1 / one,
             "batched_tokens_per_s": batch / many,
+            **ratios,
         },
     )

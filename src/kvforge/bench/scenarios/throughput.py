@@ -6,8 +6,11 @@ over the whole batch. Engines run one after another for each c, so machine
 drift hits them alike; ratios are taken within the same c.
 """
 
+import torch
+
 from kvforge.bench.context import BenchContext
-from kvforge.bench.engines import KVForgeEngine, llamacpp_peer, transformers_engines
+from kvforge.bench.engines import KVForgeEngine, gguf_of, llamacpp_peer, transformers_engines
+from kvforge.bench.llamacpp_workloads import Shapes, batched_side_by_side
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
@@ -15,6 +18,8 @@ from kvforge.models.catalog import model_config
 
 FULL = {"concurrency": [1, 2, 4, 8, 16, 32, 64], "prompt": (32, 256), "output": (16, 64)}
 QUICK = {"concurrency": [1, 4], "prompt": (8, 24), "output": (4, 8)}
+BATCHED = [1, 16, 64]  # llama-batched-bench -npl 1,16,64
+QUICK_BATCHED = [1, 4]
 
 
 def _peers(model_path, device: str, notes: list[str]) -> list:
@@ -29,13 +34,13 @@ def _peers(model_path, device: str, notes: list[str]) -> list:
 
 def run(ctx: BenchContext) -> Report:
     sizes = QUICK if ctx.quick else FULL
-    model_path = ctx.checkpoint()
-    vocab_size = model_config(model_path)["vocab_size"]
     notes: list[str] = []
-    engines = [
-        KVForgeEngine(model_path, max_num_seqs=max(sizes["concurrency"]), device=ctx.device),
-        *_peers(model_path, ctx.device, notes),
-    ]
+    model_path = ctx.real_model(notes)
+    vocab_size = model_config(model_path)["vocab_size"]
+    batched = QUICK_BATCHED if ctx.quick else BATCHED
+    kvforge = KVForgeEngine(model_path, max_num_seqs=max(*sizes["concurrency"], *batched),
+                            device=ctx.device, weights_dtype=ctx.weights_dtype)  # fmt: skip
+    engines = [kvforge, *_peers(model_path, ctx.device, notes)]
     warmup = mixed_workload(2, vocab_size, (4, 8), (2, 2), seed=99)
     for engine in engines:
         engine.generate(warmup)
@@ -83,12 +88,22 @@ def run(ctx: BenchContext) -> Report:
         )
         for e in engines
     }
+    versus = batched_side_by_side(kvforge.llm, gguf_of(model_path), Shapes.for_run(ctx.quick),
+                                  batched, torch.get_num_threads(), notes)  # fmt: skip
     return Report(
         scenario="throughput",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), "dtype": "float32", "greedy": True, **sizes},
+        settings={
+            "model": str(model_path),
+            "weights_dtype": ctx.weights_dtype,
+            "compute_dtype": str(kvforge.llm.engine.runner.model.model.norm.weight.dtype),
+            "greedy": True,
+            **sizes,
+            "batched": batched,
+        },
         results=rows,
         ratios=ratios,
+        versus=versus,
         notes=notes,
         plots=[
             Plot(

@@ -1,10 +1,12 @@
 """kvforge's compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`qlinear()` returns the module of `qlinear.cpp` (weight-only int4/int8 matmuls with
-AVX-512), compiled with -march=native into kvforge's cache directory (keyed by the
-source, the torch version and the CPU), or None where it cannot run: a CPU without
-AVX-512, no compiler, or KVFORGE_KERNELS=0. Callers then multiply with the
-dequantized weight. `reason()` says why there are none.
+`cpu()` returns one extension module (AVX-512, declared in `ops.h`):
+`qlinear.cpp`'s weight-only int4/int8 matmuls and `layer_ops.cpp`'s fused decoder-layer
+operations and in-place decode attention. It is compiled with -march=native into
+kvforge's cache directory (keyed by the sources, the torch version and the CPU), or
+None where it cannot run: a CPU without AVX-512, no compiler, or KVFORGE_KERNELS=0.
+Callers then compute the same with PyTorch operations. `reason()` says why there are
+none.
 """
 
 import hashlib
@@ -14,7 +16,10 @@ import sys
 from functools import cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("qlinear.cpp")
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("ops.h", "qlinear.cpp", "layer_ops.cpp", "bindings.cpp")
+]
 _why_not: list[str] = []
 
 
@@ -37,8 +42,8 @@ def _cache_dir(key: str) -> Path:
 
 
 @cache
-def qlinear():
-    """The compiled int4/int8 matmuls, or None (see `reason`)."""
+def cpu():
+    """The compiled kernels, or None (see `reason`)."""
     if os.environ.get("KVFORGE_KERNELS", "1") == "0":
         _why_not.append("turned off (KVFORGE_KERNELS=0)")
         return None
@@ -50,25 +55,29 @@ def qlinear():
     import torch
     from torch.utils import cpp_extension
 
-    source = SOURCE.read_bytes()
+    texts = {path.name: path.read_bytes() for path in SOURCES}
     flags = " ".join(sorted(_cpu_flags()))
-    key = hashlib.sha256(source + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(torch.__version__.encode() + flags.encode())
+    for name, text in texts.items():
+        digest.update(name.encode() + b"\0" + text)
+    key = digest.hexdigest()[:16]
     build = _cache_dir(key)
     try:
         build.mkdir(parents=True, exist_ok=True)
-        # compiled from a copy inside the build folder: every checkout (and installed
-        # copy) of the same source then finds the same build, and nothing is rebuilt
-        source_copy = build / SOURCE.name
-        if not source_copy.exists():
-            tmp = build / f".{SOURCE.name}.{os.getpid()}"
-            tmp.write_bytes(source)
-            tmp.replace(source_copy)
+        # compiled from copies inside the build folder: every checkout (and installed
+        # copy) of the same sources then finds the same build, and nothing is rebuilt
+        for name, text in texts.items():
+            if not (build / name).exists():
+                tmp = build / f".{name}.{os.getpid()}"
+                tmp.write_bytes(text)
+                tmp.replace(build / name)
         if not any(build.glob("*.so")):
-            print("kvforge: building the int4/int8 CPU kernels (once)", file=sys.stderr)
+            print("kvforge: building the CPU kernels (once)", file=sys.stderr)
         return cpp_extension.load(
-            name=f"kvforge_qlinear_{key}",
-            sources=[str(source_copy)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            name=f"kvforge_cpu_{key}",
+            sources=[str(build / name) for name in texts if name.endswith(".cpp")],
+            # -ffp-contract=off: a * b - c * d rounds as PyTorch's separate operations do
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
@@ -79,6 +88,6 @@ def qlinear():
 
 
 def reason() -> str | None:
-    """Why `qlinear()` is None, or None when it is not."""
-    qlinear()
+    """Why `cpu()` is None, or None when it is not."""
+    cpu()
     return _why_not[-1] if _why_not else None

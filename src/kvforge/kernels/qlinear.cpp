@@ -7,12 +7,14 @@
 //       d, m [N, K/32] float16  w = d * q + m      (Q4_1; Q4_0 is m = -8 d)
 //   q8: qs [N, K] int8, d [N, K/32] float16        w = d * q   (Q8_0)
 //
-// Up to 64 activation rows (decode): x is rounded once to int16 with a scale per group of
+// Up to 16 activation rows (decode): x is rounded once to int16 with a scale per group of
 // 32 (15 bits: 3e-5 of the group's largest value, far below the weights' own error), two
 // groups' 64 products are summed exactly in int32 by vpmaddwd + VNNI's vpdpwssd, then
 // scaled by both groups' scales; the minimum's share is m * (sum of the group's x), from x
 // as it is. A tile of 4 output rows x 4 activation rows shares its loads.
 // Many rows (prefill): the weight is dequantized into a float32 copy for a dense GEMM.
+
+#include "ops.h"
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -278,11 +280,4 @@ torch::Tensor q8_dequantize(torch::Tensor qs, torch::Tensor d) {
   return dequantize(N, G, [=](int64_t n, int64_t g, __m512& lo, __m512& hi) {
     Q8::load(q + n * K + g * kGroup, half(dp + n * G + g), lo, hi);
   });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q4_dequantize", &q4_dequantize, "a Q4_1 weight as float32 [N, K]");
-  module.def("q8_dequantize", &q8_dequantize, "a Q8_0 weight as float32 [N, K]");
-  module.def("q4_linear", &q4_linear, "x @ dequant(Q4_1 weight).T, float32");
-  module.def("q8_linear", &q8_linear, "x @ dequant(Q8_0 weight).T, float32");
 }
