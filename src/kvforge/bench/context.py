@@ -11,6 +11,12 @@ from tqdm import tqdm
 from kvforge.bench.workloads import SMALL_LLAMA, TINY_LLAMA, random_checkpoint
 
 
+def model_label(path: Path) -> str:
+    """How a report names its model: the file or folder name (where it lies is the
+    machine's business, not the result's)."""
+    return Path(path).name
+
+
 def now(device: str) -> float:
     """perf_counter once the device has finished its queued work.
 

@@ -8,7 +8,7 @@ layer-0 K/V projection, and both must produce the same greedy tokens.
 
 from collections.abc import Callable
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 
@@ -99,7 +99,11 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="cache",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), "lengths": lengths, "prompt_tokens": len(PROMPT)},
+        settings={
+            "model": model_label(model_path),
+            "lengths": lengths,
+            "prompt_tokens": len(PROMPT),
+        },
         results=results,
         ratios={"recompute_over_cached_at_max_n": results[-1]["recompute_over_cached"]},
         plots=plots,

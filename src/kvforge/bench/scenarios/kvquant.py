@@ -12,7 +12,7 @@ quality on a trained one (--model, else the built-in kvforge-mini), whose attent
 means something. `kvforge eval` measures quality in more depth (perplexity, passkey).
 """
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.scenarios.roofline import decode_step_s
@@ -91,7 +91,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="kvquant",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), "dtype": "float32", **sizes},
+        settings={"model": model_label(model_path), "dtype": "float32", **sizes},
         results=rows,
         ratios=ratios,
         notes=[

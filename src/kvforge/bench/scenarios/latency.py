@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from kvforge.bench.context import BenchContext, now
+from kvforge.bench.context import BenchContext, model_label, now
 from kvforge.bench.engines import gguf_of, hf_model, llamacpp_peer
 from kvforge.bench.llamacpp_workloads import Shapes, bench_side_by_side
 from kvforge.bench.machine import describe_machine
@@ -162,7 +162,7 @@ def run(ctx: BenchContext) -> Report:
         scenario="latency",
         machine=describe_machine(ctx.device),
         settings={
-            "model": str(model_path),
+            "model": model_label(model_path),
             "weights_dtype": ctx.weights_dtype,
             "compute_dtype": str(kvforge.llm.engine.runner.model.model.norm.weight.dtype),
             **sizes,

@@ -10,7 +10,7 @@ import resource
 
 import torch
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import mixed_workload
@@ -94,7 +94,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="memory",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), **sizes},
+        settings={"model": model_label(model_path), **sizes},
         results=rows,
         ratios={
             "waste_pct_by_block_size": {str(r["block_size"]): r["waste_pct"] for r in rows},

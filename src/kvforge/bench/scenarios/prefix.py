@@ -17,7 +17,7 @@ import random
 import statistics
 import tempfile
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.machine import describe_machine
 from kvforge.bench.report import Plot, Report
 from kvforge.bench.workloads import SMALL_LLAMA, TINY_LLAMA
@@ -82,7 +82,7 @@ def run(ctx: BenchContext) -> Report:
     return Report(
         scenario="prefix",
         machine=describe_machine(ctx.device),
-        settings={"model": str(model_path), "dtype": "float32", "greedy": True, **sizes},
+        settings={"model": model_label(model_path), "dtype": "float32", "greedy": True, **sizes},
         results=rows,
         ratios=ratios,
         notes=["TTFT of requests run one at a time (the prefill each setting needs)"],

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.engines import gguf_of
 from kvforge.bench.llamacpp_workloads import Shapes, bench_side_by_side
 from kvforge.bench.machine import describe_machine
@@ -170,7 +170,7 @@ def run(ctx: BenchContext) -> Report:
         versus=versus,
         notes=notes,
         settings={
-            "model": str(model_path),
+            "model": model_label(model_path),
             "parameters": net.config.spec.parameter_count(),
             "weights_dtype": ctx.weights_dtype,
             "compute_dtype": str(net.model.norm.weight.dtype),

@@ -8,7 +8,7 @@ drift hits them alike; ratios are taken within the same c.
 
 import torch
 
-from kvforge.bench.context import BenchContext
+from kvforge.bench.context import BenchContext, model_label
 from kvforge.bench.engines import KVForgeEngine, gguf_of, llamacpp_peer, transformers_engines
 from kvforge.bench.llamacpp_workloads import Shapes, batched_side_by_side
 from kvforge.bench.machine import describe_machine
@@ -94,7 +94,7 @@ def run(ctx: BenchContext) -> Report:
         scenario="throughput",
         machine=describe_machine(ctx.device),
         settings={
-            "model": str(model_path),
+            "model": model_label(model_path),
             "weights_dtype": ctx.weights_dtype,
             "compute_dtype": str(kvforge.llm.engine.runner.model.model.norm.weight.dtype),
             "greedy": True,
