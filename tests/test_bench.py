@@ -218,9 +218,12 @@ def test_prefix_quick_reuses_the_shared_prefix(capsys, tmp_path):
 def test_kvquant_quick_reports_every_codec(capsys, tmp_path):
     data = bench(capsys, tmp_path, "kvquant")
     rows = {r["kv_dtype"]: r for r in data["results"]}
-    assert list(rows) == ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2"]
-    # the tiny bench model: 2 layers x 2 KV heads x head_dim 32
-    assert [rows[f]["bytes_per_token"] for f in rows] == [1024, 512, 512, 272, 272, 160, 88]
+    assert list(rows) == ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2",
+                          "int8+rot", "int4+rot", "int2+rot"]  # fmt: skip
+    # the tiny bench model: 2 layers x 2 KV heads x head_dim 32; rotation costs no bytes
+    assert [rows[f]["bytes_per_token"] for f in rows] == [1024, 512, 512, 272, 272, 160, 88,
+                                                          272, 160, 88]  # fmt: skip
+    assert set(data["ratios"]["rotated_decode_vs_unrotated_long"]) == {"int8", "int4", "int2"}
     # int2: 64-token blocks, in what 2 recent windows (2 blocks of 64 fp32 tokens) leave
     assert rows["int2"]["block_size"] == 64
     assert rows["int2"]["tokens_in_budget"] == (4 * 2**20 - 2 * 131_072) // (88 * 64) * 64

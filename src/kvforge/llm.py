@@ -65,6 +65,10 @@ class LLM:
     own blocks (multiplied by kvforge's int4/int8 CPU kernels) and an HF checkpoint
     in its dtype; "fp32", "fp16", "bf16" serve dense weights in that dtype; "int8" and
     "int4" quantize every matmul weight (int4 keeps the embedding and LM head int8).
+
+    `kv_rotation`: rotate each head's K and V by a fixed orthonormal (Hadamard) matrix
+    before a quantized KV format stores them, which spreads outlier channels; None
+    takes the format's default.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class LLM:
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
         weights_dtype: str = "auto",
+        kv_rotation: bool | None = None,
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -107,6 +112,7 @@ class LLM:
             disk_cache_dir=disk_cache_dir,
             disk_cache_memory=disk_cache_memory,
             weights_dtype=weights_dtype,
+            kv_rotation=kv_rotation,
         )
         self.engine, self.model_name = build_engine(self.config)
         self.device = self.engine.device

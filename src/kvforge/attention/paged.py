@@ -88,6 +88,17 @@ def _attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output [kv_heads, B, group * Lq, D] float32, and with `collect` the attention
     each key received from the weighted rows, [kv_heads, B, keys of all tiles])."""
+    o, received = _attend_tiles(q, k_cache, v_cache, tiles, group, collect)
+    if v_cache.rotation is not None:
+        o = o @ v_cache.rotation.T
+    return o, received
+
+
+def _attend_tiles(q, k_cache, v_cache, tiles, group, collect):
+    """`_attend` in the caches' own space: keys and values as `gather_scaled` returns them
+    (a rotated cache's stay rotated; q is rotated the same way here, o is not)."""
+    if k_cache.rotation is not None:  # (qR).(kR) = q.k
+        q = q @ k_cache.rotation
     kv_heads, batch, rows, _ = q.shape
     m = denom = acc = None  # running max, softmax denominator, weighted sum of V
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # with collect: (p, m_safe) a tile

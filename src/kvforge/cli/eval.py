@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _eval_summary(r: dict) -> str:
+    rotated = ", rotated" if r.get("kv_rotation") else ""
     head = (f"{r['task']} · {r['model']} · kv_dtype {r['kv_dtype']} (block {r['block_size']}, "
-            f"{r['bytes_per_token']:,} B/token)")  # fmt: skip
+            f"{r['bytes_per_token']:,} B/token{rotated})")  # fmt: skip
     if r["kv_policy"]:
         head += f" · kv_policy {r['kv_policy']}, budget {r['kv_budget']}"
     if r["task"] == "perplexity":

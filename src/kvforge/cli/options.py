@@ -104,6 +104,12 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         "int8, fp8, int4, int2",
     )
     p.add_argument(
+        "--kv-rotation",
+        action=argparse.BooleanOptionalAction,
+        help="rotate K and V (a fixed Hadamard matrix) before a quantized --kv-dtype stores "
+        "them (default: the format's own choice)",
+    )
+    p.add_argument(
         "--block-size",
         type=positive_int,
         help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; {INT2_BLOCK_SIZE} for int2)",
@@ -157,6 +163,7 @@ def engine_from_args(args: argparse.Namespace, **options):
         block_size=args.block_size,
         kv_memory=args.kv_memory,
         kv_dtype=args.kv_dtype,
+        kv_rotation=args.kv_rotation,
         enable_prefix_caching=not args.no_prefix_caching,
         host_cache_memory=args.host_cache_memory,
         disk_cache_dir=args.disk_cache_dir,

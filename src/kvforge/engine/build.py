@@ -12,6 +12,7 @@ from kvforge.engine.config import CacheConfig, EngineConfig
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
+from kvforge.kvcache.formats import with_rotation
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
@@ -64,6 +65,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     # int2's recent tokens are kept at the precision the model computes in
     spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
     fmt = resolve_kv_format(spec, model_dtype if cache.kv_dtype == "auto" else cache.kv_dtype)
+    fmt = with_rotation(fmt, cache.kv_rotation)
     block_size = cache.block_size or default_block_size(fmt.name)
     num_blocks, max_running = _pool_size(config, spec, fmt, block_size, device)
     store = _allocate_store(spec, fmt, num_blocks, block_size, device, max_running)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kvforge.dtypes import FLOAT_DTYPES
 from kvforge.engine.scheduler import PREEMPTION_MODES
 from kvforge.errors import KVForgeError, positive_int
-from kvforge.kvcache.formats import get_kv_format
+from kvforge.kvcache.formats import get_kv_format, with_rotation
 from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
@@ -37,10 +37,13 @@ class CacheConfig:
     disk_cache_dir: str | None = None
     disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY
     kv_policy: KVPolicy | None = None
+    kv_rotation: bool | None = None  # None: the KV format's default
 
     def __post_init__(self) -> None:
         if self.kv_dtype != "auto":
-            get_kv_format(self.kv_dtype)  # KVForgeError naming the formats
+            with_rotation(get_kv_format(self.kv_dtype), self.kv_rotation)  # errors name why
+        if self.kv_rotation not in (None, True, False):
+            raise KVForgeError(f"kv_rotation must be None, True or False, got {self.kv_rotation!r}")
         if self.block_size is not None:
             positive_int("block_size", self.block_size)
         if self.num_blocks is not None:
@@ -106,6 +109,7 @@ class EngineConfig:
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
         weights_dtype: str = "auto",
+        kv_rotation: bool | None = None,
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -123,6 +127,7 @@ class EngineConfig:
             disk_cache_dir=disk_cache_dir,
             disk_cache_memory=disk_cache_memory,
             kv_policy=policy,
+            kv_rotation=kv_rotation,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
                    preemption_mode, seed, weights_dtype)  # fmt: skip

@@ -72,7 +72,7 @@ class LLMEngine:
             store.num_blocks,
             store.block_size,
             token_moves=store.token_moves,
-            cache_id=(model_id, store.format.name) if enable_prefix_caching else None,
+            cache_id=(model_id, store.format.key) if enable_prefix_caching else None,
             tiers=self.tiers,
             sliding_window=store.spec.sliding_window,
             recent_tokens=store.format.residual_tokens,

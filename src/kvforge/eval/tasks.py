@@ -30,6 +30,7 @@ def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
     return {
         "model": llm.model_name,
         "kv_dtype": store.format.name,
+        "kv_rotation": store.format.rotation,
         "kv_policy": None if policy is None else policy[0],
         "kv_budget": f"{budget:.0%}" if isinstance(budget, float) else budget,
         "block_size": store.block_size,

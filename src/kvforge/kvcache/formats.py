@@ -24,6 +24,7 @@ A group that does not divide head_dim leaves a shorter last group. Packed
 values round up to whole bytes per token and head.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from fractions import Fraction
 from math import ceil
@@ -72,6 +73,13 @@ class KVFormat:
     summary: str = ""
     # the classes in `codecs` that encode K and V in this layout (None: stored as is)
     codecs: tuple[str, str] | None = None
+    # K and V rotated before they are quantized (`rotation.py`); costs no bytes
+    rotation: bool = False
+
+    @property
+    def key(self) -> str:
+        """What the prefix cache keys blocks by: the name, and the rotation if any."""
+        return f"{self.name}+rot{ROTATION_SEED}" if self.rotation else self.name
 
     @property
     def quantized(self) -> bool:
@@ -131,6 +139,24 @@ KV_FORMATS: dict[str, KVFormat] = {
     ),
 }
 UNQUANTIZED_FORMATS = tuple(name for name, f in KV_FORMATS.items() if f.codecs is None)
+
+
+ROTATION_SEED = 0  # the seed of every rotation matrix (`rotation.rotation_matrix`)
+# where a quantized format rotates K and V when kv_rotation is not given
+DEFAULT_ROTATION: dict[str, bool] = {}
+
+
+def with_rotation(fmt: KVFormat, rotation: bool | None) -> KVFormat:
+    """`fmt` with kv_rotation applied (None: the format's default); KVForgeError for a
+    rotation asked of a format that stores values as computed."""
+    if rotation is None:
+        rotation = DEFAULT_ROTATION.get(fmt.name, False)
+    if rotation and fmt.codecs is None:
+        quantized = ", ".join(n for n, f in KV_FORMATS.items() if f.codecs is not None)
+        raise KVForgeError(
+            f"kv_rotation applies to the quantized KV formats ({quantized}), not {fmt.name}"
+        )
+    return dataclasses.replace(fmt, rotation=bool(rotation))
 
 
 def get_kv_format(name: str) -> KVFormat:

@@ -15,6 +15,9 @@ class LayerCache(Protocol):
     shape: tuple[int, ...]  # (kv_heads, num_blocks, block_size, head_dim)
     dtype: torch.dtype | None  # the plain dtype, or None when stored encoded
     prefill_full_precision: bool  # a fresh prompt attends to itself as computed
+    # R when `gather_scaled` returns values rotated (x @ R, a rotated KV format): attention
+    # then multiplies the query by R for K, and its output by R.T for V; else None
+    rotation: torch.Tensor | None
     device: torch.device
 
     def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
@@ -24,7 +27,8 @@ class LayerCache(Protocol):
         """A tile of blocks, decoded: [kv_heads, n, block_size, D] float32."""
 
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, a per-token scale [kv_heads, n, block_size] left for attention, or None)."""
+        """(values, a per-token scale [kv_heads, n, block_size] left for attention, or None);
+        rotated by `rotation` when that is set."""
 
     def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Tokens' values, decoded: [kv_heads, len(slots), D] float32."""

@@ -8,6 +8,7 @@ class PlainCache:
     """[kv_heads, num_blocks, block_size, head_dim] of one dtype."""
 
     prefill_full_precision = False  # stored as computed: reading it back is exact
+    rotation = None  # values as computed
 
     def __init__(self, data: torch.Tensor) -> None:
         self.data = data

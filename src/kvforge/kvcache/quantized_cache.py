@@ -27,6 +27,9 @@ class QuantizedCache:
             for p in codec.parts
         }
         self.device = torch.device(device)
+        # values rotated before quantizing (rotation.RotatedCodec): `gather_scaled` leaves
+        # them rotated, for attention to rotate the query and un-rotate its output
+        self.rotation = getattr(codec, "rotation", None)
 
     def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:  # x [kv_heads, T, D]
         for name, encoded in self.codec.encode(x).items():
@@ -49,6 +52,9 @@ class QuantizedCache:
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values, per-token scale [kv_heads, n, block_size] or None): codecs with one scale
         per token leave it unapplied, for attention to apply where it is cheaper."""
+        if self.rotation is not None:
+            parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
+            return self.codec.decode_rotated(parts)
         if not hasattr(self.codec, "decode_unscaled"):
             return self.gather(block_ids), None
         parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}

@@ -237,6 +237,8 @@ class WindowedCache(QuantizedCache):
             raise AssertionError("a block in the recent window cannot be copied")
         super().copy_blocks(src, dst)
 
+    rotation = None  # its recent tokens are stored as computed: gather_scaled un-rotates all
+
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)
         pos, slots = self.window.hot(block_ids)

@@ -22,6 +22,7 @@ from kvforge.kvcache.formats import KVFormat, as_number, bytes_per_block, residu
 from kvforge.kvcache.plain_cache import PlainCache
 from kvforge.kvcache.quantized_cache import QuantizedCache
 from kvforge.kvcache.recent_window import RecentWindow, WindowedCache
+from kvforge.kvcache.rotation import RotatedCodec, rotation_matrix
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,10 @@ class KVStore:
                 return QuantizedCache(codec, *shape, device)
 
         k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if self.packed else (None, None)
+        if fmt.rotation:  # one matrix for K and V of every layer and head
+            rotation = rotation_matrix(spec.head_dim).to(device)
+            k_codec = RotatedCodec(k_codec, rotation)
+            v_codec = RotatedCodec(v_codec, rotation)
         self.k = [make(k_codec) for _ in range(spec.num_layers)]
         self.v = [make(v_codec) for _ in range(spec.num_layers)]
         self.caches = [c for pair in zip(self.k, self.v, strict=True) for c in pair]

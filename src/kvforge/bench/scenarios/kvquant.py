@@ -24,6 +24,7 @@ from kvforge.planner import bytes_per_request
 from kvforge.units import parse_bytes
 
 FORMATS = ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2"]
+ROTATED = ["int8", "int4", "int2"]  # also run with kv_rotation, labelled "int4+rot"
 FULL = {"budget": "256MiB", "context": 1024, "short": 128, "long": 1536, "batch": 8,
         "steps": 8, "prompts": 8, "prompt_tokens": 256, "new_tokens": 32}  # fmt: skip
 QUICK = {"budget": "4MiB", "context": 128, "short": 16, "long": 96, "batch": 2,
@@ -42,21 +43,23 @@ def run(ctx: BenchContext) -> Report:
     quality_prompts = None
 
     rows, runs = [], {}
-    for fmt in ctx.progress(FORMATS, "kvquant"):
+    variants = [(f, False) for f in FORMATS] + [(f, True) for f in ROTATED]
+    for fmt, rotation in ctx.progress(variants, "kvquant"):
+        label, kv = (f"{fmt}+rot" if rotation else fmt), {"kv_dtype": fmt, "kv_rotation": rotation}
         # int2's recent windows are reserved for `batch` running requests out of the budget
         budget = LLM(model=str(model_path), device=ctx.device, kv_memory=sizes["budget"],
-                     kv_dtype=fmt, max_num_seqs=sizes["batch"])  # fmt: skip
+                     max_num_seqs=sizes["batch"], **kv)  # fmt: skip
         stats = budget.kv_stats()
         store = budget.engine.store
         request_bytes = bytes_per_request(store.spec, store.format, store.block_size,
                                           sizes["context"])  # fmt: skip
-        judged = LLM(model=str(quality_dir), device=ctx.device, kv_dtype=fmt)
+        judged = LLM(model=str(quality_dir), device=ctx.device, **kv)
         if quality_prompts is None:
             encode = judged.engine.tokenizer.encode
             quality_prompts = agreement_prompts(encode, sizes["prompts"], sizes["prompt_tokens"])
-        runs[fmt] = greedy_with_logprobs(judged, quality_prompts, sizes["new_tokens"])
+        runs[label] = greedy_with_logprobs(judged, quality_prompts, sizes["new_tokens"])
         row = {
-            "kv_dtype": fmt,
+            "kv_dtype": label,
             "block_size": stats["block_size"],
             "bytes_per_token": stats["bytes_per_token"],
             "tokens_in_budget": stats["blocks_total"] * stats["block_size"],
@@ -64,9 +67,8 @@ def run(ctx: BenchContext) -> Report:
             "requests_at_context": parse_bytes(sizes["budget"]) // request_bytes,
         }
         for name in ("short", "long"):
-            timing = LLM(model=str(model_path), device=ctx.device, kv_dtype=fmt,
-                         kv_memory="1GiB", enable_prefix_caching=False,
-                         max_num_seqs=sizes["batch"],
+            timing = LLM(model=str(model_path), device=ctx.device, **kv, kv_memory="1GiB",
+                         enable_prefix_caching=False, max_num_seqs=sizes["batch"],
                          max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
             step = decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,
                                   ctx.now)  # fmt: skip
@@ -87,6 +89,10 @@ def run(ctx: BenchContext) -> Report:
         "tokens_vs_fp16": {r["kv_dtype"]: r["tokens_vs_fp16"] for r in rows},
         "decode_vs_fp16_long": {r["kv_dtype"]: r["decode_vs_fp16_long"] for r in rows},
         "token_agreement_vs_fp32": {r["kv_dtype"]: r["token_agreement"] for r in rows},
+        # point of comparison for rotation's cost: > 1 is faster than the unrotated format
+        "rotated_decode_vs_unrotated_long": {
+            f: by[f]["decode_ms_long"] / by[f"{f}+rot"]["decode_ms_long"] for f in ROTATED
+        },
     }
     return Report(
         scenario="kvquant",

@@ -1,0 +1,94 @@
+"""Rotated low-bit KV: the rotation is orthonormal and exact, it is part of the format's
+cache key, and it spreads outlier channels before they are quantized."""
+
+import pytest
+import torch
+
+from kvforge import LLM, SamplingParams
+from kvforge.cli import main
+from kvforge.errors import KVForgeError
+from kvforge.kvcache.codecs import get_codec
+from kvforge.kvcache.formats import get_kv_format, with_rotation
+from kvforge.kvcache.rotation import RotatedCodec, rotation_matrix
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 48, 80])
+def test_the_rotation_is_orthonormal_and_seeded(head_dim):
+    r = rotation_matrix(head_dim)
+    torch.testing.assert_close(r @ r.T, torch.eye(head_dim), rtol=0, atol=1e-6)
+    assert torch.equal(r, rotation_matrix(head_dim))  # the same seed, the same matrix
+    assert not torch.equal(r, rotation_matrix(head_dim, seed=1))
+    if head_dim & (head_dim - 1) == 0:  # Hadamard with signs: every entry +-1/sqrt(D)
+        assert torch.equal(r.abs(), torch.full_like(r, head_dim**-0.5))
+
+
+def test_attention_through_the_rotation_is_exact():
+    # q.k is kept (scores equal) and the output is rotated back: unquantized values give
+    # the unrotated attention within float32 rounding
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(5, 64, generator=gen) for _ in range(3))
+    r = rotation_matrix(64)
+    plain = torch.softmax(q @ k.T, -1) @ v
+    rotated = torch.softmax((q @ r) @ (k @ r).T, -1) @ (v @ r) @ r.T
+    torch.testing.assert_close(rotated, plain, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_rotation_spreads_an_outlier_channel(name):
+    # integer codes with one scale a token (a group): an outlier sets the step for all
+    # (fp8's floating codes keep small values' relative precision and gain nothing)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 256, 64, generator=gen)
+    x[..., 7] *= 40  # one channel far larger than the rest, as real keys have
+    plain = get_codec(name, 64)
+    rotated = RotatedCodec(plain, rotation_matrix(64))
+
+    def error(codec):
+        return float((codec.decode(codec.encode(x)) - x).norm() / x.norm())
+
+    assert error(rotated) < 0.6 * error(plain)
+    assert rotated.parts == plain.parts  # the same bytes: the planner's count holds
+
+
+def test_the_rotation_is_in_the_cache_key_and_refused_where_nothing_is_quantized():
+    int4 = get_kv_format("int4")
+    assert with_rotation(int4, True).key == "int4+rot0"
+    assert with_rotation(int4, False).key == "int4"
+    with pytest.raises(KVForgeError, match=r"kv_rotation applies to the quantized KV formats"):
+        with_rotation(get_kv_format("fp16"), True)
+
+
+def test_llm_with_a_rotated_cache(capsys):
+    llm = LLM(model="kvforge-mini", kv_dtype="int4", kv_rotation=True, kv_memory="16MiB")
+    assert llm.engine.store.format.key == "int4+rot0"
+    assert llm.engine.manager.cache_id[1] == "int4+rot0"
+    out = llm.generate([[5, 6, 7, 8, 9, 10]], SamplingParams(max_tokens=8))[0]
+    assert len(out.token_ids) == 8
+    code = main(["generate", "--model", "kvforge-mini", "--kv-dtype", "fp16", "--kv-rotation",
+                 "--prompt", "hi"])  # fmt: skip
+    assert code == 2
+    assert "kv_rotation applies to the quantized KV formats" in capsys.readouterr().err
+
+
+def test_attention_reads_a_rotated_cache_in_its_own_space():
+    # gather_scaled leaves the values rotated; attention rotates the query and un-rotates
+    # its output, which must equal attention over the decoded (un-rotated) values
+    from kvforge.attention import AttentionMetadata, paged_attention
+    from kvforge.kvcache.quantized_cache import QuantizedCache
+
+    gen = torch.Generator().manual_seed(2)
+    codec = RotatedCodec(get_codec("int8", 64), rotation_matrix(64))
+    k_cache, v_cache = (QuantizedCache(codec, 2, 8, 4, "cpu") for _ in range(2))
+    assert k_cache.rotation is codec.rotation
+    slots = torch.arange(20)  # blocks 0-4
+    k_cache.write(slots, torch.randn(2, 20, 64, generator=gen))
+    v_cache.write(slots, torch.randn(2, 20, 64, generator=gen))
+    meta = AttentionMetadata(slot_mapping=torch.tensor([19]), query_start_loc=(0, 1),
+                             seq_lens=(20,), block_tables=torch.tensor([[0, 1, 2, 3, 4]]),
+                             block_size=4)  # fmt: skip
+    q = torch.randn(1, 6, 64, generator=gen)
+    out = paged_attention(q, k_cache, v_cache, meta, 0.125)
+    keys, values = k_cache.read_slots(slots), v_cache.read_slots(slots)  # decoded, un-rotated
+    expected = torch.stack([torch.softmax(q[0, h] @ keys[h // 3].T * 0.125, -1) @ values[h // 3]
+                            for h in range(6)])  # fmt: skip
+    torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-5)
