@@ -92,3 +92,15 @@ def test_attention_reads_a_rotated_cache_in_its_own_space():
     expected = torch.stack([torch.softmax(q[0, h] @ keys[h // 3].T * 0.125, -1) @ values[h // 3]
                             for h in range(6)])  # fmt: skip
     torch.testing.assert_close(out[0], expected, rtol=0, atol=1e-5)
+
+
+def test_int2_rotated_inside_its_window_is_exact():
+    # int2 keeps its newest tokens as computed: a request that never leaves the window
+    # generates the fp32 cache's tokens, rotated or not (attention must not rotate the
+    # query against values it reads un-rotated)
+    prompt, params = [3, 14, 15, 92, 65, 35], SamplingParams(max_tokens=12)
+    expected = LLM(model="kvforge-mini", kv_dtype="fp32", kv_memory="16MiB").generate(
+        [prompt], params)[0].token_ids  # fmt: skip
+    llm = LLM(model="kvforge-mini", kv_dtype="int2", kv_rotation=True, kv_memory="16MiB")
+    assert llm.engine.store.k[0].rotation is None
+    assert llm.generate([prompt], params)[0].token_ids == expected

@@ -94,7 +94,14 @@ def _attend(
     return o, received
 
 
-def _attend_tiles(q, k_cache, v_cache, tiles, group, collect):
+def _attend_tiles(
+    q: torch.Tensor,
+    k_cache: LayerCache,
+    v_cache: LayerCache,
+    tiles: tuple[_Tile, ...],
+    group: int,
+    collect: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`_attend` in the caches' own space: keys and values as `gather_scaled` returns them
     (a rotated cache's stay rotated; q is rotated the same way here, o is not)."""
     if k_cache.rotation is not None:  # (qR).(kR) = q.k

@@ -196,6 +196,9 @@ class WindowedCache(QuantizedCache):
     def __init__(self, codec, kv_heads: int, num_blocks: int, block_size: int, device,
                  window: RecentWindow, dtype: torch.dtype) -> None:  # fmt: skip
         super().__init__(codec, kv_heads, num_blocks, block_size, device)
+        # the recent tokens are stored as computed: gather (and gather_scaled) un-rotates
+        # the packed ones too, and attention reads every value as computed
+        self.rotation = None
         self.window = window
         self.recent = torch.zeros((kv_heads, window.num_slots, block_size, codec.head_dim),
                                   dtype=dtype, device=device)  # fmt: skip
@@ -236,8 +239,6 @@ class WindowedCache(QuantizedCache):
         if any(int(b) in self.window.slots for b in src):
             raise AssertionError("a block in the recent window cannot be copied")
         super().copy_blocks(src, dst)
-
-    rotation = None  # its recent tokens are stored as computed: gather_scaled un-rotates all
 
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)
