@@ -70,14 +70,15 @@ def test_llm_with_a_rotated_cache(capsys):
     assert "kv_rotation applies to the quantized KV formats" in capsys.readouterr().err
 
 
-def test_attention_reads_a_rotated_cache_in_its_own_space():
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_attention_reads_a_rotated_cache_in_its_own_space(name):
     # gather_scaled leaves the values rotated; attention rotates the query and un-rotates
     # its output, which must equal attention over the decoded (un-rotated) values
     from kvforge.attention import AttentionMetadata, paged_attention
     from kvforge.kvcache.quantized_cache import QuantizedCache
 
     gen = torch.Generator().manual_seed(2)
-    codec = RotatedCodec(get_codec("int8", 64), rotation_matrix(64))
+    codec = RotatedCodec(get_codec(name, 64), rotation_matrix(64))
     k_cache, v_cache = (QuantizedCache(codec, 2, 8, 4, "cpu") for _ in range(2))
     assert k_cache.rotation is codec.rotation
     slots = torch.arange(20)  # blocks 0-4
@@ -96,11 +97,11 @@ def test_attention_reads_a_rotated_cache_in_its_own_space():
 
 def test_int2_rotated_inside_its_window_is_exact():
     # int2 keeps its newest tokens as computed: a request that never leaves the window
-    # generates the fp32 cache's tokens, rotated or not (attention must not rotate the
-    # query against values it reads un-rotated)
+    # generates the fp32 cache's tokens, rotated or not (the recent tokens, stored as
+    # computed, are rotated as they are read, like the packed ones)
     prompt, params = [3, 14, 15, 92, 65, 35], SamplingParams(max_tokens=12)
     expected = LLM(model="kvforge-mini", kv_dtype="fp32", kv_memory="16MiB").generate(
         [prompt], params)[0].token_ids  # fmt: skip
     llm = LLM(model="kvforge-mini", kv_dtype="int2", kv_rotation=True, kv_memory="16MiB")
-    assert llm.engine.store.k[0].rotation is None
+    assert llm.engine.store.k[0].rotation is not None  # read rotated, recent tokens too
     assert llm.generate([prompt], params)[0].token_ids == expected

@@ -196,9 +196,6 @@ class WindowedCache(QuantizedCache):
     def __init__(self, codec, kv_heads: int, num_blocks: int, block_size: int, device,
                  window: RecentWindow, dtype: torch.dtype) -> None:  # fmt: skip
         super().__init__(codec, kv_heads, num_blocks, block_size, device)
-        # the recent tokens are stored as computed: gather (and gather_scaled) un-rotates
-        # the packed ones too, and attention reads every value as computed
-        self.rotation = None
         self.window = window
         self.recent = torch.zeros((kv_heads, window.num_slots, block_size, codec.head_dim),
                                   dtype=dtype, device=device)  # fmt: skip
@@ -248,4 +245,15 @@ class WindowedCache(QuantizedCache):
         return out
 
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.gather(block_ids), None
+        """What attention reads: like `gather`, but a rotated cache's values stay rotated
+        (the packed ones as decoded, the few recent ones, stored as computed, rotated
+        here), for attention to rotate the query and its output instead."""
+        if self.rotation is None:
+            return self.gather(block_ids), None
+        parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
+        out, _ = self.codec.decode_rotated(parts)
+        pos, slots = self.window.hot(block_ids)
+        if pos.numel():
+            recent = self.recent.index_select(1, slots).float()
+            out.index_copy_(1, pos, recent @ self.rotation)
+        return out, None
