@@ -189,10 +189,9 @@ def _decode_plan(
     pos = torch.tensor([meta.seq_lens[i] - 1 for i in decode], device=device)[:, None]
     first = _first_block(min(meta.seq_lens[i] for i in decode) - 1, sliding_window,
                          meta.block_size)  # fmt: skip
-    rows = [meta.query_start_loc[i] for i in decode]
     tile_tokens = max(TILE_TOKENS, DECODE_TILE_BYTES // (len(decode) * kv_row_bytes))
     tiles = _tiles(tables, pos, first, meta.block_size, sliding_window, tile_tokens)
-    return _Plan(tables, tiles, None if len(rows) == meta.num_tokens else rows)
+    return _Plan(tables, tiles, _decode_rows(meta, decode))
 
 
 def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None) -> _Plan:
@@ -230,11 +229,9 @@ def _in_place_decode(
     each sequence's keys and values where they lie in the cache (no gathered copy, no
     padding to the longest sequence); None where it does not apply: a CPU without the
     kernels, not float32, an encoded cache, or attention gathered for an eviction policy."""
-    if not (q.device.type == "cpu" and q.dtype == torch.float32 and q.shape[-1] % 16 == 0):
+    if q.shape[-1] % 16 or not isinstance(k_cache, PlainCache) or _wanted(meta, decode):
         return None
-    if not isinstance(k_cache, PlainCache) or _wanted(meta, decode):
-        return None
-    ops = kernels.cpu()
+    ops = kernels.for_tensor(q)
     if ops is None:
         return None
 
@@ -244,10 +241,20 @@ def _in_place_decode(
         return tables.contiguous(), lens
 
     tables, lens = _plan(meta, ("in place", len(decode)), build)
-    rows = q if len(decode) == meta.num_tokens else q[[meta.query_start_loc[i] for i in decode]]
-    o = ops.decode_attention(rows.flatten(1), k_cache.data, v_cache.data, tables, lens, scale,
-                             sliding_window or 0)  # fmt: skip
+    rows = _decode_rows(meta, decode)
+    o = ops.decode_attention((q if rows is None else q[rows]).flatten(1), k_cache.data,
+                             v_cache.data, tables, lens, scale, sliding_window or 0)  # fmt: skip
     return o.view(len(decode), *q.shape[1:])
+
+
+def _decode_rows(meta: AttentionMetadata, decode: list[int]) -> list[int] | None:
+    """The batch rows of the decode tokens, or None when every token is one (built once
+    a pass)."""
+
+    def build():
+        return None if len(decode) == meta.num_tokens else [meta.query_start_loc[i] for i in decode]
+
+    return _plan(meta, ("decode rows",), build)
 
 
 def paged_attention(
@@ -270,10 +277,11 @@ def paged_attention(
     if decode:
         o = _in_place_decode(q, k_cache, v_cache, meta, decode, scale, sliding_window)
     if o is not None:
-        if len(decode) == meta.num_tokens:
+        rows = _decode_rows(meta, decode)
+        if rows is None:
             out = o
         else:
-            out[[meta.query_start_loc[i] for i in decode]] = o
+            out[rows] = o
     elif decode:
         kv_row_bytes = 2 * kv_heads * head_dim * 4  # K and V of one token, float32
         plan = _plan(meta, ("decode", sliding_window),

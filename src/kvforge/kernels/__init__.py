@@ -16,6 +16,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+import torch
+
 SOURCES = [
     Path(__file__).with_name(name)
     for name in ("ops.h", "qlinear.cpp", "layer_ops.cpp", "bindings.cpp")
@@ -52,7 +54,6 @@ def cpu():
     ):
         _why_not.append("this CPU has no AVX-512")
         return None
-    import torch
     from torch.utils import cpp_extension
 
     texts = {path.name: path.read_bytes() for path in SOURCES}
@@ -85,6 +86,13 @@ def cpu():
     except (OSError, RuntimeError, ImportError) as exc:  # no compiler, no ninja, a failed build
         _why_not.append(f"the kernels did not build: {str(exc).strip().splitlines()[-1]}")
         return None
+
+
+def for_tensor(x: torch.Tensor):
+    """The kernels when `x` is what they take (a float32 CPU tensor), else None."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return cpu()
+    return None
 
 
 def reason() -> str | None:

@@ -30,6 +30,8 @@ class QuantizedCache:
         # values rotated before quantizing (rotation.RotatedCodec): `gather_scaled` leaves
         # them rotated, for attention to rotate the query and un-rotate its output
         self.rotation = getattr(codec, "rotation", None)
+        # what gather_scaled decodes with: a rotated codec's own codec, values left as x @ R
+        self.read_codec = codec if self.rotation is None else codec.codec
 
     def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:  # x [kv_heads, T, D]
         for name, encoded in self.codec.encode(x).items():
@@ -52,13 +54,10 @@ class QuantizedCache:
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values, per-token scale [kv_heads, n, block_size] or None): codecs with one scale
         per token leave it unapplied, for attention to apply where it is cheaper."""
-        if self.rotation is not None:
-            parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
-            return self.codec.decode_rotated(parts)
-        if not hasattr(self.codec, "decode_unscaled"):
-            return self.gather(block_ids), None
         parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
-        return self.codec.decode_unscaled(parts), parts["scale"].squeeze(-1).float()
+        if not hasattr(self.read_codec, "decode_unscaled"):
+            return self.read_codec.decode(parts), None
+        return self.read_codec.decode_unscaled(parts), parts["scale"].squeeze(-1).float()
 
     def read_slots(self, slots: torch.Tensor) -> torch.Tensor:
         """Tokens' values, decoded: [kv_heads, len(slots), D] float32."""

@@ -251,7 +251,7 @@ class WindowedCache(QuantizedCache):
         if self.rotation is None:
             return self.gather(block_ids), None
         parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
-        out, _ = self.codec.decode_rotated(parts)
+        out = self.read_codec.decode(parts)
         pos, slots = self.window.hot(block_ids)
         if pos.numel():
             recent = self.recent.index_select(1, slots).float()

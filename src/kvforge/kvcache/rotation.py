@@ -40,8 +40,6 @@ class RotatedCodec:
         self.rotation = rotation
         self.name, self.head_dim = codec.name, codec.head_dim
         self.parts, self.block_wise = codec.parts, codec.block_wise
-        if hasattr(codec, "decode_unscaled"):  # a per-token scale commutes with R
-            self.decode_unscaled = self._decode_unscaled
 
     def _r(self, x: torch.Tensor) -> torch.Tensor:
         return self.rotation.to(x.device)
@@ -53,16 +51,3 @@ class RotatedCodec:
     def decode(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         y = self.codec.decode(parts)
         return y @ self._r(y).T
-
-    def _decode_unscaled(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        y = self.codec.decode_unscaled(parts)
-        return y @ self._r(y).T
-
-    def decode_rotated(
-        self, parts: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values still rotated, x @ R, and the per-token scale left unapplied, or None):
-        what attention reads, rotating the query and its output instead of every token."""
-        if hasattr(self.codec, "decode_unscaled"):
-            return self.codec.decode_unscaled(parts), parts["scale"].squeeze(-1).float()
-        return self.codec.decode(parts), None

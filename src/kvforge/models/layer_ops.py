@@ -15,20 +15,13 @@ from kvforge.kvcache.store import KVStore
 from kvforge.models.rope import apply_rope
 
 
-def fused_kernels(x: torch.Tensor):
-    """The kernel module when `x` is what the kernels take (CPU, float32), else None."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        return kernels.cpu()
-    return None
-
-
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension, computed in float32 and cast back before
     the weight (as transformers). With `residual`: `residual += x` in place first, and the
     sum is what is normalized (a decoder's "x = x + sublayer(x)" and the next norm)."""
-    ops = fused_kernels(x)
+    ops = kernels.for_tensor(x)
     if ops is not None and x.dim() == 2 and x.stride(1) == 1 and weight.dtype == x.dtype:
         return ops.rms_norm(x, weight, eps, residual)
     if residual is not None:
@@ -40,7 +33,7 @@ def rms_norm(
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate, then up) -> silu(gate) * up, [T, I]."""
-    ops = fused_kernels(gate_up)
+    ops = kernels.for_tensor(gate_up)
     if ops is not None and gate_up.stride(-1) == 1:
         return ops.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -64,7 +57,7 @@ def rope_and_store(
     num_tokens = qkv.shape[0]
     kv_heads = (qkv.shape[1] // head_dim - num_heads) // 2
     q_end, k_end = num_heads * head_dim, (num_heads + kv_heads) * head_dim
-    ops = fused_kernels(qkv)
+    ops = kernels.for_tensor(qkv)
     caches = store.plain(layer) if ops is not None and qkv.stride(1) == 1 else None
     if caches is not None:
         ops.rope_store(qkv, cos, sin, num_heads, *caches, slot_mapping)

@@ -110,7 +110,7 @@ class QuantizedWeight:
         """x [M, in] @ self.T -> [M, out], in x's dtype. Up to `DIRECT_ROWS` rows are
         multiplied in registers (memory-bound: the packed bytes are what is read); more
         rows go through a dense GEMM on a dequantized copy made for the call."""
-        ops = kernels.cpu() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+        ops = kernels.for_tensor(x)
         if ops is None:
             return x @ self.dequantize(x.dtype).T
         x = x.contiguous()
