@@ -194,13 +194,44 @@ def _decode_plan(
     return _Plan(tables, tiles, _decode_rows(meta, decode))
 
 
-def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None) -> _Plan:
+def _prefill_plan(meta: AttentionMetadata, i: int, sliding_window: int | None,
+                  whole: bool = False) -> _Plan:  # fmt: skip
+    """Sequence i's tiles of TILE_TOKENS keys; `whole`: one tile of all its keys."""
     seq_len, query_len = meta.seq_lens[i], meta.query_len(i)
     pos = torch.arange(seq_len - query_len, seq_len, device=meta.block_tables.device)[None]
     tables = meta.block_tables[i : i + 1, : -(-seq_len // meta.block_size)]
     first = _first_block(seq_len - query_len, sliding_window, meta.block_size)
-    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window, TILE_TOKENS)
+    tile_tokens = tables.shape[1] * meta.block_size if whole else TILE_TOKENS
+    tiles = _tiles(tables, pos, first, meta.block_size, sliding_window, tile_tokens)
     return _Plan(tables, tiles)
+
+
+def _attend_whole(
+    q: torch.Tensor,  # [Lq, H, D]: one sequence's new tokens
+    k_cache: LayerCache,
+    v_cache: LayerCache,
+    tile: _Tile,  # all the keys it reads, with their causal (and window) mask
+    scale: float,
+) -> torch.Tensor:  # [Lq, H, D] float32
+    """A prefill chunk's attention over its whole context, as the cache stores it, through
+    PyTorch's fused SDPA (tiled inside, with an online softmax) instead of the Python tile
+    loop: the keys and values are decoded once (scales applied), the mask is the tile's."""
+    kv_heads = k_cache.shape[0]
+    group = q.shape[1] // kv_heads
+    k, k_scale = _gather(k_cache, tile.ids)  # [kv_heads, n, block_size, D]
+    v, v_scale = _gather(v_cache, tile.ids)
+    if k_scale is not None:
+        k = k * k_scale[..., None]
+    if v_scale is not None:
+        v = v * v_scale[..., None]
+    k, v = (x.reshape(kv_heads, tile.length, -1).repeat_interleave(group, 0)[None] for x in (k, v))
+    q = q.float().transpose(0, 1)[None]  # [1, H, Lq, D]
+    if k_cache.rotation is not None:  # (qR).(kR) = q.k
+        q = q @ k_cache.rotation
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=tile.bias[0], scale=scale)[0]
+    if v_cache.rotation is not None:
+        o = o @ v_cache.rotation.T
+    return o.transpose(0, 1)
 
 
 def _split(meta: AttentionMetadata) -> tuple[list[int], list[int]]:
@@ -331,6 +362,12 @@ def paged_attention(
                 scale=scale,
             )
             out[start:end] = o[0].transpose(0, 1).to(q.dtype)
+            continue
+        if mode is None:  # no attention to gather: one fused SDPA over the whole context
+            plan = _plan(meta, ("prefill whole", i, sliding_window),
+                         lambda i=i: _prefill_plan(meta, i, sliding_window, True))  # fmt: skip
+            o = _attend_whole(q[start:end], k_cache, v_cache, plan.tiles[0], scale)
+            out[start:end] = o.to(q.dtype)
             continue
         plan = _plan(meta, ("prefill", i, sliding_window),
                      lambda i=i: _prefill_plan(meta, i, sliding_window))  # fmt: skip
