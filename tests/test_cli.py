@@ -304,17 +304,22 @@ def test_plan_without_model_plans_the_default_model_from_its_file(capsys):
 
 @pytest.mark.parametrize("kv_dtype", list(KV_FORMATS))
 @pytest.mark.parametrize(("kv_memory", "max_num_seqs"), [("8MiB", 4), ("3MiB", 256)])
-def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_memory, max_num_seqs):
-    """The planner sizes the pool for plan and engine alike, int2's recent windows included."""
+@pytest.mark.parametrize("skip_layers", [[], [0, 3]], ids=["all", "skip0,3"])
+def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_memory, max_num_seqs,
+                                                        skip_layers):  # fmt: skip
+    """The planner sizes the pool for plan and engine alike, int2's recent windows and the
+    layers kept in the model's dtype (kv_skip_layers) included."""
     from kvforge import LLM
 
     code, out, err = run(capsys, "plan", "--model", "random", "--kv-dtype", kv_dtype,
                          "--kv-memory", kv_memory, "--max-num-seqs", str(max_num_seqs),
-                         "--context", "512", "--json")  # fmt: skip
+                         "--context", "512", "--json",
+                         f"--kv-skip-layers={','.join(map(str, skip_layers))}")  # fmt: skip
     assert code == 0, err
     plan = json.loads(out)
+    assert plan["kv_skip_layers"] == skip_layers
     llm = LLM(model="random", device="cpu", kv_dtype=kv_dtype, kv_memory=kv_memory,
-              max_num_seqs=max_num_seqs)  # fmt: skip
+              max_num_seqs=max_num_seqs, kv_skip_layers=skip_layers)  # fmt: skip
     stats = llm.kv_stats()
     assert plan["kv_capacity_blocks"] == stats["blocks_total"]
     assert plan["kv_capacity_tokens"] == stats["blocks_total"] * stats["block_size"]

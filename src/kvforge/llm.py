@@ -7,7 +7,7 @@ and the paged KV store the planner sizes. `LLM` drives it until every request ha
 finished.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from kvforge.engine.build import build_engine
@@ -69,6 +69,11 @@ class LLM:
     `kv_rotation`: rotate each head's K and V by a fixed orthonormal (Hadamard) matrix
     before a quantized KV format stores them, which spreads outlier channels; None
     takes the format's default.
+
+    `kv_skip_layers`: layers (e.g. [0, 29], the ones that need precision) whose K and V stay
+    in the model's own dtype, stored as computed and unrotated, while every other layer
+    takes `kv_dtype`; with an unquantized `kv_dtype` they still take the model's dtype.
+    They are part of the prefix cache's key, and the planner counts their bytes.
     """
 
     def __init__(
@@ -92,6 +97,7 @@ class LLM:
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
+        kv_skip_layers: Iterable[int] | None = (),
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -113,6 +119,7 @@ class LLM:
             disk_cache_memory=disk_cache_memory,
             weights_dtype=weights_dtype,
             kv_rotation=kv_rotation,
+            kv_skip_layers=kv_skip_layers,
         )
         self.engine, self.model_name = build_engine(self.config)
         self.device = self.engine.device

@@ -13,6 +13,7 @@ disagree. The per-format byte counts live with the formats (`kvcache.formats`).
 """
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import ceil
 
@@ -27,8 +28,9 @@ from kvforge.kvcache.formats import (
     bytes_per_block,
     bytes_per_token,
     cached_tokens,
-    get_kv_format,
     residual_bytes,
+    resolve_kv_format,
+    with_skip_layers,
 )
 
 DEFAULT_BLOCK_SIZE = 16
@@ -38,11 +40,6 @@ INT2_BLOCK_SIZE = 64
 COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 DEFAULT_MAX_NUM_SEQS = 256  # requests running at once, LLM(max_num_seqs=)'s default
 RECENT_WINDOW_SHARE = 4  # int2's full-precision windows take at most 1/4 of the KV memory
-
-
-def resolve_kv_format(spec: ModelSpec, kv_dtype: str) -> KVFormat:
-    """'auto' means the model's own precision."""
-    return get_kv_format(spec.dtype if kv_dtype == "auto" else kv_dtype)
 
 
 def default_block_size(kv_dtype: str) -> int:
@@ -86,9 +83,8 @@ def pool_size(
 
 
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
-    return blocks_per_request(spec, context, block_size) * bytes_per_block(
-        spec, fmt, block_size
-    ) + residual_bytes(spec, fmt, block_size, context)
+    packed = blocks_per_request(spec, context, block_size) * bytes_per_block(spec, fmt, block_size)
+    return packed + residual_bytes(spec, fmt, block_size, context)
 
 
 def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: int) -> int:
@@ -173,6 +169,7 @@ class Plan:
     sliding_window: int | None
     max_position_embeddings: int
     kv_dtype: str
+    kv_skip_layers: list[int]
     kv_layout: str
     block_size: int
     context: int
@@ -215,6 +212,7 @@ def plan_kv(
     weights: Weights | None = None,
     kv_memory_bytes: int | None = None,
     max_num_seqs: int | None = None,
+    kv_skip_layers: Sequence[int] = (),
 ) -> Plan:
     """Plan `batch` requests of `context` tokens (default: the model's maximum).
 
@@ -223,10 +221,11 @@ def plan_kv(
     `LLM(kv_memory=)` does; without either it is sized to the batch. The pool's
     blocks are what the engine allocates for those bytes and `max_num_seqs`
     (default DEFAULT_MAX_NUM_SEQS), which also caps the concurrent requests when given.
+    `kv_skip_layers`: layers kept in the model's dtype (`formats.with_skip_layers`).
     """
     context = spec.max_position_embeddings if context is None else _positive("context", context)
     _positive("batch", batch)
-    fmt = resolve_kv_format(spec, kv_dtype)
+    fmt = resolve_kv_format(spec, kv_dtype, kv_skip_layers)
     block_size = default_block_size(fmt.name) if block_size is None else block_size
     _positive("block size", block_size)
     if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
@@ -234,10 +233,8 @@ def plan_kv(
     weights = weights or resolve_weights(spec)
     warnings = []
     if context > spec.max_position_embeddings:
-        warnings.append(
-            f"context {context} exceeds the model's max_position_embeddings "
-            f"{spec.max_position_embeddings}"
-        )
+        warnings.append(f"context {context} exceeds the model's max_position_embeddings "
+                        f"{spec.max_position_embeddings}")  # fmt: skip
 
     block_bytes = bytes_per_block(spec, fmt, block_size)
     request_bytes = bytes_per_request(spec, fmt, block_size, context)
@@ -299,6 +296,7 @@ def plan_kv(
         sliding_window=spec.sliding_window,
         max_position_embeddings=spec.max_position_embeddings,
         kv_dtype=fmt.name,
+        kv_skip_layers=list(fmt.skip_layers),
         kv_layout=fmt.summary,
         block_size=block_size,
         context=context,
@@ -333,10 +331,10 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
     attention: MHA vs the model's own GQA vs MQA (same weights budget, only
     the number of stored KV heads changes); kv_dtypes: every format, at `base`'s
     block size or (own_block_sizes) at each format's default; contexts: how many
-    requests fit at 1K ... 128K tokens.
+    requests fit at 1K ... 128K tokens; each with `base`'s kv_skip_layers.
     """
     budget = base.kv_bytes_total if base.kv_capacity_blocks is not None else None
-    fmt = get_kv_format(base.kv_dtype)
+    fmt = resolve_kv_format(spec, base.kv_dtype, base.kv_skip_layers)
     block_size, context = base.block_size, base.context
 
     def fit(request_bytes: int) -> int | None:
@@ -364,6 +362,7 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
     kv_dtypes = []
     fp16_token = bytes_per_token(spec, KV_FORMATS["fp16"], block_size)
     for other in KV_FORMATS.values():
+        other = with_skip_layers(other, base.kv_skip_layers, spec)
         size = default_block_size(other.name) if own_block_sizes else block_size
         request_bytes = bytes_per_request(spec, other, size, context)
         capacity = None

@@ -35,6 +35,12 @@ def render_table(
 
 
 def _per_token_formula(plan: Plan) -> str:
+    if plan.kv_skip_layers:  # layers in two formats: the layout row names both
+        skipped = len(plan.kv_skip_layers)
+        return (
+            f"({plan.num_layers - skipped} layers at {plan.kv_dtype} + {skipped} kept at the "
+            f"model's dtype) × {plan.num_kv_heads} KV heads × K+V = {_b(plan.bytes_per_token)}"
+        )
     if plan.kv_layout.endswith("a value"):  # unquantized: the seeds' formula
         value_bytes = DTYPE_BITS[plan.kv_dtype] // 8
         return (

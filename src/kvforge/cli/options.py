@@ -67,6 +67,26 @@ def budget_value(text: str) -> int | float:
     return positive_int(text)
 
 
+def layer_list(text: str) -> list[int]:
+    """--kv-skip-layers: layer indices like 0,29 ("" for none); the engine or the planner
+    checks them against the model's layers."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layers like 0,29, got {text!r}") from None
+
+
+def add_skip_layers_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-skip-layers",
+        type=layer_list,
+        default=[],
+        metavar="LAYERS",
+        help="layers whose KV stays in the model's dtype whatever --kv-dtype says, e.g. 0,29 "
+        "(the layers that need precision; default none)",
+    )
+
+
 def add_weights_dtype_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights-dtype",
@@ -109,6 +129,7 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         help="rotate K and V (a fixed Hadamard matrix) before a quantized --kv-dtype stores "
         "them (default: the format's own choice)",
     )
+    add_skip_layers_option(p)
     p.add_argument(
         "--block-size",
         type=positive_int,
@@ -164,6 +185,7 @@ def engine_from_args(args: argparse.Namespace, **options):
         kv_memory=args.kv_memory,
         kv_dtype=args.kv_dtype,
         kv_rotation=args.kv_rotation,
+        kv_skip_layers=args.kv_skip_layers,
         enable_prefix_caching=not args.no_prefix_caching,
         host_cache_memory=args.host_cache_memory,
         disk_cache_dir=args.disk_cache_dir,

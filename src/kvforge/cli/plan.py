@@ -6,6 +6,7 @@ import json
 from kvforge.cli.options import (
     EXIT_OK,
     MODEL_HELP,
+    add_skip_layers_option,
     byte_size,
     param_count,
     positive_int,
@@ -52,6 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=["auto", *KV_FORMATS],
         help="KV cache storage format (default auto: the model's dtype)",
     )
+    add_skip_layers_option(p)
     p.add_argument(
         "--block-size",
         type=positive_int,
@@ -176,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         weights=weights,
         kv_memory_bytes=args.kv_memory,
         max_num_seqs=args.max_num_seqs,
+        kv_skip_layers=args.kv_skip_layers,
     )
     comparison = None
     if args.compare:  # without --block-size, each format at its own default

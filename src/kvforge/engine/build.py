@@ -64,7 +64,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
         model_id = model_fingerprint(ref.path, f"{model_dtype}/{config.weights_dtype}")
     # int2's recent tokens are kept at the precision the model computes in
     spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
-    fmt = resolve_kv_format(spec, model_dtype if cache.kv_dtype == "auto" else cache.kv_dtype)
+    fmt = resolve_kv_format(spec, cache.kv_dtype, cache.kv_skip_layers)  # range checked here
     fmt = with_rotation(fmt, cache.kv_rotation)
     block_size = cache.block_size or default_block_size(fmt.name)
     num_blocks, max_running = _pool_size(config, spec, fmt, block_size, device)

@@ -9,12 +9,13 @@ order a user's error is reported: the policy, the counts, the device, the model,
 then the sizes.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kvforge.dtypes import FLOAT_DTYPES
 from kvforge.engine.scheduler import PREEMPTION_MODES
 from kvforge.errors import KVForgeError, positive_int
-from kvforge.kvcache.formats import get_kv_format, with_rotation
+from kvforge.kvcache.formats import check_skip_layers, get_kv_format, with_rotation
 from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
@@ -38,8 +39,11 @@ class CacheConfig:
     disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY
     kv_policy: KVPolicy | None = None
     kv_rotation: bool | None = None  # None: the KV format's default
+    # layers kept in the model's dtype; checked against its layer count when it is loaded
+    kv_skip_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        check_skip_layers(self.kv_skip_layers)  # errors name the index
         if self.kv_dtype != "auto":
             with_rotation(get_kv_format(self.kv_dtype), self.kv_rotation)  # errors name why
         if self.kv_rotation not in (None, True, False):
@@ -110,6 +114,7 @@ class EngineConfig:
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
+        kv_skip_layers: Iterable[int] | None = (),
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -128,6 +133,7 @@ class EngineConfig:
             disk_cache_memory=disk_cache_memory,
             kv_policy=policy,
             kv_rotation=kv_rotation,
+            kv_skip_layers=check_skip_layers(kv_skip_layers),
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
                    preemption_mode, seed, weights_dtype)  # fmt: skip

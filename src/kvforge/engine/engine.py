@@ -322,6 +322,7 @@ class LLMEngine:
         return {
             **self.manager.stats(self.scheduler.running),
             "bytes_per_token": self.store.bytes_per_token,
+            "kv_skip_layers": list(self.store.format.skip_layers),
             "kv_bytes_allocated": self.store.bytes_allocated,
             "recent_window_bytes": self.store.recent_bytes_allocated,
             "max_num_seqs": self.scheduler.config.max_num_seqs,

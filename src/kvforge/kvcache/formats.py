@@ -22,9 +22,14 @@ Layouts (per layer, per KV head; K and V alike unless stated):
 
 A group that does not divide head_dim leaves a shorter last group. Packed
 values round up to whole bytes per token and head.
+
+Layers named in kv_skip_layers (`with_skip_layers`) are stored in the model's own
+dtype whatever the format: their bytes are that plain format's, int2's recent
+window leaves them out, and the bytes per block are summed layer by layer.
 """
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from math import ceil
@@ -75,11 +80,22 @@ class KVFormat:
     codecs: tuple[str, str] | None = None
     # K and V rotated before they are quantized (`rotation.py`); costs no bytes
     rotation: bool = False
+    # layers kept in `skip_dtype` (the model's own, a plain format), sorted: `with_skip_layers`
+    skip_layers: tuple[int, ...] = ()
+    skip_dtype: str | None = None
 
     @property
     def key(self) -> str:
-        """What the prefix cache keys blocks by: the name, and the rotation if any."""
-        return f"{self.name}+rot{ROTATION_SEED}" if self.rotation else self.name
+        """What the prefix cache keys blocks by: the name, the rotation if any, and the
+        layers kept in the model's dtype if any ("int4+rot0+skip0,29@bf16")."""
+        key = f"{self.name}+rot{ROTATION_SEED}" if self.rotation else self.name
+        if self.skip_layers:
+            key += f"+skip{','.join(map(str, self.skip_layers))}@{self.skip_dtype}"
+        return key
+
+    def layer_format(self, layer: int) -> "KVFormat":
+        """How `layer` is stored: the plain `skip_dtype` format for a skipped layer, else this."""
+        return KV_FORMATS[self.skip_dtype] if layer in self.skip_layers else self
 
     @property
     def quantized(self) -> bool:
@@ -167,12 +183,67 @@ def get_kv_format(name: str) -> KVFormat:
     return KV_FORMATS[name]
 
 
+def resolve_kv_format(spec: ModelSpec, kv_dtype: str, skip_layers: Iterable[int] = ()
+                      ) -> KVFormat:  # fmt: skip
+    """'auto' means the model's own precision; `skip_layers` as `with_skip_layers` takes them."""
+    fmt = get_kv_format(spec.dtype if kv_dtype == "auto" else kv_dtype)
+    return with_skip_layers(fmt, skip_layers, spec)
+
+
+def check_skip_layers(layers: Iterable[int] | None, num_layers: int | None = None
+                      ) -> tuple[int, ...]:  # fmt: skip
+    """kv_skip_layers as a sorted tuple (None or empty: none); KVForgeError naming the limit
+    for a layer index that is not an int, is negative, is named twice or (when the model's
+    `num_layers` is known) is past its last layer."""
+    if layers is None:
+        return ()
+    if isinstance(layers, str | bytes) or not isinstance(layers, Iterable):
+        raise KVForgeError(f"kv_skip_layers must be a list of layer indices, got {layers!r}")
+    seen: set[int] = set()
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise KVForgeError(f"kv_skip_layers: {layer!r} is not a layer index")
+        if layer < 0 or (num_layers is not None and layer >= num_layers):
+            limit = "layers count from 0"
+            if num_layers is not None:
+                limit = f"the model has {num_layers} layers (0..{num_layers - 1})"
+            raise KVForgeError(f"kv_skip_layers: layer {layer} is out of range: {limit}")
+        if layer in seen:
+            raise KVForgeError(f"kv_skip_layers: layer {layer} is named twice")
+        seen.add(layer)
+    return tuple(sorted(seen))
+
+
+def with_skip_layers(fmt: KVFormat, layers: Iterable[int] | None, spec: ModelSpec) -> KVFormat:
+    """`fmt` with `layers` (kv_skip_layers) kept in the model's own dtype (`spec.dtype`, what
+    kv_dtype "auto" stores): plain caches, unrotated, outside int2's recent window; every other
+    layer stays in `fmt`. With an unquantized `fmt` the skipped layers still take the model's
+    dtype. KVForgeError for an index `check_skip_layers` refuses."""
+    skip_layers = check_skip_layers(layers, spec.num_layers)
+    if not skip_layers:
+        summary = KV_FORMATS.get(fmt.name, fmt).summary
+        return dataclasses.replace(fmt, skip_layers=(), skip_dtype=None, summary=summary)
+    plain = get_kv_format(spec.dtype)
+    if plain.codecs is not None:
+        raise KVForgeError(
+            f"kv_skip_layers keep the model's dtype, but {spec.dtype} is not one the KV cache "
+            f"stores as computed ({', '.join(UNQUANTIZED_FORMATS)})"
+        )
+    base = KV_FORMATS.get(fmt.name, fmt).summary  # not a summary already naming skipped layers
+    summary = f"{base}; layers {', '.join(map(str, skip_layers))} at {plain.name}"
+    return dataclasses.replace(fmt, skip_layers=skip_layers, skip_dtype=plain.name, summary=summary)
+
+
 # --- what a model's cache costs in a format (the planner and the store both count so) ----
 
 
 def bytes_per_block(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
-    """K and V of all layers and KV heads for one block of tokens, scales included."""
-    return spec.num_layers * spec.num_kv_heads * fmt.head_bytes_per_block(spec.head_dim, block_size)
+    """K and V of all layers and KV heads for one block of tokens, scales included; each
+    layer in its own format (skipped layers in the model's dtype)."""
+    return spec.num_kv_heads * sum(
+        fmt.layer_format(layer).head_bytes_per_block(spec.head_dim, block_size)
+        for layer in range(spec.num_layers)
+    )
 
 
 def bytes_per_token(spec: ModelSpec, fmt: KVFormat, block_size: int) -> Fraction:
@@ -208,16 +279,15 @@ def recent_blocks(tokens: int, block_size: int) -> int:
 def residual_bytes(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int | None = None
                    ) -> int:  # fmt: skip
     """Full-precision recent-window slots a request holds beside its packed blocks (int2):
-    whole blocks of tokens at the model's precision (`spec.dtype`)."""
+    whole blocks of tokens at the model's precision (`spec.dtype`), in the layers not skipped."""
     if not fmt.residual_tokens:
         return 0
     context = spec.max_position_embeddings if context is None else context
     blocks = min(recent_blocks(fmt.residual_tokens, block_size),
                  blocks_per_request(spec, context, block_size))  # fmt: skip
     full_bytes = DTYPE_BITS[spec.dtype] // 8
-    return (
-        blocks * block_size * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * (full_bytes)
-    )
+    layers = spec.num_layers - len(fmt.skip_layers)  # a skipped layer has no window
+    return blocks * block_size * 2 * layers * spec.num_kv_heads * spec.head_dim * full_bytes
 
 
 def as_number(value: Fraction) -> int | float:

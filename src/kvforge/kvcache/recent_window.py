@@ -161,7 +161,7 @@ class RecentWindow:
 
     def take_out(self, block_ids: list[int]) -> tuple[list[int], torch.Tensor | None]:
         """For a swap: (positions of the hot blocks in block_ids, their full-precision
-        tokens [n, layers * 2, kv_heads, block_size, D] on the host); frees their slots."""
+        tokens [n, 2 x coded layers, kv_heads, block_size, D] on the host); frees their slots."""
         pos = [i for i, b in enumerate(block_ids) if b in self.slots]
         if not pos:
             return pos, None

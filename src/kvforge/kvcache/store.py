@@ -3,7 +3,8 @@
 Allocated once at start and never grown. Each layer's K and V is a layer cache
 answering one interface (plain_cache.py lists it): `PlainCache` for fp32/fp16/
 bf16, `QuantizedCache` (quantized_cache.py) for a codec's packed parts, int2's
-`WindowedCache` with its full-precision recent window (recent_window.py). The
+`WindowedCache` with its full-precision recent window (recent_window.py); a layer
+the format skips (kv_skip_layers) is a `PlainCache` in the model's dtype. The
 store is their owner: it routes each call to every layer and moves whole blocks
 as bytes (tiers, swap). Only num_kv_heads are stored, so
 GQA/MQA savings are real bytes, and the store's bytes per token equal the
@@ -55,39 +56,38 @@ class KVStore:
         max_running: int = 1,
     ) -> None:
         """`max_running`: requests whose recent full-precision windows are reserved, for
-        formats that keep one (int2); their precision is the model's (`spec.dtype`)."""
+        formats that keep one (int2); their precision is the model's (`spec.dtype`). Layers
+        the format skips (`fmt.skip_layers`) are plain caches in that dtype, unrotated."""
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.num_kv_heads, num_blocks, block_size)
-        self.window = None
-        self.packed = fmt.codecs is not None  # blocks move as bytes (tiers, swap)
-        if not self.packed:
-            self.dtype = torch_dtype(fmt.name)
-
-            def make(_):
-                return PlainCache.zeros(*shape, spec.head_dim, self.dtype, device)
-        elif fmt.residual_tokens:
-            self.dtype = torch.uint8
+        self.window = None  # int2's, for the layers it codes (not those it skips)
+        if fmt.residual_tokens and len(fmt.skip_layers) < spec.num_layers:
             self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
                                        max_running, device)  # fmt: skip
-            full = torch_dtype(spec.dtype)
-
-            def make(codec):
-                return WindowedCache(codec, *shape, device, self.window, full)
-        else:
-            self.dtype = torch.uint8
-
-            def make(codec):
-                return QuantizedCache(codec, *shape, device)
-
-        k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if self.packed else (None, None)
-        if fmt.rotation:  # one matrix for K and V of every layer and head
+        k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if fmt.codecs else (None, None)
+        if fmt.rotation:  # one matrix for K and V of every coded layer and head
             rotation = rotation_matrix(spec.head_dim).to(device)
             k_codec = RotatedCodec(k_codec, rotation)
             v_codec = RotatedCodec(v_codec, rotation)
-        self.k = [make(k_codec) for _ in range(spec.num_layers)]
-        self.v = [make(v_codec) for _ in range(spec.num_layers)]
+
+        def make(layer: int, codec):
+            layer_fmt = fmt.layer_format(layer)
+            if layer_fmt.codecs is None:
+                dtype = torch_dtype(layer_fmt.name)
+                return PlainCache.zeros(*shape, spec.head_dim, dtype, device)
+            if self.window is not None:
+                full = torch_dtype(spec.dtype)
+                return WindowedCache(codec, *shape, device, self.window, full)
+            return QuantizedCache(codec, *shape, device)
+
+        self.k = [make(layer, k_codec) for layer in range(spec.num_layers)]
+        self.v = [make(layer, v_codec) for layer in range(spec.num_layers)]
         self.caches = [c for pair in zip(self.k, self.v, strict=True) for c in pair]
+        # blocks move as bytes (tiers, swap) unless every layer holds one plain dtype
+        dtypes = {cache.dtype for cache in self.caches}
+        self.packed = None in dtypes or len(dtypes) > 1
+        self.dtype = torch.uint8 if self.packed else dtypes.pop()
         if self.block_bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
             raise AssertionError("store layout disagrees with its format")  # a bug, not input
         if self.recent_bytes_allocated != max_running * residual_bytes(spec, fmt, block_size):
@@ -207,11 +207,12 @@ class KVStore:
         return self.k[layer], self.v[layer]
 
     def plain(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A layer's K and V tensors when stored as computed (fp32/fp16/bf16), which kernels
-        may read and write in place; None for encoded formats."""
-        if self.packed:
+        """A layer's K and V tensors when stored as computed (fp32/fp16/bf16: a plain format,
+        or a layer it skips), which kernels may read and write in place; None when encoded."""
+        k, v = self.k[layer], self.v[layer]
+        if k.dtype is None:
             return None
-        return self.k[layer].data, self.v[layer].data
+        return k.data, v.data
 
     @property
     def block_bytes_allocated(self) -> int:
