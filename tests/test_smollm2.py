@@ -178,9 +178,9 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch, capsys):
 def test_a_long_prompt_equals_transformers_chunked_or_not(llm, hf, hf_tokenizer):
     """3,000 tokens of real text (RoPE far from position 0, many blocks, prefill in
     chunks of 512 or whole): greedy tokens equal transformers'."""
-    from kvforge.eval.tasks import held_out_text
+    from kvforge.eval.corpus import code_text
 
-    ids = hf_tokenizer.encode(held_out_text())[:3000]
+    ids = hf_tokenizer.encode(code_text())[:3000]
     expected = hf_greedy(hf, ids, 16)
     chunked = LLM(model="smollm2-135m-instruct", device="cpu", kv_memory="256MiB",
                   weights_dtype="fp32", max_num_batched_tokens=512,

@@ -12,6 +12,8 @@ from kvforge.cli.options import (
     positive_int,
 )
 from kvforge.errors import KVForgeError
+from kvforge.eval.corpus import CORPORA
+from kvforge.training.data import PASSKEY_FORMS
 
 EVAL_TASKS = ("perplexity", "passkey", "agreement")
 
@@ -21,16 +23,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "eval",
         help="measure what a cache setting costs in quality: perplexity, passkey, agreement",
         description="Quality of a cache setting next to the KV bytes it uses. perplexity: "
-        "held-out text (default: the standard-library modules kvforge-mini's training "
-        "kept out) scored through the cache; passkey: retrieval accuracy over "
-        "context lengths x needle depths; agreement: greedy tokens and next-token KL "
-        "against the full-precision, full cache.",
+        "a text scored through the cache (default: English prose, the Python "
+        "documentation's tutorial, FAQ and HOWTOs from Debian's python3.11-doc; --corpus "
+        "code: the standard-library modules kvforge-mini's training kept out); passkey: "
+        "retrieval accuracy over context lengths x needle depths, through the model's "
+        "chat template; agreement: greedy tokens and next-token KL against the "
+        "full-precision, full cache.",
         epilog="example: kvforge eval passkey --kv-dtype int4 --json",
     )
     p.add_argument("task", choices=EVAL_TASKS)
     add_engine_options(p, budget_share=True)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", type=Path, help="also write TASK.json (and passkey's heat map PNG)")
+    p.add_argument("--corpus", choices=CORPORA, default="prose",
+                   help="perplexity and agreement: prose (default) or code")  # fmt: skip
     p.add_argument("--text", type=Path, help="perplexity: a UTF-8 text file instead")
     p.add_argument("--context", type=positive_int, default=1024,
                    help="perplexity: tokens per scored window (default 1024)")  # fmt: skip
@@ -40,10 +46,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                    help="tokens a pass through the cache: perplexity's, and with a "
                    "--kv-policy every prompt's (default 64)")  # fmt: skip
     p.add_argument("--lengths", type=number_list(int, "context lengths like 256,512,1024"),
-                   help="passkey: context lengths (default 256,512,1024,1536,2000)")  # fmt: skip
+                   help="passkey: context lengths (default 1K, 2K, 4K up to the model's "
+                   "context; 256..2000 for a 2,048-token model)")  # fmt: skip
     p.add_argument("--depths", type=number_list(float, "depths in 0..1 like 0,0.5,1"),
                    help="passkey: needle depths, 0 = start (default 0,.25,.5,.75,1)")  # fmt: skip
-    p.add_argument("--trials", type=positive_int, default=4, help="passkey: keys per cell")
+    p.add_argument("--form", choices=PASSKEY_FORMS,
+                   help="passkey: chat (the model's chat template, the default where it has "
+                   "one), text (the test's original plain-text form, answer begun), colon "
+                   "(kvforge-mini's form, its default)")  # fmt: skip
+    p.add_argument("--trials", type=positive_int, default=2,
+                   help="passkey: keys per cell (default 2)")  # fmt: skip
     p.add_argument("--prompts", type=positive_int, default=8, help="agreement: prompts")
     p.add_argument("--prompt-tokens", type=positive_int, default=256,
                    help="agreement: tokens per prompt (default 256)")  # fmt: skip
@@ -75,11 +87,11 @@ def run(args: argparse.Namespace) -> int:
                 text = args.text.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 raise KVForgeError(f"cannot read --text {args.text}: {exc}") from None
-        result = tasks.perplexity(llm, text, args.context, args.max_tokens, args.chunk, policy)
+        result = tasks.perplexity(llm, text, args.context, args.max_tokens, args.chunk, policy,
+                                  args.corpus)  # fmt: skip
     elif args.task == "passkey":
-        result = tasks.passkey(llm, args.lengths or tasks.DEFAULT_LENGTHS,
-                               args.depths or tasks.DEFAULT_DEPTHS, args.trials,
-                               policy)  # fmt: skip
+        result = tasks.passkey(llm, args.lengths, args.depths or tasks.DEFAULT_DEPTHS,
+                               args.trials, policy, args.form)  # fmt: skip
     else:
         from kvforge.llm import LLM
 
@@ -88,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                         weights_dtype=args.weights_dtype, kv_memory=args.kv_memory,
                         kv_dtype="fp32")  # fmt: skip
         result = tasks.agreement(llm, reference, args.prompts, args.prompt_tokens,
-                                 args.new_tokens, policy)  # fmt: skip
+                                 args.new_tokens, policy, args.corpus)  # fmt: skip
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.task}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,11 +1,14 @@
 """`kvforge eval` tasks: what a cache setting costs in quality, next to the KV bytes it used.
 
-    perplexity  held-out text scored token by token through the cache (teacher-forced,
-                in chunks, so later tokens read earlier ones as the cache stores them)
+    perplexity  a text scored token by token through the cache (teacher-forced, in
+                chunks, so later tokens read earlier ones as the cache stores them):
+                English prose by default, or code (`corpus.py`)
     passkey     a 5-digit key hidden at a depth of a filler document, asked for at the
-                end: accuracy over a grid of context lengths x depths
+                end (through the model's chat template when it has one: "What is the
+                pass key?"): accuracy over a grid of context lengths x depths
     agreement   greedy tokens and next-token distributions against the full-precision,
-                full cache of the same model on a fixed prompt set
+                full cache of the same model on a fixed prompt set (prose and passkey
+                documents)
 
 Each returns a JSON-ready dict with the setting (kv_dtype, block size, bytes per token)
 and the KV bytes one request of the measured length holds (the planner's count, which
@@ -13,15 +16,22 @@ the store allocates exactly; int2's recent windows included).
 """
 
 import math
+import re
 
+from kvforge.chat_template import chat_prompt
 from kvforge.errors import KVForgeError
+from kvforge.eval.corpus import corpus_text
 from kvforge.kvcache.policy import make_policy
 from kvforge.planner import bytes_per_request
-from kvforge.training.data import passkey_prompt, python_sources, read_sources
+from kvforge.training.data import PASSKEY_FORMS, passkey_prompt
 
-DEFAULT_LENGTHS = (256, 512, 1024, 1536, 2000)  # + 8 answer tokens: within 2,048
+SHORT_LENGTHS = (256, 512, 1024, 1536, 2000)  # a 2,048-token model's grid
+LONG_LENGTHS = (1024, 2048, 4096, 8192)  # up to the model's context, answer included
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ANSWER_TOKENS = 8  # generated after a passkey prompt: enough for 5 digits and a period
+CHAT_ANSWER_TOKENS = 24  # a chat reply: "The pass key is 12345." and a little more
+CORPUS_LABELS = {"prose": "prose: Python docs' tutorial, FAQ, HOWTOs",
+                 "code": "held-out stdlib modules"}  # fmt: skip
 
 
 def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
@@ -31,6 +41,7 @@ def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
         "model": llm.model_name,
         "kv_dtype": store.format.name,
         "kv_rotation": store.format.rotation,
+        "kv_skip_layers": list(store.format.skip_layers),
         "kv_policy": None if policy is None else policy[0],
         "kv_budget": f"{budget:.0%}" if isinstance(budget, float) else budget,
         "block_size": store.block_size,
@@ -61,17 +72,12 @@ def kv_bytes(llm, tokens: int) -> int:
 # --- perplexity ---------------------------------------------------------------------------
 
 
-def held_out_text() -> str:
-    """The standard-library modules kept out of the built-in model's training."""
-    return "\n".join(read_sources(python_sources(held_out=True)))
-
-
 def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: int = 16_384,
-               chunk: int = 64, policy=None) -> dict:  # fmt: skip
+               chunk: int = 64, policy=None, corpus: str = "prose") -> dict:  # fmt: skip
     """Perplexity over windows of `context` tokens (each opened by BOS), up to `max_tokens`
-    scored tokens; `text` defaults to the held-out standard-library modules."""
-    source = "held-out stdlib modules" if text is None else "text"
-    text = held_out_text() if text is None else text
+    scored tokens of `text`, or else of `corpus` (`corpus.CORPORA`)."""
+    source = CORPUS_LABELS.get(corpus, corpus) if text is None else "text"
+    text = corpus_text(corpus) if text is None else text
     tokenizer = llm.engine.tokenizer
     ids = tokenizer.encode(text)  # with BOS, if the tokenizer adds one
     bos = ids[:1] if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else []
@@ -112,42 +118,93 @@ def perplexity(llm, text: str | None = None, context: int = 1024, max_tokens: in
 # --- passkey ------------------------------------------------------------------------------
 
 
-def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4,
-            policy=None) -> dict:  # fmt: skip
+def default_lengths(llm, form: str | None = None) -> tuple[int, ...]:
+    """1K, 2K, 4K, 8K up to the model's context (the last one its whole context, answer
+    included); a model of at most 2,048 tokens gets `SHORT_LENGTHS`."""
+    context = llm.engine.store.spec.max_position_embeddings
+    answer = ANSWER_TOKENS if (form or default_form(llm)) == "colon" else CHAT_ANSWER_TOKENS
+    if context <= 2048:
+        return tuple(n for n in SHORT_LENGTHS if n + answer <= context)
+    lengths = [n for n in LONG_LENGTHS if n < context] + [context]
+    return tuple(min(n, context - answer) for n in lengths)
+
+
+def default_form(llm) -> str:
+    """ "chat" for a model with a chat template, else "colon" (kvforge-mini's)."""
+    hf = getattr(llm.engine.tokenizer, "hf_tokenizer", None)
+    return "chat" if getattr(hf, "chat_template", None) else "colon"
+
+
+def _encoder(llm, form: str):
+    """Text -> prompt token ids: for "chat", a one-turn chat through the model's own
+    template (KVForgeError for a model without one)."""
+    tokenizer = llm.engine.tokenizer
+    if form not in PASSKEY_FORMS:
+        raise KVForgeError(f"unknown passkey form {form!r}; choose one of: "
+                           f"{', '.join(PASSKEY_FORMS)}")  # fmt: skip
+    if form != "chat":
+        return tokenizer.encode
+    if default_form(llm) != "chat":
+        raise KVForgeError(f"passkey form 'chat' needs a model with a chat template; "
+                           f"{llm.model_name} has none")  # fmt: skip
+    return lambda text: chat_prompt(tokenizer, [{"role": "user", "content": text}])
+
+
+def _answered(reply: str, key: str, form: str) -> bool:
+    """Form "colon" must go on with the key; in the others the first number must be it."""
+    if form == "colon":
+        return reply.strip().startswith(key)
+    numbers = re.findall(r"\d+", reply)
+    return bool(numbers) and numbers[0] == key
+
+
+def passkey(llm, lengths=None, depths=DEFAULT_DEPTHS, trials: int = 2, policy=None,
+            form: str | None = None) -> dict:  # fmt: skip
     """Greedy passkey retrieval: accuracy[length][depth] over `trials` keys each; with
-    `policy` (name, budget: tokens or a share of each length), under that policy."""
+    `policy` (name, budget: tokens or a share of each length), under that policy. `form`
+    (`PASSKEY_FORMS`; default: "chat" through the model's chat template when it has one,
+    "What is the pass key?" answered in its own words, else "colon")."""
     from kvforge import SamplingParams
 
-    limit = llm.engine.max_request_tokens - ANSWER_TOKENS
+    form = form or default_form(llm)
+    encode = _encoder(llm, form)
+    answer_tokens = ANSWER_TOKENS if form == "colon" else CHAT_ANSWER_TOKENS
+    lengths = default_lengths(llm, form) if lengths is None else tuple(lengths)
+    limit = llm.engine.max_request_tokens - answer_tokens
     too_long = [n for n in lengths if n > limit]
     if too_long:
         raise KVForgeError(
-            f"passkey length {too_long[0]} + {ANSWER_TOKENS} answer tokens exceeds what one "
-            f"request may hold ({limit + ANSWER_TOKENS} tokens: context and KV pool)"
+            f"passkey length {too_long[0]} + {answer_tokens} answer tokens exceeds what one "
+            f"request may hold ({limit + answer_tokens} tokens: context and KV pool)"
         )
-    encode = llm.engine.tokenizer.encode
+    params = SamplingParams(max_tokens=answer_tokens, ignore_eos=form == "colon")
     hits: dict[tuple[int, float], int] = {}
     peaks: dict[int, int] = {}
     budgets: dict[str, int | None] = {}
+    replies: dict[str, str] = {}
     for length in lengths:
         budgets[str(length)] = use_policy(llm, policy, length)
         cells, prompts = [], []
         for depth in depths:
             for trial in range(trials):
                 seed = 1000 * length + round(100 * depth) * 10 + trial
-                ids, key = passkey_prompt(encode, length, depth, seed)
+                ids, key = passkey_prompt(encode, length, depth, seed, form)
                 cells.append((depth, key))
                 prompts.append(ids)
-        outs = llm.generate(prompts, SamplingParams(max_tokens=ANSWER_TOKENS, ignore_eos=True))
+        outs = llm.generate(prompts, params)
         for (depth, key), out in zip(cells, outs, strict=True):
-            hits[length, depth] = hits.get((length, depth), 0) + out.text.strip().startswith(key)
+            right = _answered(out.text, key, form)
+            hits[length, depth] = hits.get((length, depth), 0) + right
             peaks[length] = max(peaks.get(length, 0), out.metrics.peak_kv_tokens)
+            if not right and str(length) not in replies:
+                replies[str(length)] = f"key {key}: {out.text!r}"
     use_policy(llm, None, 0)
     grid = [[hits[n, d] / trials for d in depths] for n in lengths]
     return {
         "task": "passkey",
         **setting(llm, policy),
         "kv_budget_tokens": budgets,
+        "form": form,
         "lengths": list(lengths),
         "depths": list(depths),
         "trials": trials,
@@ -156,6 +213,7 @@ def passkey(llm, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, trials: int = 4
             str(n): sum(row) / len(row) for n, row in zip(lengths, grid, strict=True)
         },
         "mean_accuracy": sum(map(sum, grid)) / (len(lengths) * len(depths)),
+        "first_miss": replies,  # a wrong reply per length, to see how it failed
         "peak_kv_tokens": {str(n): peaks[n] for n in lengths},
         "kv_bytes_per_request": {str(n): kv_bytes(llm, peaks[n]) for n in lengths},
     }
@@ -199,13 +257,14 @@ def heat_map(result: dict, path) -> None:
 # --- agreement ----------------------------------------------------------------------------
 
 
-def agreement_prompts(encode, count: int = 8, tokens: int = 256) -> list[list[int]]:
-    """The fixed prompt set: the openings of held-out modules, then passkey documents."""
-    prompts = []
-    for text in read_sources(python_sources(held_out=True)):
-        ids = encode(text)
-        if len(ids) >= tokens and len(prompts) < count // 2:
-            prompts.append(ids[:tokens])
+def agreement_prompts(encode, count: int = 8, tokens: int = 256, corpus: str = "prose"
+                      ) -> list[list[int]]:  # fmt: skip
+    """The fixed prompt set: `count // 2` slices of `tokens` tokens spread evenly over
+    `corpus`, then passkey documents."""
+    ids = encode(corpus_text(corpus))
+    take = count // 2
+    stride = max(tokens, (len(ids) - tokens) // max(1, take))
+    prompts = [ids[i : i + tokens] for i in range(0, len(ids) - tokens + 1, stride)][:take]
     seed = 0
     while len(prompts) < count:
         prompts.append(passkey_prompt(encode, tokens, 0.5 * (seed % 3) / 2, seed)[0])
@@ -214,13 +273,13 @@ def agreement_prompts(encode, count: int = 8, tokens: int = 256) -> list[list[in
 
 
 def agreement(llm, reference, count: int = 8, tokens: int = 256, new_tokens: int = 64,
-              policy=None) -> dict:  # fmt: skip
+              policy=None, corpus: str = "prose") -> dict:  # fmt: skip
     """Greedy token agreement and mean next-token KL of `llm` against `reference` (the same
     model with the full-precision, full cache)."""
     from kvforge.eval.quality import agreement as compare
     from kvforge.eval.quality import greedy_with_logprobs
 
-    prompts = agreement_prompts(llm.engine.tokenizer.encode, count, tokens)
+    prompts = agreement_prompts(llm.engine.tokenizer.encode, count, tokens, corpus)
     budget = use_policy(llm, policy, tokens)
     peaks: list[int] = []
     ours = greedy_with_logprobs(llm, prompts, new_tokens, peaks)
@@ -235,6 +294,7 @@ def agreement(llm, reference, count: int = 8, tokens: int = 256, new_tokens: int
         "reference_kv_dtype": reference.engine.store.format.name,
         "prompts": len(prompts),
         "prompt_tokens": tokens,
+        "corpus": corpus,
         "new_tokens": new_tokens,
         "token_agreement": agree,
         "mean_kl": kl,

@@ -23,6 +23,18 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 # matching one token (an induction head); after "is" it would have to match two, since
 # the filler says "is" three times a sentence group.
 PASSKEY_QUESTION = "What is the pass key? The pass key is:"
+# The passkey test's original form (Mohtashami & Jaggi): the reader is told first that
+# something hides in the text, the key follows "is" without a colon; "chat" asks the
+# question alone (a chat model answers in its own words), "text" has the answer begun.
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it "
+    "and memorize it. I will quiz you about the important information there."
+)
+PASSKEY_FORMS = {  # form -> the question that ends the document
+    "colon": PASSKEY_QUESTION,  # the form kvforge-mini was trained on
+    "chat": "What is the pass key?",
+    "text": "What is the pass key? The pass key is",
+}
 WORDS = (
     "apple", "river", "stone", "cloud", "maple", "tiger", "piano", "lemon", "ocean", "candle",
     "forest", "rocket", "silver", "garden", "window", "falcon", "copper", "meadow", "harbor",
@@ -75,14 +87,19 @@ def _filled(before: int, after: int, needle: str) -> str:
     return " ".join([FILLER] * before + [needle] + [FILLER] * after)
 
 
-def passkey_doc(rng: random.Random, filler_repeats: int, depth: float) -> Retrieval:
+def passkey_doc(rng: random.Random, filler_repeats: int, depth: float, form: str = "colon"
+                ) -> Retrieval:  # fmt: skip
     """The passkey test (Mohtashami & Jaggi, 2023): a 5-digit key in repeated filler at
-    `depth` (0 = start, 1 = end), asked for at the end."""
+    `depth` (0 = start, 1 = end), asked for at the end in `form` (`PASSKEY_FORMS`)."""
     key = str(rng.randrange(10_000, 100_000))
     before = round(filler_repeats * depth)
-    needle = f"The pass key is: {key}. Remember it. {key} is the pass key."
+    if form == "colon":
+        needle = f"The pass key is: {key}. Remember it. {key} is the pass key."
+        return Retrieval(f"{_filled(before, filler_repeats - before, needle)}\n"
+                         f"{PASSKEY_QUESTION}", key)  # fmt: skip
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     body = _filled(before, filler_repeats - before, needle)
-    return Retrieval(f"{body}\n{PASSKEY_QUESTION}", key)
+    return Retrieval(f"{PASSKEY_INTRO}\n{body}\n{PASSKEY_FORMS[form]}", key)
 
 
 def key_value_doc(rng: random.Random, filler_repeats: int, pairs: int = 4) -> Retrieval:
@@ -98,18 +115,24 @@ def key_value_doc(rng: random.Random, filler_repeats: int, pairs: int = 4) -> Re
 
 
 def passkey_prompt(
-    encode: Callable[[str], list[int]], tokens: int, depth: float, seed: int
-) -> tuple[list[int], str]:
+    encode: Callable[[str], list[int]], tokens: int, depth: float, seed: int,
+    form: str = "colon",
+) -> tuple[list[int], str]:  # fmt: skip
     """(prompt token ids of about `tokens` tokens — never more —, the key) for the passkey
-    evaluation at `depth`; the filler count is searched so the prompt fits."""
+    evaluation at `depth`; the filler count is searched so the prompt fits. Form "chat" is
+    for an `encode` that wraps the text in the model's chat template."""
+
+    def size(repeats: int) -> int:
+        return len(encode(passkey_doc(random.Random(seed), repeats, depth, form).prompt))
+
     low, high = 0, 1
-    while len(encode(passkey_doc(random.Random(seed), high, depth).prompt)) <= tokens:
+    while size(high) <= tokens:
         low, high = high, high * 2
     while high - low > 1:
         mid = (low + high) // 2
-        if len(encode(passkey_doc(random.Random(seed), mid, depth).prompt)) <= tokens:
+        if size(mid) <= tokens:
             low = mid
         else:
             high = mid
-    doc = passkey_doc(random.Random(seed), low, depth)
+    doc = passkey_doc(random.Random(seed), low, depth, form)
     return encode(doc.prompt), doc.answer
