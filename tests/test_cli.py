@@ -326,8 +326,9 @@ def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_mem
     assert plan["block_size"] == stats["block_size"]
     blocks_bytes = stats["kv_bytes_allocated"] - stats["recent_window_bytes"]
     assert plan["bytes_per_block"] * plan["kv_capacity_blocks"] == blocks_bytes
-    # int2 reserves its full-precision windows out of the same memory; the others have none
-    assert (stats["recent_window_bytes"] > 0) == (kv_dtype == "int2")
+    # int4 and int2 reserve their full-precision windows out of the same memory; the others
+    # have none
+    assert (stats["recent_window_bytes"] > 0) == (kv_dtype in ("int4", "int2"))
     assert stats["kv_bytes_allocated"] <= int(kv_memory.removesuffix("MiB")) * 2**20
 
 

@@ -160,8 +160,11 @@ def test_agreement_of_a_quantized_cache_with_the_full_one():
     assert result["reference_kv_dtype"] == "fp32" and result["kv_dtype"] == "int4"
     assert 0 < result["mean_kl"] < 1  # int4 moves the distributions, a little
     assert 0 <= result["token_agreement"] <= 1
-    per_token = llm.kv_stats()["bytes_per_token"]  # int4's
-    assert result["prompts"] == 2 and result["kv_bytes_per_request"] == 4 * 16 * per_token
+    # 48 prompt and 5 generated tokens held: one 64-token block and its full-precision window
+    store = llm.engine.store
+    assert result["prompts"] == 2 and result["peak_kv_tokens"] == 53
+    window = 64 * 2 * store.spec.num_layers * store.spec.num_kv_heads * store.spec.head_dim * 4
+    assert result["kv_bytes_per_request"] == 64 * llm.kv_stats()["bytes_per_token"] + window
 
 
 def test_eval_cli_json_out_and_errors(tmp_path, capsys):

@@ -28,10 +28,10 @@ def test_every_dtype_name_is_a_format():
         ("fp8", 128, 2 * (128 + 2)),
         ("int8", 128, 2 * (128 + 2)),
         ("int8", 64, 2 * (64 + 2)),
-        # two values a byte + (scale, zero) fp16 per 64 channels
-        ("int4", 128, 2 * (64 + 2 * 2 * 2)),
-        ("int4", 64, 2 * (32 + 1 * 2 * 2)),
-        ("int4", 80, 2 * (40 + 2 * 2 * 2)),  # 64 + a short group of 16
+        # two values a byte; K: (scale, zero) per channel per block; V: per 64 channels
+        ("int4", 128, (64 + 128 * 2 * 2 / BLOCK) + (64 + 2 * 2 * 2)),
+        ("int4", 64, (32 + 64 * 2 * 2 / BLOCK) + (32 + 1 * 2 * 2)),
+        ("int4", 80, (40 + 80 * 2 * 2 / BLOCK) + (40 + 2 * 2 * 2)),  # V: 64 + a group of 16
         # four values a byte; K: (scale, zero) per channel per block; V: per 64 channels
         ("int2", 128, (32 + 128 * 2 * 2 / BLOCK) + (32 + 2 * 2 * 2)),
     ],
@@ -50,9 +50,11 @@ def test_int2_key_scales_amortise_over_the_block():
 def test_capacity_factors_against_fp16_at_head_dim_128():
     fp16 = per_token("fp16", 128)
     assert fp16 / per_token("int8", 128) == pytest.approx(512 / 260)
-    assert fp16 / per_token("int4", 128) == pytest.approx(512 / 144)
     assert fp16 / per_token("int8", 128) >= 1.9
-    assert fp16 / per_token("int4", 128) >= 3.5
+    # int4 at its default 64-token blocks: K's 512 B of parameters a block are 8 B a token
+    int4 = get_kv_format("int4").head_bytes_per_block(128, 64) / 64
+    assert fp16 / int4 == pytest.approx(512 / 144) and fp16 / int4 >= 3.5
+    assert get_kv_format("int4").residual_tokens == 32
 
 
 def test_unknown_format_names_the_choices():

@@ -79,13 +79,13 @@ def test_gqa_example_of_the_seeds():
         ("bf16", 2 * 128 * 2),
         ("fp8", 2 * (128 + 2)),
         ("int8", 2 * (128 + 2)),
-        ("int4", 2 * (64 + 8)),
-        ("int2", (32 + 8) + (32 + 8)),  # 64-token blocks: K's 512 B of params / 64
+        ("int4", 2 * (64 + 8)),  # 64-token blocks: K's 512 B of params / 64
+        ("int2", (32 + 8) + (32 + 8)),
     ],
 )
 def test_every_kv_dtype_for_llama3_8b(kv_dtype, per_head_token):
     plan = plan_kv(get_preset("llama-3-8b"), context=1000, kv_dtype=kv_dtype)
-    block = 64 if kv_dtype == "int2" else 16
+    block = 64 if kv_dtype in ("int4", "int2") else 16
     assert plan.block_size == block
     assert plan.bytes_per_token == 32 * 8 * per_head_token
     assert plan.bytes_per_block == block * 32 * 8 * per_head_token
@@ -263,7 +263,8 @@ def test_compare_levers():
     dtypes = {r["kv_dtype"]: r for r in comparison["kv_dtypes"]}
     assert list(dtypes) == ["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int2"]
     assert dtypes["int8"]["kv_capacity_tokens"] == pool // (16 * 66_560) * 16
-    assert dtypes["int4"]["tokens_vs_fp16"] == pytest.approx(131_072 / 36_864)
+    # at the plan's 16-token blocks int4's per-channel key parameters cost 32 B a token
+    assert dtypes["int4"]["tokens_vs_fp16"] == pytest.approx(131_072 / 43_008)
     contexts = {r["context"]: r for r in comparison["contexts"]}
     assert list(contexts) == [1024, 4096, 8192, 32768, 131072]
     assert contexts[1024]["max_concurrent_requests"] == pool // (1024 * 131_072) == 72

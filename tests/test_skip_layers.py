@@ -65,19 +65,29 @@ def test_planner_bytes_equal_the_store_bytes(spec, kv_dtype):
 def test_the_byte_arithmetic_for_int4_on_smollm2():
     fmt = skipped(SMOLLM2, "int4", [0, 29])
     heads, dim = SMOLLM2.num_kv_heads, SMOLLM2.head_dim
-    int4_token = dim // 2 + 2 * 2  # per head: 32 B of values + an fp16 scale and zero
+    # per head and token at int4's 64-token blocks: 32 B of values; K an fp16 scale and zero
+    # per channel once a block (64 x 2 x 2 B / 64 tokens), V an fp16 scale and zero per token
+    int4_k, int4_v = dim // 2 + dim * 2 * 2 // 64, dim // 2 + 2 * 2
+    assert (int4_k, int4_v) == (36, 36)
     kept_token = 2 * heads * dim * 2  # a skipped layer: K and V of every head at bf16
-    expected = 28 * 2 * heads * int4_token + 2 * kept_token
+    expected = 28 * heads * (int4_k + int4_v) + 2 * kept_token
     assert expected == 7_584
-    assert bytes_per_token(SMOLLM2, fmt, 16) == expected
-    assert bytes_per_block(SMOLLM2, fmt, 16) == 16 * expected
+    assert bytes_per_token(SMOLLM2, fmt, 64) == expected
+    assert bytes_per_block(SMOLLM2, fmt, 64) == 64 * expected
+    # at 16-token blocks a key's channel parameters cost 4 x as much a token: 16 B, not 4
+    assert bytes_per_token(SMOLLM2, fmt, 16) == expected + 28 * heads * (16 - 4) == 8_592
     plain = get_kv_format("int4")
-    skip_cost = 2 * (kept_token - 2 * heads * int4_token)  # the two layers' extra bytes
-    assert bytes_per_token(SMOLLM2, fmt, 16) - bytes_per_token(SMOLLM2, plain, 16) == skip_cost
-    # a request and the longest context count the same blocks at the new size
-    assert bytes_per_request(SMOLLM2, fmt, 16, 1000) == 63 * 16 * expected
-    assert max_context(SMOLLM2, fmt, 16, 63 * 16 * expected) == 1008
-    assert max_context(SMOLLM2, plain, 16, 63 * 16 * expected) > 1008
+    skip_cost = 2 * (kept_token - heads * (int4_k + int4_v))  # the two layers' extra bytes
+    assert bytes_per_token(SMOLLM2, fmt, 64) - bytes_per_token(SMOLLM2, plain, 64) == skip_cost
+    # the recent window: 2 blocks of 64 bf16 tokens (K and V) in the 28 coded layers only
+    window = 2 * 64 * 2 * 28 * heads * dim * 2
+    assert window == 2_752_512
+    assert residual_bytes(SMOLLM2, fmt, 64) == window
+    assert residual_bytes(SMOLLM2, plain, 64) == window // 28 * 30
+    # a request and the longest context count the same blocks at the new size, and a window
+    assert bytes_per_request(SMOLLM2, fmt, 64, 1000) == 16 * 64 * expected + window
+    assert max_context(SMOLLM2, fmt, 64, 16 * 64 * expected + window) == 1024
+    assert max_context(SMOLLM2, plain, 64, 16 * 64 * expected + window) > 1024
 
 
 def test_int2_keeps_no_window_for_the_skipped_layers():
@@ -97,15 +107,19 @@ def test_int2_keeps_no_window_for_the_skipped_layers():
 def test_plan_reports_the_skipped_layers():
     plan = plan_kv(SMOLLM2, context=1000, kv_dtype="int4", kv_skip_layers=[29, 0])
     assert plan.kv_skip_layers == [0, 29]
+    assert plan.block_size == 64  # int4's default
     assert plan.bytes_per_token == 7_584
-    assert plan.bytes_per_request == 63 * 16 * 7_584
+    # 16 blocks of 64 tokens, and the window: 2 blocks of bf16 K and V in 28 layers
+    window = 2 * 64 * 2 * 28 * 3 * 64 * 2
+    assert plan.residual_bytes_per_request == window
+    assert plan.bytes_per_request == 16 * 64 * 7_584 + window
     assert "layers 0, 29 at bf16" in plan.kv_layout
     plain = plan_kv(SMOLLM2, context=1000, kv_dtype="int4")
     assert plain.kv_skip_layers == [] and plain.bytes_per_token == 30 * 2 * 3 * 36 == 6_480
     with_memory = plan_kv(SMOLLM2, context=1000, kv_dtype="int4", kv_skip_layers=[0, 29],
                           kv_memory_bytes=2**30)  # fmt: skip
     fmt = skipped(SMOLLM2, "int4", [0, 29])
-    assert with_memory.kv_capacity_blocks == pool_size(SMOLLM2, fmt, 16, 2**30, 256)[0]
+    assert with_memory.kv_capacity_blocks == pool_size(SMOLLM2, fmt, 64, 2**30, 256)[0]
 
 
 def test_cli_plan_prints_the_bytes_per_token_with_skipped_layers(capsys):
@@ -205,15 +219,28 @@ def fill(store: KVStore, slots: torch.Tensor, seed: int = 0) -> list[torch.Tenso
     return written
 
 
+def prefill(store: KVStore, num_tokens: int, seed: int = 0) -> list[torch.Tensor]:
+    """One request's first `num_tokens` tokens, in blocks 0, 1, ...: a store with a recent
+    window (int4, int2) plans the pass first (a no-op for the others)."""
+    store.begin_pass([(list(range(-(-num_tokens // store.block_size))), 0, num_tokens)])
+    return fill(store, torch.arange(num_tokens), seed)
+
+
 def gathered(store: KVStore, block_ids: list[int]) -> list[torch.Tensor]:
     ids = torch.tensor(block_ids)
     return [c.gather(ids) for c in store.caches]
 
 
-def test_skipped_layers_are_exact_and_plain_the_others_quantized():
-    store = mixed_store()
-    slots = torch.arange(8)
-    keys = fill(store, slots)
+@pytest.mark.parametrize("kv_dtype", ["int4", "int8"])
+def test_skipped_layers_are_exact_and_plain_the_others_quantized(kv_dtype):
+    store = mixed_store(kv_dtype)
+    keys = prefill(store, 8)
+    if store.window is not None:  # int4: every layer exact while the tokens are recent
+        read = store.read_keys(list(range(8)))
+        for layer in range(4):
+            assert torch.equal(read[layer], keys[layer].transpose(0, 1))
+        store.retire([0, 1], 8)  # the request done: its whole blocks are packed
+        assert store.window.slots == {}
     read = store.read_keys(list(range(8)))  # [layers, kv_heads, T, D]
     for layer in (0, 3):
         assert torch.equal(read[layer], keys[layer].transpose(0, 1))
@@ -231,7 +258,8 @@ def test_skipped_layers_are_exact_and_plain_the_others_quantized():
 def test_blocks_move_as_bytes_and_come_back_the_same(kv_dtype):
     # fp16 with skipped fp32 layers: two plain dtypes, so blocks move as bytes too
     store = mixed_store(kv_dtype)
-    fill(store, torch.arange(8))
+    prefill(store, 8)
+    store.retire([0, 1], 8)  # int4: the request done, its whole blocks are packed
     data = store.read_blocks([0, 1])
     assert data.dtype == torch.uint8 and data.shape == (2, *store.block_shape)
     assert store.block_shape == (bytes_per_block(TINY, store.format, 4),)
@@ -242,6 +270,14 @@ def test_blocks_move_as_bytes_and_come_back_the_same(kv_dtype):
     store.swap_in([2, 3], swapped)
     for before, after in zip(gathered(store, [0, 1]), gathered(store, [2, 3]), strict=True):
         assert torch.equal(before, after)
+    if store.window is not None:  # int4: hot blocks swap with their full-precision tokens
+        store.begin_pass([([4, 5], 0, 8)])
+        fill(store, torch.arange(16, 24), seed=1)
+        hot = gathered(store, [4, 5])
+        store.swap_in([0, 1], store.swap_out([4, 5]))
+        assert sorted(store.window.slots) == [0, 1]
+        for before, after in zip(hot, gathered(store, [0, 1]), strict=True):
+            assert torch.equal(before, after)
 
 
 def test_a_store_of_one_plain_dtype_keeps_its_plain_blocks():
@@ -252,7 +288,8 @@ def test_a_store_of_one_plain_dtype_keeps_its_plain_blocks():
 
 
 def test_tokens_and_blocks_move_and_keys_are_rewritten_in_every_layer():
-    store = mixed_store()
+    store = mixed_store("int8")  # a per-token codec: single tokens move (int4's cannot)
+    assert store.token_moves
     fill(store, torch.arange(12))
     before = store.read_keys([1, 2, 3])
     store.move_tokens([1, 2, 3], [17, 18, 19])
@@ -265,6 +302,25 @@ def test_tokens_and_blocks_move_and_keys_are_rewritten_in_every_layer():
     read = store.read_keys([8, 9])
     assert torch.equal(read[0], keys[0]) and torch.equal(read[3], keys[3])  # exact: skipped
     torch.testing.assert_close(read[1:3], keys[1:3], rtol=0, atol=0.5)
+
+
+def test_int4_moves_and_rewrites_whole_blocks_in_every_layer():
+    # keys quantized per channel over a block: blocks, not tokens, move and are rewritten
+    store = mixed_store("int4")
+    assert not store.token_moves
+    prefill(store, 12)
+    store.retire([0, 1, 2], 12)  # the request done: its whole blocks are packed
+    store.copy_blocks([0, 1], [4, 5])
+    for a, b in zip(gathered(store, [0, 1]), gathered(store, [4, 5]), strict=True):
+        assert torch.equal(a, b)
+    keys = torch.randn(4, 2, 4, 16, generator=torch.Generator().manual_seed(3))
+    store.write_keys([8, 9, 10, 11], keys)  # block 2, whole
+    read = store.read_keys([8, 9, 10, 11])
+    assert torch.equal(read[0], keys[0]) and torch.equal(read[3], keys[3])  # exact: skipped
+    assert not torch.equal(read[1:3], keys[1:3])
+    torch.testing.assert_close(read[1:3], keys[1:3], rtol=0, atol=0.5)
+    with pytest.raises(AssertionError, match="a whole block at a time"):
+        store.write_keys([8, 9], keys[:, :, :2])
 
 
 def test_int2_with_skipped_layers_keeps_its_window_for_the_others():
@@ -308,9 +364,17 @@ def test_a_subset_skipped_generates_and_reports_it(reference):
     stats = llm.kv_stats()
     store = llm.engine.store
     assert stats["kv_skip_layers"] == [0, 3]
-    assert stats["bytes_per_token"] == bytes_per_token(store.spec, store.format, 16)
-    assert stats["bytes_per_token"] == 2 * (2 * 2 * 32 * 4) + 2 * (2 * 2 * (16 + 4))
-    assert llm.engine.manager.cache_id[1] == "int4+skip0,3@fp32"
+    assert stats["bytes_per_token"] == bytes_per_token(store.spec, store.format, store.block_size)
+    assert store.block_size == 64  # int4's default
+    # 2 layers of fp32 K and V, 2 heads of 32 channels; 2 at int4: 16 B of values a head,
+    # K an fp16 scale and zero per channel once a block (32 x 2 x 2 B / 64), V per token
+    assert stats["bytes_per_token"] == 2 * (2 * 2 * 32 * 4) + 2 * 2 * (16 + 2 + 16 + 4) == 1_176
+    # each running request's window: 2 blocks of 64 fp32 tokens, K and V, in layers 1 and 2
+    window = 2 * 64 * 2 * 2 * 2 * 32 * 4
+    assert residual_bytes(store.spec, store.format, 64) == window
+    running = store.window.num_slots // store.window.blocks_per_request  # windows reserved
+    assert stats["recent_window_bytes"] == running * window > 0
+    assert llm.engine.manager.cache_id[1] == "int4+rot0+skip0,3@fp32"  # rotated by default
     outs = llm.generate(PROMPTS, PARAMS)
     agree = sum(a == b for o, r in zip(outs, reference, strict=True)
                 for a, b in zip(o.token_ids, r, strict=True))  # fmt: skip

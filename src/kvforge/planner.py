@@ -9,7 +9,7 @@ disagree. The per-format byte counts live with the formats (`kvcache.formats`).
                       = 2 × num_layers × num_kv_heads × head_dim × bytes per value (+ scales)
     blocks a request  = ceil(cached tokens / block_size)     (paged rounding)
     cached tokens     = context, or the sliding window when the model has one
-    bytes a request   = blocks × bytes per block (+ int2's full-precision recent tokens)
+    bytes a request   = blocks × bytes per block (+ int4's, int2's full-precision recent tokens)
 """
 
 import dataclasses
@@ -34,17 +34,19 @@ from kvforge.kvcache.formats import (
 )
 
 DEFAULT_BLOCK_SIZE = 16
-# int2 stores a scale and zero point per key channel per block: 64-token blocks spread
-# them to 0.5 bit a value (2.5 bits in all); 16-token blocks would make it 4 bits.
-INT2_BLOCK_SIZE = 64
+# int4 and int2 store a scale and zero point per key channel per block: 64-token blocks
+# spread them to 0.5 bit a value (int2: 2.5 bits in all); 16-token blocks would make it 2.
+WINDOWED_BLOCK_SIZE = 64
 COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 DEFAULT_MAX_NUM_SEQS = 256  # requests running at once, LLM(max_num_seqs=)'s default
-RECENT_WINDOW_SHARE = 4  # int2's full-precision windows take at most 1/4 of the KV memory
+RECENT_WINDOW_SHARE = 4  # int4's, int2's full-precision windows: at most 1/4 of KV memory
 
 
 def default_block_size(kv_dtype: str) -> int:
-    """The block size used when none is given: 16 tokens, 64 for int2."""
-    return INT2_BLOCK_SIZE if kv_dtype == "int2" else DEFAULT_BLOCK_SIZE
+    """The block size used when none is given: 16 tokens, 64 for int4 and int2 (keys
+    quantized per channel over a block)."""
+    keys = getattr(KV_FORMATS.get(kv_dtype), "key_groups", None)
+    return WINDOWED_BLOCK_SIZE if keys and keys.along == "tokens" else DEFAULT_BLOCK_SIZE
 
 
 def pool_size(
@@ -57,7 +59,7 @@ def pool_size(
 ) -> tuple[int, int]:
     """(blocks in the pool, requests that may run at once) for `kv_bytes` of KV memory.
 
-    int2 also keeps each running request's recent tokens in full precision, outside
+    int4 and int2 also keep each running request's recent tokens in full precision, outside
     the blocks: windows are reserved for max_num_seqs requests or as many as fit in
     a quarter of kv_bytes (that number then caps the running requests), and the
     blocks get the rest. `cap_to_context`: never more blocks than max_num_seqs
@@ -366,7 +368,7 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
         size = default_block_size(other.name) if own_block_sizes else block_size
         request_bytes = bytes_per_request(spec, other, size, context)
         capacity = None
-        if budget is not None:  # the pool the engine would allocate (int2: windows first)
+        if budget is not None:  # the pool the engine would allocate (int4, int2: windows first)
             try:
                 capacity = pool_size(spec, other, size, budget, DEFAULT_MAX_NUM_SEQS)[0] * size
             except PlanError:

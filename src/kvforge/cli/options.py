@@ -12,7 +12,7 @@ from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.kvcache.policy import POLICIES
 from kvforge.planner import (
     DEFAULT_BLOCK_SIZE,
-    INT2_BLOCK_SIZE,
+    WINDOWED_BLOCK_SIZE,
 )
 from kvforge.units import parse_bytes, parse_count
 
@@ -133,7 +133,8 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
     p.add_argument(
         "--block-size",
         type=positive_int,
-        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; {INT2_BLOCK_SIZE} for int2)",
+        help=f"tokens per KV block (default {DEFAULT_BLOCK_SIZE}; {WINDOWED_BLOCK_SIZE} for int4 "
+        "and int2)",
     )
     p.add_argument(
         "--no-prefix-caching",

@@ -16,7 +16,7 @@ from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import (
     DEFAULT_BLOCK_SIZE,
-    INT2_BLOCK_SIZE,
+    WINDOWED_BLOCK_SIZE,
     compare_levers,
     plan_kv,
     resolve_weights,
@@ -58,7 +58,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--block-size",
         type=positive_int,
         help="tokens per KV block; a request holds ceil(tokens / block) "
-        f"(default {DEFAULT_BLOCK_SIZE}; {INT2_BLOCK_SIZE} for int2)",
+        f"(default {DEFAULT_BLOCK_SIZE}; {WINDOWED_BLOCK_SIZE} for int4 and int2)",
     )
     p.add_argument(
         "--memory",

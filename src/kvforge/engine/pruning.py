@@ -3,11 +3,11 @@
 `kvcache.policy` says which tokens a policy keeps; this module is where the engine
 acts on it, the one place that does:
 
-* `check` refuses a policy the store cannot apply (int2's budget floor);
+* `check` refuses a policy the store cannot apply (int4 and int2: a budget floor);
 * `after_pass` (without a policy) has a sliding-window model's blocks before its window
   given back; with one, it adds the attention a pass gathered to the request's scores, asks the
   policy whether to compact, rounds the choice to whole blocks where tokens cannot
-  move one by one (int2), has the KV cache manager compact the blocks, and has the
+  move one by one (int4, int2), has the KV cache manager compact the blocks, and has the
   keys of the tokens that move along (streaming's sinks) re-rotated (the runner does
   it through the model's own `rotate_keys`).
 """
@@ -29,7 +29,7 @@ class Pruner:
         self.manager = manager
 
     def check(self, policy: KVPolicy | None) -> None:
-        """KVForgeError if this store cannot apply `policy`. Under int2 (keys quantized
+        """KVForgeError if this store cannot apply `policy`. Under int4 and int2 (keys quantized
         per channel over whole blocks, the newest tokens kept in full precision) a policy
         keeps and drops whole blocks, and its budget must hold the sinks' block, the
         full-precision tokens and the block being filled."""
@@ -64,7 +64,7 @@ class Pruner:
         state.grow(held)
         keep = policy.select(state, held)
         moved = min(policy.moved, len(keep))
-        if not self.store.token_moves:  # int2: whole blocks are kept, or dropped
+        if not self.store.token_moves:  # int4, int2: whole blocks are kept, or dropped
             bs = self.store.block_size
             keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
             moved = -(-moved // bs) * bs  # the sinks' whole block moves along

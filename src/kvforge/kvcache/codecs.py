@@ -9,12 +9,13 @@ format's layout, so the store's bytes equal the planner's.
 
     int8   value int8 [D]        + scale fp16 [1]      symmetric, per token per head
     fp8    value e4m3 bits [D]   + scale fp16 [1]      per token per head
-    int4   value uint8 [D/2]     + scale, zero fp16 [G] asymmetric, per 64 channels,
+    int4   K: value uint8 [D/2]  + scale, zero fp16 [D] per channel, once per block
+           V: value uint8 [D/2]  + scale, zero fp16 [G] asymmetric, per 64 channels,
                                                         two values a byte (low bits first)
     int2   K: value uint8 [D/4]  + scale, zero fp16 [D] per channel, once per block
            V: value uint8 [D/4]  + scale, zero fp16 [G] per 64 channels of a token
 
-int2's keys are quantized along tokens (KIVI: key outliers sit in fixed
+int4's and int2's keys are quantized along tokens (KIVI: key outliers sit in fixed
 channels, so a channel's range over a block is narrow), which needs a whole
 block at once: its codec is "block-wise" — `encode` takes [..., n, block, D]
 and stores its parameters once per block (`Part.per_block`). The store keeps
@@ -239,8 +240,8 @@ class Int2KeyCodec(BlockKeyCodec):
 
 
 class Int4KeyCodec(BlockKeyCodec):
-    """int4 keys per channel over a block: KIVI's axis at 4 bits (measured against int4's
-    per-token groups in docs/eval)."""
+    """int4's keys per channel over a block: KIVI's axis at 4 bits (formats.py says what it
+    measured against per-token groups)."""
 
     name = "int4"
     bits = 4

@@ -21,7 +21,7 @@ tables are computed in float64, so they stay exact at any length. `h2o`'s and
 `snapkv`'s far-back kept tokens keep their positions, and distances to them can exceed
 what the model saw in training.
 
-Under int2 (keys quantized per channel over a block) a token cannot move out of its
+Under int4 and int2 (keys quantized per channel over a block) a token cannot move out of its
 block: a policy's choice is rounded to whole blocks (`whole_blocks`), which are kept
 as they are or dropped, and streaming's whole first block moves along.
 
@@ -262,7 +262,7 @@ class SnapKV(KVPolicy):
 def whole_blocks(keep: list[int], held: int, block_size: int, budget: int,
                  pinned: int = 0) -> list[int]:  # fmt: skip
     """`keep` rounded to whole blocks, for a cache whose tokens cannot move one by one
-    (int2 quantizes keys per channel over a block): the last block (the newest tokens),
+    (int4 and int2 quantize keys per channel over a block): the last block (the newest tokens),
     the blocks holding the first `pinned` tokens, then the blocks holding most of `keep`
     (ties: the later), as many as the budget holds. Their token indices, sorted."""
     n_blocks = -(-held // block_size)

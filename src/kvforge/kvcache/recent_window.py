@@ -1,5 +1,5 @@
-"""int2's full-precision recent window (KIVI): the newest tokens of each running request
-stay unquantized until their block is whole and out of the window, then are committed
+"""The full-precision recent window of int4 and int2 (KIVI): the newest tokens of each running
+request stay unquantized until their block is whole and out of the window, then are committed
 once. `RecentWindow` keeps which blocks are hot and where; `WindowedCache` is a layer's
 quantized cache that reads hot blocks from the window."""
 
@@ -26,7 +26,7 @@ class _WindowPass:
 
 
 class RecentWindow:
-    """Which blocks still hold recent tokens in full precision, and where (int2, KIVI).
+    """Which blocks still hold recent tokens in full precision, and where (int4, int2: KIVI).
 
     A request's block is "hot" — its K/V live in a full-precision slot, not in the
     packed block — until it is whole and at least `tokens` newer tokens follow it.
@@ -205,6 +205,8 @@ class WindowedCache(QuantizedCache):
         """The pass's new K/V ([kv_heads, T, D]): where each token goes (a recent slot, or
         its block committed whole) was planned by `RecentWindow.begin_pass`."""
         plan = self.window.plan
+        if plan is None:
+            raise AssertionError("a windowed cache is written inside a pass (begin_pass first)")
         heads, _, dim = x.shape
         flat = self.recent.view(heads, -1, dim)
         if plan.commit_ids.numel():
@@ -224,13 +226,13 @@ class WindowedCache(QuantizedCache):
         ids = slots[::bs] // bs
         expected = (ids[:, None] * bs + torch.arange(bs, device=slots.device)).reshape(-1)
         if not torch.equal(slots, expected):
-            raise AssertionError("int2 tokens are rewritten a whole block at a time")
+            raise AssertionError("int4 and int2 tokens are rewritten a whole block at a time")
         if any(int(b) in self.window.slots for b in ids):
             raise AssertionError("a block in the recent window is rewritten by its writes")
         self.write_whole_blocks(ids, x.view(x.shape[0], len(ids), bs, x.shape[-1]))
 
     def move_tokens(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        raise AssertionError("tokens of a windowed (int2) cache cannot move")
+        raise AssertionError("tokens of a windowed (int4, int2) cache cannot move")
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         if any(int(b) in self.window.slots for b in src):

@@ -2,7 +2,7 @@
 
 Allocated once at start and never grown. Each layer's K and V is a layer cache
 answering one interface (plain_cache.py lists it): `PlainCache` for fp32/fp16/
-bf16, `QuantizedCache` (quantized_cache.py) for a codec's packed parts, int2's
+bf16, `QuantizedCache` (quantized_cache.py) for a codec's packed parts, int4's and int2's
 `WindowedCache` with its full-precision recent window (recent_window.py); a layer
 the format skips (kv_skip_layers) is a `PlainCache` in the model's dtype. The
 store is their owner: it routes each call to every layer and moves whole blocks
@@ -56,12 +56,12 @@ class KVStore:
         max_running: int = 1,
     ) -> None:
         """`max_running`: requests whose recent full-precision windows are reserved, for
-        formats that keep one (int2); their precision is the model's (`spec.dtype`). Layers
+        formats that keep one (int4, int2); their precision is the model's (`spec.dtype`). Layers
         the format skips (`fmt.skip_layers`) are plain caches in that dtype, unrotated."""
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.num_kv_heads, num_blocks, block_size)
-        self.window = None  # int2's, for the layers it codes (not those it skips)
+        self.window = None  # int4's and int2's, for the layers it codes (not those it skips)
         if fmt.residual_tokens and len(fmt.skip_layers) < spec.num_layers:
             self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
                                        max_running, device)  # fmt: skip
@@ -179,7 +179,7 @@ class KVStore:
     @property
     def token_moves(self) -> bool:
         """Whether single tokens can move between slots (eviction policies compact them):
-        every format but those with per-block parameters and a recent window (int2)."""
+        every format but those with per-block parameters and a recent window (int4, int2)."""
         return self.window is None
 
     @property
@@ -221,7 +221,7 @@ class KVStore:
 
     @property
     def recent_bytes_allocated(self) -> int:
-        """The full-precision recent windows (int2), outside the blocks."""
+        """The full-precision recent windows (int4, int2), outside the blocks."""
         if self.window is None:
             return 0
         return sum(c.recent.numel() * c.recent.element_size() for c in self.window.caches)
