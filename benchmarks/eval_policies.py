@@ -1,9 +1,10 @@
-"""Every eviction policy at 10%, 25% and 50% of the context, alone and with int8/int4, on
-the built-in trained model: KV memory next to passkey accuracy, perplexity and agreement
-(the table and the memory-vs-quality plot in docs/eval/).
+"""Every eviction policy at 25% and 50% of the context, alone and with int8/int4, on the
+default model (SmolLM2-135M-Instruct; --model kvforge-mini for the built-in one, with 10%
+too): KV memory next to passkey accuracy, perplexity and agreement (the table and the
+memory-vs-quality plot in docs/eval/).
 
-    python benchmarks/eval_policies.py --out docs/eval          # ~20 min on a 2-core CPU
-    python benchmarks/eval_policies.py --out /tmp/e --quick      # a smoke run
+    python benchmarks/eval_policies.py --out docs/eval   # full: 1K..8K x 5 depths x 2, ~10 h
+    python benchmarks/eval_policies.py --out /tmp/e --quick      # a smoke run, ~10 min
 
 Each setting is `kvforge eval passkey|perplexity|agreement --kv-policy P --kv-budget S%`
 with prompts fed 64 tokens a pass (so that policies that evict as they go hold their
@@ -21,13 +22,13 @@ from kvforge import LLM
 from kvforge.eval import tasks
 
 POLICIES = ["sliding", "streaming", "h2o", "snapkv"]
-SHARES = [0.1, 0.25, 0.5]
+SHARES = [0.25, 0.5]
 CHUNK = 64
 
 
-def settings(quick: bool) -> list[tuple[str, str | None, float | None]]:
+def settings(quick: bool, shares: list[float]) -> list[tuple[str, str | None, float | None]]:
     rows = [("fp32", None, None)]
-    rows += [("fp32", p, s) for p in POLICIES for s in SHARES]
+    rows += [("fp32", p, s) for p in POLICIES for s in shares]
     rows += [(codec, None, None) for codec in ("int8", "int4")]
     rows += [(codec, p, 0.25) for codec in ("int8", "int4") for p in POLICIES]
     if quick:
@@ -38,25 +39,38 @@ def settings(quick: bool) -> list[tuple[str, str | None, float | None]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument(
-        "--model", default="kvforge-mini", help="any --model value (default kvforge-mini)"
-    )
+    parser.add_argument("--model", help="any --model value (default: the default model)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--lengths", help="passkey lengths (default 1K..8K; kvforge-mini "
+                        "256..2000)")  # fmt: skip
+    parser.add_argument("--depths", help="passkey depths (0,.25,.5,.75,1)")
+    parser.add_argument("--trials", type=int, help="passkey keys a cell (2)")
+    parser.add_argument("--form", help="passkey form (default: the model's)")
+    parser.add_argument("--max-tokens", type=int, help="prose tokens scored (2048)")
+    parser.add_argument("--prompts", type=int, help="agreement prompts (8)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    sizes = {"lengths": (256, 512, 1024, 2000), "trials": 2, "max_tokens": 2048, "prompts": 8}
+    sizes = {"lengths": None, "depths": list(tasks.DEFAULT_DEPTHS), "trials": 2,
+             "max_tokens": 2048, "prompts": 8, "form": None}  # fmt: skip
     if args.quick:
-        sizes = {"lengths": (128, 256), "trials": 1, "max_tokens": 256, "prompts": 2}
-    reference = LLM(model=args.model, kv_dtype="fp32", kv_memory="1GiB")
-    ref = str(max(n for n in sizes["lengths"] if n <= 1024))
+        sizes.update(lengths=[1024], depths=[0.0, 1.0], trials=1, max_tokens=1024, prompts=2)
+    sizes = tasks.with_overrides(sizes, args)
+    # fp32 weights: a GGUF file's quantized weights would be dequantized for every pass
+    reference = LLM(model=args.model, kv_dtype="fp32", kv_memory="1GiB", weights_dtype="fp32")
+    lengths = sizes["lengths"] or tasks.default_lengths(reference, sizes["form"])
+    sizes["lengths"] = list(lengths)
+    ref = str(max(n for n in lengths if n <= 1024))
+    shares = (
+        [0.1, *SHARES] if reference.engine.store.spec.max_position_embeddings <= 2048 else SHARES
+    )
     rows = []
-    for codec, name, share in settings(args.quick):
+    for codec, name, share in settings(args.quick, shares):
         started = time.perf_counter()
-        llm = LLM(model=args.model, kv_dtype=codec, kv_memory="1GiB",
+        llm = LLM(model=args.model, kv_dtype=codec, kv_memory="1GiB", weights_dtype="fp32",
                   max_num_batched_tokens=CHUNK, max_num_seqs=CHUNK)  # fmt: skip
         policy = None if name is None else (name, share)
-        key = tasks.passkey(llm, lengths=sizes["lengths"], trials=sizes["trials"],
-                            policy=policy)  # fmt: skip
+        key = tasks.passkey(llm, lengths=lengths, depths=sizes["depths"], trials=sizes["trials"],
+                            policy=policy, form=sizes["form"])  # fmt: skip
         ppl = tasks.perplexity(llm, max_tokens=sizes["max_tokens"], chunk=CHUNK, policy=policy)
         agree = tasks.agreement(llm, reference, count=sizes["prompts"], policy=policy)
         rows.append({
@@ -84,8 +98,9 @@ def main() -> None:
     for row in rows:
         row["perplexity_delta"] = row["perplexity"] - base["perplexity"]
     (args.out / "policies.json").write_text(json.dumps({"sizes": sizes, "rows": rows}, indent=1))
+    model = base["details"]["passkey"]["model"]
     (args.out / "policies.md").write_text(render(rows, sizes, base))
-    plot(rows, args.out / "policies.png")
+    plot(rows, args.out / "policies.png", model)
     print(f"wrote {args.out / 'policies.md'}")
 
 
@@ -119,7 +134,7 @@ def render(rows: list[dict], sizes: dict, base: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +148,7 @@ def plot(rows: list[dict], path: Path) -> None:
         style = {"marker": markers[r["kv_policy"]], "color": colors[r["kv_dtype"]], "s": 40}
         axes[0].scatter(x, r["passkey_le_1024"], **style)
         axes[1].scatter(x, r["perplexity"], **style)
-    for ax, name in zip(axes, ["passkey accuracy (≤ 1,024 tokens)", "held-out perplexity"],
+    for ax, name in zip(axes, ["passkey accuracy (≤ 1,024 tokens)", "prose perplexity"],
                         strict=True):  # fmt: skip
         ax.set_xlabel("KV bytes of a 1,024-token request (MiB)")
         ax.set_ylabel(name)
@@ -142,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
                for k, m in markers.items()]  # fmt: skip
     handles += [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in colors.items()]
     axes[0].legend(handles=handles, fontsize=8)
-    fig.suptitle("kvforge-mini: eviction policies (10/25/50% budgets) and codecs")
+    fig.suptitle(f"{model}: eviction policies and codecs")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,7 +1,7 @@
 """What each eviction policy costs in speed: decode throughput of a batch under a budget,
 against the same batch with no policy (side by side, same process, best of 3).
 
-    python benchmarks/policy_overhead.py --out docs/eval          # ~3 min on a 2-core CPU
+    python benchmarks/policy_overhead.py --out docs/eval/kvforge-mini   # ~3 min, 2-core CPU
 
 h2o gathers the attention every key receives inside the attention read, in every pass;
 sliding and streaming only compact (one copy of the budget every block of tokens);

@@ -49,6 +49,19 @@ def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
     }
 
 
+def with_overrides(sizes: dict, args) -> dict:
+    """A study's `sizes` with every one its command line gave (`args.<name>` not None;
+    `lengths` and `depths` as comma-separated numbers), for the benchmarks/eval_* scripts."""
+    sizes = dict(sizes)
+    for name in sizes:
+        value = getattr(args, name, None)
+        if value is not None and name in ("lengths", "depths"):
+            value = [(int if name == "lengths" else float)(x) for x in value.split(",")]
+        if value is not None:
+            sizes[name] = value
+    return sizes
+
+
 def use_policy(llm, policy: tuple[str, int | float] | None, tokens: int) -> int | None:
     """Make `policy` (name, budget in tokens or as a share of `tokens`) the engine's
     default for the next requests; returns the budget in tokens (None: no policy)."""

@@ -148,7 +148,7 @@ class RecentWindow:
             slots = torch.tensor([self.slots[b] for b in hot], dtype=torch.long,
                                  device=self.device)  # fmt: skip
             for cache in self.caches:
-                cache.write_whole_blocks(ids, cache.recent.index_select(1, slots).float())
+                cache.commit_recent(ids, cache.recent.index_select(1, slots).float())
 
     def retire(self, block_ids: list[int], num_tokens: int) -> None:
         """A request lets go of its blocks: whole hot ones are committed (they may stay in
@@ -187,7 +187,11 @@ class RecentWindow:
 
 class WindowedCache(QuantizedCache):
     """A `QuantizedCache` whose hot blocks (see `RecentWindow`) live in full-precision
-    slots [kv_heads, slots, block_size, D]; reading a tile takes them from there."""
+    slots [kv_heads, slots, block_size, D]; reading a tile takes them from there.
+
+    A rotated cache keeps its recent tokens rotated too (x @ R, once, as written): the
+    tiles attention reads are then all in the rotated space without a matmul a read, and
+    a committed block is encoded by the rotation's own codec."""
 
     # The prompt's own attention, in the pass that computes it, uses the K/V it just
     # computed (as KIVI does): 2-bit keys are for what later tokens read.
@@ -208,6 +212,8 @@ class WindowedCache(QuantizedCache):
         if plan is None:
             raise AssertionError("a windowed cache is written inside a pass (begin_pass first)")
         heads, _, dim = x.shape
+        if self.rotation is not None:
+            x = x.float() @ self.rotation
         flat = self.recent.view(heads, -1, dim)
         if plan.commit_ids.numel():
             block = self.shape[2]
@@ -216,7 +222,7 @@ class WindowedCache(QuantizedCache):
             staged.index_copy_(1, plan.stage_recent_dst,
                                flat.index_select(1, plan.stage_recent_src).float())  # fmt: skip
             staged.index_copy_(1, plan.stage_new_dst, x.index_select(1, plan.stage_new_src).float())
-            self.write_whole_blocks(plan.commit_ids, staged.view(heads, -1, block, dim))
+            self.commit_recent(plan.commit_ids, staged.view(heads, -1, block, dim))
         flat.index_copy_(1, plan.recent_dst, x.index_select(1, plan.recent_src).to(flat.dtype))
 
     def write_slots(self, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -239,23 +245,29 @@ class WindowedCache(QuantizedCache):
             raise AssertionError("a block in the recent window cannot be copied")
         super().copy_blocks(src, dst)
 
+    def commit_recent(self, block_ids: torch.Tensor, x: torch.Tensor) -> None:
+        """Encode whole blocks of recent tokens ([kv_heads, n, block_size, D], as the window
+        stores them: rotated, for a rotated cache) into `block_ids`."""
+        for name, encoded in self.read_codec.encode(x).items():
+            self.parts[name].index_copy_(1, block_ids, encoded)
+
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)
         pos, slots = self.window.hot(block_ids)
         if pos.numel():
-            out.index_copy_(1, pos, self.recent.index_select(1, slots).float())
+            recent = self.recent.index_select(1, slots).float()
+            out.index_copy_(1, pos, recent if self.rotation is None else recent @ self.rotation.T)
         return out
 
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
         """What attention reads: like `gather`, but a rotated cache's values stay rotated
-        (the packed ones as decoded, the few recent ones, stored as computed, rotated
-        here), for attention to rotate the query and its output instead."""
+        (the packed ones as decoded, the recent ones as stored), for attention to rotate
+        the query and its output instead."""
         if self.rotation is None:
             return self.gather(block_ids), None
         parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
         out = self.read_codec.decode(parts)
         pos, slots = self.window.hot(block_ids)
         if pos.numel():
-            recent = self.recent.index_select(1, slots).float()
-            out.index_copy_(1, pos, recent @ self.rotation)
+            out.index_copy_(1, pos, self.recent.index_select(1, slots).float())
         return out, None
