@@ -119,3 +119,32 @@ def test_int2_rotated_inside_its_window_is_exact():
     llm = LLM(model="kvforge-mini", kv_dtype="int2", kv_rotation=True, kv_memory="16MiB")
     assert llm.engine.store.k[0].rotation is not None  # read rotated, recent tokens too
     assert llm.generate([prompt], params)[0].token_ids == expected
+
+
+def test_a_rotated_window_keeps_its_recent_tokens_rotated_and_commits_them_once():
+    """int4's recent tokens are stored as x @ R (attention reads them without a matmul);
+    `gather` gives x back, `gather_scaled` x @ R, and a block leaving the window is encoded
+    from the rotated values as a rotated codec encodes x."""
+    from kvforge.config import ModelSpec
+    from kvforge.kvcache.store import KVStore
+
+    spec = ModelSpec(name="tiny", architecture="llama", num_layers=1, num_attention_heads=2,
+                     num_kv_heads=1, head_dim=16, hidden_size=32, vocab_size=64,
+                     intermediate_size=64, max_position_embeddings=256, dtype="fp32")  # fmt: skip
+    store = KVStore(spec, with_rotation(get_kv_format("int4"), True), 8, 4, "cpu")
+    x = torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(0))  # [T, kvH, D]
+    store.begin_pass([([0, 1], 0, 6)])
+    store.write(0, torch.arange(6), x, x)
+    k = store.k[0]
+    ids = torch.tensor([0, 1])
+    r = k.rotation
+    assert torch.allclose(k.recent.view(1, -1, 16)[0, k.window.slots[0] * 4], x[0, 0] @ r)
+    assert torch.allclose(k.gather(ids).reshape(1, 8, 16)[0, :6], x[:, 0], atol=1e-6)
+    scaled, scale = k.gather_scaled(ids)
+    assert scale is None
+    assert torch.allclose(scaled.reshape(1, 8, 16)[0, :6], x[:, 0] @ r, atol=1e-6)
+    store.retire([0, 1], 6)  # block 0 is whole: committed from the rotated window
+    packed = k.gather(ids[:1]).reshape(4, 16)
+    expected = k.codec.decode(k.codec.encode(x[:4, 0][None, None]))[0, 0]
+    assert torch.allclose(packed, expected, atol=1e-5)
+    assert not torch.allclose(packed, x[:4, 0], atol=1e-3)  # int4: close, not exact
