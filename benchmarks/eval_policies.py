@@ -26,11 +26,14 @@ SHARES = [0.25, 0.5]
 CHUNK = 64
 
 
-def settings(quick: bool, shares: list[float]) -> list[tuple[str, str | None, float | None]]:
+def settings(quick: bool, shares: list[float], codecs: list[str]
+             ) -> list[tuple[str, str | None, float | None]]:  # fmt: skip
+    """fp32 with every policy at every share; each of `codecs` alone and with every
+    policy at 25%."""
     rows = [("fp32", None, None)]
     rows += [("fp32", p, s) for p in POLICIES for s in shares]
-    rows += [(codec, None, None) for codec in ("int8", "int4")]
-    rows += [(codec, p, 0.25) for codec in ("int8", "int4") for p in POLICIES]
+    rows += [(codec, None, None) for codec in codecs]
+    rows += [(codec, p, 0.25) for codec in codecs for p in POLICIES]
     if quick:
         rows = rows[:3]
     return rows
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--form", help="passkey form (default: the model's)")
     parser.add_argument("--max-tokens", type=int, help="prose tokens scored (2048)")
     parser.add_argument("--prompts", type=int, help="agreement prompts (8)")
+    parser.add_argument("--shares", help="fp32's budgets, as shares (default 0.25,0.5)")
+    parser.add_argument("--codecs", default="int8,int4", help="with each policy at 25%%")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {"lengths": None, "depths": list(tasks.DEFAULT_DEPTHS), "trials": 2,
@@ -64,7 +69,7 @@ def main() -> None:
         [0.1, *SHARES] if reference.engine.store.spec.max_position_embeddings <= 2048 else SHARES
     )
     rows = []
-    for codec, name, share in settings(args.quick, shares):
+    for codec, name, share in settings(args.quick, shares, args.codecs.split(",")):
         started = time.perf_counter()
         llm = LLM(model=args.model, kv_dtype=codec, kv_memory="1GiB", weights_dtype="fp32",
                   max_num_batched_tokens=CHUNK, max_num_seqs=CHUNK)  # fmt: skip

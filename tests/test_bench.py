@@ -218,11 +218,13 @@ def test_prefix_quick_reuses_the_shared_prefix(capsys, tmp_path):
 def test_kvquant_quick_reports_every_codec(capsys, tmp_path):
     data = bench(capsys, tmp_path, "kvquant")
     rows = {r["kv_dtype"]: r for r in data["results"]}
-    assert list(rows) == ["fp32", "fp16", "bf16", "int8", "fp8", "int4", "int2",
-                          "int8+rot", "int4+rot", "int2+rot"]  # fmt: skip
-    # the tiny bench model: 2 layers x 2 KV heads x head_dim 32; rotation costs no bytes
-    assert [rows[f]["bytes_per_token"] for f in rows] == [1024, 512, 512, 272, 272, 160, 88,
-                                                          272, 160, 88]  # fmt: skip
+    # each rotated format timed right after its unrotated one
+    assert list(rows) == ["fp32", "fp16", "bf16", "int8", "int8+rot", "fp8", "int4", "int4+rot",
+                          "int2", "int2+rot"]  # fmt: skip
+    # the tiny bench model: 2 layers x 2 KV heads x head_dim 32; rotation costs no bytes;
+    # int4 at 64-token blocks: K 16 + 32 x 4 / 64, V 16 + 4 B a head and token
+    assert [rows[f]["bytes_per_token"] for f in rows] == [1024, 512, 512, 272, 272, 272, 152,
+                                                          152, 88, 88]  # fmt: skip
     assert set(data["ratios"]["rotated_decode_vs_unrotated_long"]) == {"int8", "int4", "int2"}
     # int2: 64-token blocks, in what 2 recent windows (2 blocks of 64 fp32 tokens) leave
     assert rows["int2"]["block_size"] == 64

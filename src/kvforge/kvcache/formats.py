@@ -21,7 +21,7 @@ Layouts (per layer, per KV head; K and V alike unless stated):
 
 int4 quantized each token's keys per 64 channels until measured on SmolLM2: keys per
 channel over a block took its prose perplexity from +10.9% to +0.8% against the fp32
-cache (+0.3% rotated), where a full-precision window alone gave 1.1 points (docs/eval).
+cache (+0.3% rotated); per-token keys with the recent window gave +4.5% (docs/eval).
 
 A group that does not divide head_dim leaves a shorter last group. Packed
 values round up to whole bytes per token and head.
