@@ -65,9 +65,10 @@ def main() -> None:
     lengths = sizes["lengths"] or tasks.default_lengths(reference, sizes["form"])
     sizes["lengths"] = list(lengths)
     ref = str(max(n for n in lengths if n <= 1024))
-    shares = (
-        [0.1, *SHARES] if reference.engine.store.spec.max_position_embeddings <= 2048 else SHARES
-    )
+    small = reference.engine.store.spec.max_position_embeddings <= 2048
+    shares = [0.1, *SHARES] if small else SHARES  # kvforge-mini: 10% too
+    if args.shares:
+        shares = [float(x) for x in args.shares.split(",")]
     rows = []
     for codec, name, share in settings(args.quick, shares, args.codecs.split(",")):
         started = time.perf_counter()
@@ -99,14 +100,19 @@ def main() -> None:
         print(f"{label}: passkey {key['mean_accuracy']:.2f}, ppl {ppl['perplexity']:.2f}, "
               f"agreement {agree['token_agreement']:.3f}, "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+        write(args.out, rows, sizes)
+
+
+def write(out: Path, rows: list[dict], sizes: dict) -> None:
+    """policies.json, .md and .png for the rows so far (a long run keeps what it measured)."""
     base = rows[0]
     for row in rows:
         row["perplexity_delta"] = row["perplexity"] - base["perplexity"]
-    (args.out / "policies.json").write_text(json.dumps({"sizes": sizes, "rows": rows}, indent=1))
+    (out / "policies.json").write_text(json.dumps({"sizes": sizes, "rows": rows}, indent=1))
     model = base["details"]["passkey"]["model"]
-    (args.out / "policies.md").write_text(render(rows, sizes, base))
-    plot(rows, args.out / "policies.png", model)
-    print(f"wrote {args.out / 'policies.md'}")
+    (out / "policies.md").write_text(render(rows, sizes, base))
+    plot(rows, out / "policies.png", model)
+    print(f"wrote {out / 'policies.md'}", flush=True)
 
 
 def _label(r: dict) -> str:
