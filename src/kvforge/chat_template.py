@@ -27,10 +27,15 @@ def default_chat_prompt(messages: Sequence[Message]) -> str:
     return turns + "<|assistant|>\n"
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the model's tokenizer brings its own chat template."""
+    return bool(getattr(getattr(tokenizer, "hf_tokenizer", None), "chat_template", None))
+
+
 def chat_prompt(tokenizer, messages: Sequence[Message]) -> str | list[int]:
     """Prompt text (default template) or token ids (the tokenizer's own template)."""
-    hf = getattr(tokenizer, "hf_tokenizer", None)
-    if hf is not None and getattr(hf, "chat_template", None):
+    if has_chat_template(tokenizer):
+        hf = tokenizer.hf_tokenizer
         ids = hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]

@@ -18,7 +18,7 @@ the store allocates exactly; int2's recent windows included).
 import math
 import re
 
-from kvforge.chat_template import chat_prompt
+from kvforge.chat_template import chat_prompt, has_chat_template
 from kvforge.errors import KVForgeError
 from kvforge.eval.corpus import corpus_text
 from kvforge.kvcache.policy import make_policy
@@ -144,8 +144,7 @@ def default_lengths(llm, form: str | None = None) -> tuple[int, ...]:
 
 def default_form(llm) -> str:
     """ "chat" for a model with a chat template, else "colon" (kvforge-mini's)."""
-    hf = getattr(llm.engine.tokenizer, "hf_tokenizer", None)
-    return "chat" if getattr(hf, "chat_template", None) else "colon"
+    return "chat" if has_chat_template(llm.engine.tokenizer) else "colon"
 
 
 def _encoder(llm, form: str):

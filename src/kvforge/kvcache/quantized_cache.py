@@ -42,9 +42,10 @@ class QuantizedCache:
         """Rewrite tokens, encoded as new ones are."""
         self.write(slot_mapping, x)
 
-    def write_whole_blocks(self, block_ids: torch.Tensor, x: torch.Tensor) -> None:
-        """Encode whole blocks ([kv_heads, n, block_size, D]) into `block_ids`."""
-        for name, encoded in self.codec.encode(x).items():
+    def write_whole_blocks(self, block_ids: torch.Tensor, x: torch.Tensor, codec=None) -> None:
+        """Encode whole blocks ([kv_heads, n, block_size, D]) into `block_ids`, with `codec`
+        (default: the cache's own)."""
+        for name, encoded in (codec or self.codec).encode(x).items():
             self.parts[name].index_copy_(1, block_ids, encoded)
 
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:

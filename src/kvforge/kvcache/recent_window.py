@@ -248,8 +248,7 @@ class WindowedCache(QuantizedCache):
     def commit_recent(self, block_ids: torch.Tensor, x: torch.Tensor) -> None:
         """Encode whole blocks of recent tokens ([kv_heads, n, block_size, D], as the window
         stores them: rotated, for a rotated cache) into `block_ids`."""
-        for name, encoded in self.read_codec.encode(x).items():
-            self.parts[name].index_copy_(1, block_ids, encoded)
+        self.write_whole_blocks(block_ids, x, self.read_codec)
 
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)
@@ -260,13 +259,10 @@ class WindowedCache(QuantizedCache):
         return out
 
     def gather_scaled(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """What attention reads: like `gather`, but a rotated cache's values stay rotated
-        (the packed ones as decoded, the recent ones as stored), for attention to rotate
-        the query and its output instead."""
-        if self.rotation is None:
-            return self.gather(block_ids), None
-        parts = {n: t.index_select(1, block_ids) for n, t in self.parts.items()}
-        out = self.read_codec.decode(parts)
+        """What attention reads: the packed values as their codec decodes them (a rotated
+        cache's stay rotated) and the recent ones as stored, in the same space. The
+        windowed codecs apply their own scales: no scale is left for attention."""
+        out, _ = super().gather_scaled(block_ids)
         pos, slots = self.window.hot(block_ids)
         if pos.numel():
             out.index_copy_(1, pos, self.recent.index_select(1, slots).float())
