@@ -324,11 +324,11 @@ def test_plan_capacity_equals_what_the_engine_allocates(capsys, kv_dtype, kv_mem
     assert plan["kv_capacity_blocks"] == stats["blocks_total"]
     assert plan["kv_capacity_tokens"] == stats["blocks_total"] * stats["block_size"]
     assert plan["block_size"] == stats["block_size"]
-    blocks_bytes = stats["kv_bytes_allocated"] - stats["recent_window_bytes"]
-    assert plan["bytes_per_block"] * plan["kv_capacity_blocks"] == blocks_bytes
-    # int4 and int2 reserve their full-precision windows out of the same memory; the others
-    # have none
-    assert (stats["recent_window_bytes"] > 0) == (kv_dtype in ("int4", "int2"))
+    assert plan["bytes_per_block"] * plan["kv_capacity_blocks"] == stats["kv_bytes_allocated"]
+    # int4 and int2 borrow blocks for their full-precision windows while a request runs; the
+    # others borrow none
+    assert plan["window_blocks_per_request"] == stats["window_blocks_per_request"]
+    assert (stats["window_blocks_per_request"] > 0) == (kv_dtype in ("int4", "int2"))
     assert stats["kv_bytes_allocated"] <= int(kv_memory.removesuffix("MiB")) * 2**20
 
 

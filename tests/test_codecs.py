@@ -116,25 +116,24 @@ def test_the_same_kv_memory_holds_more_tokens(kv_dtype, ratio):
     full = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()[
         "blocks_total"
     ]
-    packed = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype,
-                 max_num_seqs=1).kv_stats()  # fmt: skip
+    packed = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype).kv_stats()
     # head_dim 32: int8 = 32 + 2 B against 64 B (1.88x); int4 at 64-token blocks = K 16 + 2
-    # and V 16 + 4 B (3.37x), in what one full-precision recent window leaves
-    window = packed["recent_window_bytes"]
+    # and V 16 + 4 B (3.37x); all of the memory is blocks (int4's window borrows some)
     tokens = packed["blocks_total"] * packed["block_size"]
-    assert tokens == pytest.approx(full * 16 * ratio * (2**23 - window) / 2**23, rel=0.01)
+    assert tokens == pytest.approx(full * 16 * ratio, rel=0.01)
 
 
-def test_int2_holds_the_expected_tokens_beside_its_window():
+def test_int2_holds_the_expected_tokens_in_blocks_only():
     full = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="fp16").kv_stats()
-    packed = LLM(
-        model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=1
-    ).kv_stats()
-    # 176 B a token against 1,024 (5.82x), in what one 256 KiB recent window leaves
+    packed = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2").kv_stats()
+    # 176 B a token against 1,024 (5.82x): every byte of the memory is blocks
     assert full["blocks_total"] * full["block_size"] == 8 * 2**20 // 1024
-    assert packed["blocks_total"] == (8 * 2**20 - 262_144) // (176 * 64) == 721
+    assert packed["blocks_total"] == 8 * 2**20 // (176 * 64) == 744
     tokens = packed["blocks_total"] * packed["block_size"]
-    assert tokens / (full["blocks_total"] * full["block_size"]) == pytest.approx(5.63, abs=0.01)
+    assert tokens / (full["blocks_total"] * full["block_size"]) == pytest.approx(5.81, abs=0.01)
+    # a running request borrows 32 of them for its window: 2 blocks of 64 fp32 tokens, each
+    # in the codes of 16 (a head's 64 x 8 B hold 4 rows of 32 fp32 channels)
+    assert packed["window_blocks_per_request"] == 32
 
 
 def test_quantized_blocks_move_packed_through_the_tiers(tmp_path, reference):

@@ -11,6 +11,7 @@ import torch
 from kvforge import LLM, SamplingParams
 from kvforge.cli import main
 from kvforge.eval import tasks
+from kvforge.kvcache.formats import window_blocks
 from kvforge.models.builtin import MINI_MODEL_DIR
 from kvforge.training.data import (
     FILLER,
@@ -167,8 +168,11 @@ def test_agreement_of_a_quantized_cache_with_the_full_one():
     # full-precision window
     store = llm.engine.store
     assert result["prompts"] == 2 and result["peak_kv_tokens"] == 165
-    window = 2 * 64 * 2 * store.spec.num_layers * store.spec.num_kv_heads * store.spec.head_dim * 4
-    assert result["kv_bytes_per_request"] == 3 * 64 * llm.kv_stats()["bytes_per_token"] + window
+    # full-precision window, in blocks the request borrows while it runs
+    stats = llm.kv_stats()
+    window = stats["window_blocks_per_request"]
+    assert window == window_blocks(store.spec, store.format, 64) > 0
+    assert result["kv_bytes_per_request"] == (3 + window) * 64 * stats["bytes_per_token"]
 
 
 def test_eval_cli_json_out_and_errors(tmp_path, capsys):

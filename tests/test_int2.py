@@ -9,10 +9,11 @@ import torch
 
 from kvforge import LLM, SamplingParams
 from kvforge.config import ModelSpec
+from kvforge.errors import KVForgeError
 from kvforge.kvcache.codecs import Int2KeyCodec, Int2ValueCodec, get_codecs, pack, unpack
-from kvforge.kvcache.formats import KV_FORMATS, recent_blocks
+from kvforge.kvcache.formats import KV_FORMATS, recent_blocks, window_blocks, window_lend
 from kvforge.kvcache.store import KVStore
-from kvforge.planner import bytes_per_token, plan_kv, residual_bytes
+from kvforge.planner import bytes_per_block, bytes_per_token, plan_kv, pool_size
 
 # --- codecs ---------------------------------------------------------------------------
 
@@ -60,8 +61,11 @@ def test_int2_values_are_quantized_per_token_in_groups_of_64():
 SPEC = ModelSpec(name="tiny", architecture="llama", num_layers=2, num_attention_heads=4,
                  num_kv_heads=2, head_dim=16, hidden_size=64, max_position_embeddings=256,
                  dtype="fp32")  # fmt: skip
-FMT = dataclasses.replace(KV_FORMATS["int2"], residual_tokens=6)  # 3 recent blocks of 4
-BLOCK = 4
+FMT = dataclasses.replace(KV_FORMATS["int2"], residual_tokens=24)  # 3 recent blocks of 16
+BLOCK = 16
+# a head's codes of a block (16 x 4 B) hold one fp32 row of 16 channels: a block of recent
+# tokens borrows 16 blocks, a request 3 x 16
+LEND = 16
 
 
 def expected_blocks(raw: torch.Tensor, length: int, hot_from: int, key: bool) -> torch.Tensor:
@@ -83,11 +87,13 @@ def expected_blocks(raw: torch.Tensor, length: int, hot_from: int, key: bool) ->
 class Sim:
     """Drives a KVStore through passes with random K/V and remembers the raw values."""
 
-    def __init__(self, num_blocks=40, max_running=2):
-        self.store = KVStore(SPEC, FMT, num_blocks, BLOCK, "cpu", max_running)
+    def __init__(self, num_blocks=200):
+        self.store = KVStore(SPEC, FMT, num_blocks, BLOCK, "cpu")
+        assert window_lend(SPEC, FMT, BLOCK) == LEND
         self.free = list(range(num_blocks - 1, -1, -1))
         self.gen = torch.Generator().manual_seed(0)
         self.tables: dict[str, list[int]] = {}
+        self.windows: dict[str, list[int]] = {}  # the blocks each request borrows
         self.raw: dict[str, list[torch.Tensor]] = {}  # per layer*2 (k, v): [len, heads, D]
 
     def step(self, work: dict[str, int]) -> None:
@@ -98,7 +104,9 @@ class Sim:
             start = raw[0].shape[0]
             while len(table) * BLOCK < start + count:
                 table.append(self.free.pop())
-            seqs.append((table, start, start + count))
+            if name not in self.windows:
+                self.windows[name] = [self.free.pop() for _ in range(3 * LEND)]
+            seqs.append((table, start, start + count, self.windows[name]))
             new[name] = [torch.randn(count, 2, 16, generator=self.gen) for _ in raw]
         self.store.begin_pass(seqs)
         for layer in range(SPEC.num_layers):
@@ -126,22 +134,27 @@ class Sim:
 def test_hot_blocks_and_what_attention_reads_after_every_pass():
     sim = Sim()
     # A: a chunked prefill whose chunks end mid-block, then decode; B joins later
-    plan = [{"A": 10}, {"A": 13}, {"A": 1, "B": 7}, {"A": 1, "B": 1}, {"A": 5, "B": 9}]
+    plan = [{"A": 40}, {"A": 52}, {"A": 4, "B": 28}, {"A": 1, "B": 1}, {"A": 20, "B": 36}]
     plan += [{"A": 1, "B": 1}] * 12
     for work in plan:
         sim.step(work)
         for name in work:
             sim.check(name)
     window = sim.store.window
-    # A: 42 tokens, blocks from (42 - 6) // 4 = 9 stay hot (9, 10); B: 29 tokens, from 5
-    assert (sim.raw["A"][0].shape[0], sim.raw["B"][0].shape[0]) == (42, 29)
-    assert sorted(window.slots) == sorted(sim.tables["A"][9:11] + sim.tables["B"][5:8])
+    # A: 129 tokens, blocks from (129 - 24) // 16 = 6 stay hot (6, 7, 8); B: 77, from 3
+    assert (sim.raw["A"][0].shape[0], sim.raw["B"][0].shape[0]) == (129, 77)
+    assert sorted(window.slots) == sorted(sim.tables["A"][6:9] + sim.tables["B"][3:5])
     assert len(window.slots) <= 2 * recent_blocks(FMT.residual_tokens, BLOCK)
+    # each hot block's slot is LEND of its own request's borrowed blocks, none shared
+    for name, hot in (("A", sim.tables["A"][6:9]), ("B", sim.tables["B"][3:5])):
+        lent = [b for h in hot for b in window.slots[h]]
+        assert len(lent) == len(set(lent)) == LEND * len(hot)
+        assert set(lent) <= set(sim.windows[name])
 
 
 def test_a_prefill_longer_than_the_window_commits_its_blocks_in_the_same_pass():
     sim = Sim()
-    sim.step({"A": 37})  # 10 blocks: 0..6 committed at once, 7..9 hot
+    sim.step({"A": 148})  # 10 blocks: 0..6 committed at once, 7..9 hot
     sim.check("A")
     assert sorted(sim.store.window.slots) == sorted(sim.tables["A"][7:10])
     assert sim.store.window.plan.commit_ids.tolist() == sim.tables["A"][:7]
@@ -149,11 +162,11 @@ def test_a_prefill_longer_than_the_window_commits_its_blocks_in_the_same_pass():
 
 def test_a_hot_block_two_requests_share_is_committed_once():
     sim = Sim()
-    sim.step({"A": 8})  # blocks 0 and 1, both hot
-    # B adopts A's block 0 (a prefix-cache hit) with the same 4 tokens
+    sim.step({"A": 32})  # blocks 0 and 1, both hot
+    # B adopts A's block 0 (a prefix-cache hit) with the same 16 tokens
     sim.tables["B"] = sim.tables["A"][:1]
-    sim.raw["B"] = [r[:4] for r in sim.raw["A"]]
-    sim.step({"A": 6, "B": 6})  # block 0 leaves both windows in the same pass
+    sim.raw["B"] = [r[:16] for r in sim.raw["A"]]
+    sim.step({"A": 24, "B": 24})  # block 0 leaves both windows in the same pass
     assert sim.store.window.plan.commit_ids.tolist() == sim.tables["A"][:2]
     sim.check("A")
     sim.check("B")
@@ -161,40 +174,43 @@ def test_a_hot_block_two_requests_share_is_committed_once():
 
 def test_retire_commits_whole_hot_blocks_and_drops_the_partial_one():
     sim = Sim()
-    sim.step({"A": 14})  # blocks 0..3: 0 cold, 1..3 hot (3 partial)
+    sim.step({"A": 56})  # blocks 0..3: 0, 1 cold, 2, 3 hot (3 partial)
     table = sim.tables["A"]
-    sim.store.retire(table, 14)
+    sim.store.retire(table, 56)
     assert sim.store.window.slots == {}
-    assert sim.store.window.slot_of.max().item() == -1
+    assert sim.store.window.lent_of.max().item() == -1
     ids = torch.tensor(table[:3])
     # the whole blocks now read back quantized, exactly as a commit makes them
-    want = expected_blocks(sim.raw["A"][0], 12, 3, key=True)
+    want = expected_blocks(sim.raw["A"][0], 48, 3, key=True)
     torch.testing.assert_close(sim.store.k[0].gather(ids), want, rtol=0, atol=0)
 
 
 def test_read_blocks_of_a_hot_block_are_its_committed_bytes():
     sim = Sim()
-    sim.step({"A": 8})  # blocks 0, 1 whole and hot
+    sim.step({"A": 32})  # blocks 0, 1 whole and hot
     block = sim.tables["A"][0]
     early = sim.store.read_blocks([block])
-    sim.step({"A": 6})  # now block 0 leaves the window and is committed
+    sim.step({"A": 24})  # now block 0 leaves the window and is committed
     assert block not in sim.store.window.slots
     assert torch.equal(sim.store.read_blocks([block]), early)
 
 
 def test_swap_out_and_in_keeps_the_recent_tokens_exact():
     sim = Sim()
-    sim.step({"A": 13})
+    sim.step({"A": 52})
     sim.step({"A": 1})
     table = sim.tables["A"]
     before = [c.gather(torch.tensor(table)) for layer in range(2) for c in sim.store.layer(layer)]
     swapped = sim.store.swap_out(table)
     assert sim.store.window.slots == {}
-    new_ids = [30, 31, 32, 33]
-    sim.store.swap_in(new_ids, swapped)
-    assert sorted(sim.store.window.slots) == [32, 33]  # (14 - 6) // 4 = 2: blocks 2, 3
+    new_ids = [100, 101, 102, 103]
+    window = sim.windows["A"] = list(range(20, 20 + 3 * LEND))  # borrowed anew
+    sim.store.swap_in(new_ids, swapped, window)
+    # (53 - 24) // 16 = 1: blocks 1, 2, 3, each in LEND of the new window's blocks
+    assert sorted(sim.store.window.slots) == [101, 102, 103]
+    assert {b for s in sim.store.window.slots.values() for b in s} == set(window)
     after = [c.gather(torch.tensor(new_ids)) for layer in range(2) for c in sim.store.layer(layer)]
-    rows = torch.arange(16).view(4, 4) < 14
+    rows = torch.arange(64).view(4, 16) < 53
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(a[:, rows], b[:, rows], rtol=0, atol=0)
     sim.tables["A"] = new_ids  # goes on from the new blocks
@@ -203,14 +219,29 @@ def test_swap_out_and_in_keeps_the_recent_tokens_exact():
 
 
 def test_store_bytes_equal_the_planner_for_blocks_and_windows():
-    store = KVStore(SPEC, KV_FORMATS["int2"], 10, 64, "cpu", max_running=3)
-    assert store.bytes_per_token == bytes_per_token(SPEC, KV_FORMATS["int2"], 64)
-    # 2 recent blocks of 64 fp32 tokens per running request
-    assert residual_bytes(SPEC, KV_FORMATS["int2"], 64) == 2 * 64 * 2 * 2 * 2 * 16 * 4
-    assert store.recent_bytes_allocated == 3 * residual_bytes(SPEC, KV_FORMATS["int2"], 64)
+    fmt = KV_FORMATS["int2"]
+    store = KVStore(SPEC, fmt, 40, 64, "cpu")
+    assert store.bytes_per_token == bytes_per_token(SPEC, fmt, 64)
+    assert store.bytes_allocated == 40 * bytes_per_block(SPEC, fmt, 64)  # nothing beside
+    # 2 recent blocks of 64 fp32 tokens, each in the codes of 16 borrowed blocks (a head's
+    # 64 x 4 B hold 4 rows of 16 fp32 channels)
+    assert window_blocks(SPEC, fmt, 64) == 2 * 16
     plan = plan_kv(SPEC, context=256, kv_dtype="int2")
-    assert plan.block_size == 64 and plan.residual_bytes_per_request == 65_536
-    assert plan.bytes_per_request == 4 * plan.bytes_per_block + 65_536
+    assert plan.block_size == 64 and plan.window_blocks_per_request == 32
+    assert plan.bytes_per_request == (4 + 32) * plan.bytes_per_block
+    # a pool must hold one request's window and a block; the error names both
+    with pytest.raises(KVForgeError, match=r"holds 32 KV blocks of 64 tokens .* it needs one and "
+                       r"the 32 a running request borrows for its recent window"):  # fmt: skip
+        pool_size(SPEC, fmt, 64, 32 * plan.bytes_per_block, 256)
+    assert pool_size(SPEC, fmt, 64, 33 * plan.bytes_per_block, 256) == 33
+
+
+def test_a_block_too_small_to_hold_a_recent_token_is_refused_by_name():
+    with pytest.raises(KVForgeError, match="a block of 4 tokens cannot hold one; use a block "
+                       "size of at least 16"):  # fmt: skip
+        window_blocks(SPEC, KV_FORMATS["int2"], 4)
+    with pytest.raises(KVForgeError, match="at least 16"):
+        LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", block_size=8)
 
 
 # --- through the engine ----------------------------------------------------------------
@@ -240,9 +271,18 @@ def test_int2_generates_through_the_engine(reference):
     store = llm.engine.store
     assert stats["block_size"] == 64
     assert stats["bytes_per_token"] == bytes_per_token(store.spec, store.format, 64) == 176
-    # 8 MiB / 4 over 256 KiB windows (2 blocks of 64 fp32 tokens of 2 KiB): 8 requests
-    assert stats["max_num_seqs"] == 8 and stats["recent_window_bytes"] == 8 * 262_144
+    # all 8 MiB are blocks; a running request borrows 32 for its window (2 blocks of 64 fp32
+    # tokens, each in the codes of 16 blocks: a head's 64 x 8 B hold 4 rows of 32 channels)
+    assert stats["blocks_total"] == 8 * 2**20 // (176 * 64) and stats["max_num_seqs"] == 256
+    assert stats["window_blocks_per_request"] == 32
+    seen = []
+    llm.engine.runner.logits_hook = lambda requests, logits: seen.append(llm.kv_stats())
     outs = llm.generate(LONG, PARAMS)
+    # while both ran, each held its blocks and its 32 borrowed ones
+    assert seen[0]["blocks_window"] == 64
+    assert seen[0]["blocks_used"] == 64 + sum(-(-len(p) // 64) for p in map(
+        llm.engine.tokenizer.encode, LONG))  # fmt: skip
+    assert llm.kv_stats()["blocks_window"] == 0
     agree = sum(a == b for o, p in zip(outs, LONG, strict=True)
                 for a, b in zip(o.token_ids, reference[p], strict=True))  # fmt: skip
     assert agree >= 0.6 * 2 * 24
@@ -255,7 +295,9 @@ def test_int2_generates_through_the_engine(reference):
 def test_chunked_prefill_and_recompute_preemption_with_int2():
     prompts = ["abc" * 60 + str(i) for i in range(3)]  # 182 tokens: 3 blocks of 64
     params = SamplingParams(max_tokens=80, ignore_eos=True)
-    tight = LLM(model="random", device="cpu", num_blocks=9, kv_dtype="int2",
+    # 3 requests of 5 blocks (the first 2 shared through the prefix cache), each borrowing 32
+    # while it runs: 71 blocks hold two until they grow to their last block
+    tight = LLM(model="random", device="cpu", num_blocks=71, kv_dtype="int2",
                 max_num_batched_tokens=48, max_num_seqs=3)  # fmt: skip
     outs = tight.generate(prompts, params)
     assert all(len(o.token_ids) == 80 for o in outs)
@@ -264,13 +306,27 @@ def test_chunked_prefill_and_recompute_preemption_with_int2():
     tight.engine.pool.check_integrity()
 
 
+def test_borrowed_blocks_that_held_other_bytes_give_the_same_tokens(reference):
+    """A window's rows are a borrowed block's packed codes: whatever they held before (here
+    every byte 0xFF, a NaN as fp32) must not reach attention or a partial block's commit."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    clean = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2",
+                enable_prefix_caching=False)  # fmt: skip
+    expected = [o.token_ids for o in clean.generate(LONG, params)]
+    dirty = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2",
+                enable_prefix_caching=False)  # fmt: skip
+    for cache in dirty.engine.store.caches:
+        cache.parts["q"].fill_(0xFF)
+    assert [o.token_ids for o in dirty.generate(LONG, params)] == expected
+
+
 def test_swap_preemption_with_int2_gives_the_roomy_tokens():
     prompts = ["abc" * 60 + str(i) for i in range(3)]
     params = SamplingParams(max_tokens=80, ignore_eos=True)
     roomy = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2",
                 enable_prefix_caching=False, max_num_seqs=3)  # fmt: skip
-    tight = LLM(model="random", device="cpu", num_blocks=9, kv_dtype="int2", preemption_mode="swap",
-                enable_prefix_caching=False, max_num_seqs=3)  # fmt: skip
+    tight = LLM(model="random", device="cpu", num_blocks=72, kv_dtype="int2",
+                preemption_mode="swap", enable_prefix_caching=False, max_num_seqs=3)  # fmt: skip
     assert [o.token_ids for o in tight.generate(prompts, params)] == [
         o.token_ids for o in roomy.generate(prompts, params)
     ]
@@ -305,14 +361,24 @@ def test_int2_blocks_are_cached_and_move_packed_through_the_disk_tier(tmp_path):
     assert out.token_ids == hit.token_ids  # the same packed blocks, read the same way
 
 
-def test_the_window_share_caps_running_requests_and_is_named_when_memory_is_short():
-    from kvforge.errors import KVForgeError
-
-    llm = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int2", max_num_seqs=2)
-    assert llm.kv_stats()["max_num_seqs"] == 2
-    assert llm.kv_stats()["recent_window_bytes"] == 2 * 262_144
-    with pytest.raises(KVForgeError, match="holds no KV block after 262,144 B of recent windows"):
-        LLM(model="random", device="cpu", kv_memory=262_144 + 1000, kv_dtype="int2", max_num_seqs=1)
+def test_a_pool_too_small_for_a_window_and_a_block_is_named():
+    block = 176 * 64
+    with pytest.raises(KVForgeError, match=r"holds 32 KV blocks of 64 tokens .* it needs one and "
+                       r"the 32 a running request borrows"):  # fmt: skip
+        LLM(model="random", device="cpu", kv_memory=32 * block + 1000, kv_dtype="int2")
+    with pytest.raises(KVForgeError, match=r"num_blocks=32 is too few for int2: a running request "
+                       r"borrows 32 blocks .* use num_blocks >= 33"):  # fmt: skip
+        LLM(model="random", device="cpu", num_blocks=32, kv_dtype="int2")
+    llm = LLM(model="random", device="cpu", num_blocks=33, kv_dtype="int2")
+    # one block of tokens is all a request can have beside its window
+    assert llm.engine.max_request_tokens == 64
+    long, short = SamplingParams(max_tokens=20), SamplingParams(max_tokens=8, ignore_eos=True)
+    outs = llm.generate([[5] * 60, [5] * 40], [long, short])
+    assert outs[0].error == (
+        "prompt (60 tokens) + max_tokens (20) needs 2 KV blocks of 64 tokens (and 32 borrowed "
+        "for its recent window); the pool has 33 (2112 tokens): raise kv_memory or num_blocks"
+    )
+    assert len(outs[1].token_ids) == 8
 
 
 def test_int2_quantizes_keys_per_channel_and_values_per_token():

@@ -37,6 +37,7 @@ class Seq:
     num_computed_tokens: int = 0
     num_dropped: int = 0
     swapped: bool = False
+    window_blocks: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -132,7 +133,7 @@ def test_swap_preemption_hands_the_blocks_over_and_back():
     assert m.pool.allocate(1) == [3]  # someone else takes block 3; the queue is 4, 5, 2, ..
     admitted = m.admit(seq, cap=64, first=False)
     assert seq.block_table.block_ids == [4, 5, 2] and admitted.slots == [8]
-    assert m.take_ops() == [SwapIn("r", [4, 5])] and not seq.swapped
+    assert m.take_ops() == [SwapIn("r", [4, 5], [])] and not seq.swapped
     m.preempt(seq, swap=True)
     m.take_ops()
     m.free(seq)  # ends while swapped out: its host copy is dropped
@@ -155,7 +156,7 @@ def test_a_sliding_window_gives_back_the_blocks_it_no_longer_reads():
     # free queue: 5-9, then the window's 2, 1, 0, then the preempted 4, 3
     assert m.admit(seq, cap=1, first=False).num_new == 0
     assert seq.block_table.block_ids == [NULL_BLOCK] * 3 + [5, 6]
-    assert seq.block_table.num_freed == 3 and m.take_ops() == [SwapIn("r", [5, 6])]
+    assert seq.block_table.num_freed == 3 and m.take_ops() == [SwapIn("r", [5, 6], [])]
 
 
 def window_model(path, kv_heads: int, window: int):

@@ -125,13 +125,16 @@ def test_sliding_window_caps_the_cache_at_the_window():
 def test_int2_adds_the_full_precision_recent_blocks():
     spec = get_preset("llama-3-8b")  # bf16 model: 131,072 B per full-precision token
     plan = plan_kv(spec, context=1000, kv_dtype="int2")
-    # the newest 32 tokens span at most 2 blocks of 64, kept whole in full precision
-    assert plan.residual_bytes_per_request == 2 * 64 * 131_072
-    assert plan.bytes_per_request == 16 * plan.bytes_per_block + 2 * 64 * 131_072
-    # a request of one block holds one
-    assert plan_kv(spec, context=10, kv_dtype="int2").residual_bytes_per_request == 64 * 131_072
+    # the newest 32 tokens span at most 2 blocks of 64, kept whole in full precision in the
+    # codes of borrowed blocks: a head's 64 x 32 B hold 8 bf16 rows of 128 channels, so
+    # each block of recent tokens borrows 8 blocks while the request runs
+    assert plan.window_blocks_per_request == 2 * 8
+    assert plan.bytes_per_request == (16 + 16) * plan.bytes_per_block
+    # borrowed whole, whatever the context
+    assert plan_kv(spec, context=10, kv_dtype="int2").window_blocks_per_request == 16
     at_16 = plan_kv(spec, context=1000, kv_dtype="int2", block_size=16)
-    assert at_16.residual_bytes_per_request == 3 * 16 * 131_072  # ceil(31 / 16) + 1 blocks
+    # ceil(31 / 16) + 1 = 3 blocks of 16 recent tokens, 2 rows a borrowed block
+    assert at_16.window_blocks_per_request == 3 * 8
 
 
 # --- memory budgets -----------------------------------------------------------------

@@ -131,20 +131,24 @@ def test_a_rotated_window_keeps_its_recent_tokens_rotated_and_commits_them_once(
     spec = ModelSpec(name="tiny", architecture="llama", num_layers=1, num_attention_heads=2,
                      num_kv_heads=1, head_dim=16, hidden_size=32, vocab_size=64,
                      intermediate_size=64, max_position_embeddings=256, dtype="fp32")  # fmt: skip
-    store = KVStore(spec, with_rotation(get_kv_format("int4"), True), 8, 4, "cpu")
-    x = torch.randn(6, 1, 16, generator=torch.Generator().manual_seed(0))  # [T, kvH, D]
-    store.begin_pass([([0, 1], 0, 6)])
-    store.write(0, torch.arange(6), x, x)
+    # 8-token blocks: a head's codes of a block (8 x 8 B) hold one fp32 row of 16 channels;
+    # the 5 blocks of recent tokens (ceil(31 / 8) + 1) borrow 8 blocks each, 40 in all
+    store = KVStore(spec, with_rotation(get_kv_format("int4"), True), 48, 8, "cpu")
+    window = list(range(8, 48))
+    x = torch.randn(12, 1, 16, generator=torch.Generator().manual_seed(0))  # [T, kvH, D]
+    store.begin_pass([([0, 1], 0, 12, window)])
+    store.write(0, torch.arange(12), x, x)
     k = store.k[0]
     ids = torch.tensor([0, 1])
     r = k.rotation
-    assert torch.allclose(k.recent.view(1, -1, 16)[0, k.window.slots[0] * 4], x[0, 0] @ r)
-    assert torch.allclose(k.gather(ids).reshape(1, 8, 16)[0, :6], x[:, 0], atol=1e-6)
+    first_row = k.rows[0, k.window.slots[0][0], 0]  # token 0: the slot's first block, row 0
+    assert torch.allclose(first_row, x[0, 0] @ r)
+    assert torch.allclose(k.gather(ids).reshape(1, 16, 16)[0, :12], x[:, 0], atol=1e-6)
     scaled, scale = k.gather_scaled(ids)
     assert scale is None
-    assert torch.allclose(scaled.reshape(1, 8, 16)[0, :6], x[:, 0] @ r, atol=1e-6)
-    store.retire([0, 1], 6)  # block 0 is whole: committed from the rotated window
-    packed = k.gather(ids[:1]).reshape(4, 16)
-    expected = k.codec.decode(k.codec.encode(x[:4, 0][None, None]))[0, 0]
+    assert torch.allclose(scaled.reshape(1, 16, 16)[0, :12], x[:, 0] @ r, atol=1e-6)
+    store.retire([0, 1], 12)  # block 0 is whole: committed from the rotated window
+    packed = k.gather(ids[:1]).reshape(8, 16)
+    expected = k.codec.decode(k.codec.encode(x[:8, 0][None, None]))[0, 0]
     assert torch.allclose(packed, expected, atol=1e-5)
-    assert not torch.allclose(packed, x[:4, 0], atol=1e-3)  # int4: close, not exact
+    assert not torch.allclose(packed, x[:8, 0], atol=1e-3)  # int4: close, not exact

@@ -206,6 +206,7 @@ def test_models_health_and_metrics_while_requests_run(server):
         values["kvforge_kv_blocks_used"] / values["kvforge_kv_blocks_total"]
     )
     assert values["kvforge_num_requests_running"] == 1
+    assert values["kvforge_kv_blocks_window"] == 0  # an fp32 cache borrows no window blocks
     stream.close()
     server.wait_idle()
     after = _metrics(httpx.get(f"{server.url}/metrics").text)

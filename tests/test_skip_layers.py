@@ -14,7 +14,7 @@ from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import (
     KV_FORMATS,
     get_kv_format,
-    residual_bytes,
+    window_blocks,
     with_rotation,
     with_skip_layers,
 )
@@ -50,16 +50,14 @@ def skipped(spec: ModelSpec, kv_dtype: str, layers) -> object:
 def test_planner_bytes_equal_the_store_bytes(spec, kv_dtype):
     fmt = skipped(spec, kv_dtype, [0, spec.num_layers - 1])
     block = 64 if kv_dtype == "int2" else 16
-    store = KVStore(spec, fmt, 3, block, "cpu", max_running=2)
-    assert store.block_bytes_allocated == 3 * bytes_per_block(spec, fmt, block)
-    assert store.recent_bytes_allocated == 2 * residual_bytes(spec, fmt, block)
+    store = KVStore(spec, fmt, 3, block, "cpu")
+    assert store.bytes_allocated == 3 * bytes_per_block(spec, fmt, block)
     assert store.bytes_per_token == bytes_per_token(spec, fmt, block)
-    blocks, running = pool_size(spec, fmt, block, 64 * 2**20, 2)
-    sized = KVStore(spec, fmt, blocks, block, "cpu", max_running=running)
-    assert sized.bytes_allocated <= 64 * 2**20
-    assert sized.bytes_allocated == blocks * bytes_per_block(spec, fmt, block) + running * (
-        residual_bytes(spec, fmt, block)
-    )
+    blocks = pool_size(spec, fmt, block, 64 * 2**20, 2)
+    sized = KVStore(spec, fmt, blocks, block, "cpu")
+    # all of the KV memory is blocks (int4's and int2's windows borrow some while running)
+    block_bytes = bytes_per_block(spec, fmt, block)
+    assert sized.bytes_allocated == blocks * block_bytes == 64 * 2**20 // block_bytes * block_bytes
 
 
 def test_the_byte_arithmetic_for_int4_on_smollm2():
@@ -79,28 +77,27 @@ def test_the_byte_arithmetic_for_int4_on_smollm2():
     plain = get_kv_format("int4")
     skip_cost = 2 * (kept_token - heads * (int4_k + int4_v))  # the two layers' extra bytes
     assert bytes_per_token(SMOLLM2, fmt, 64) - bytes_per_token(SMOLLM2, plain, 64) == skip_cost
-    # the recent window: 2 blocks of 64 bf16 tokens (K and V) in the 28 coded layers only
-    window = 2 * 64 * 2 * 28 * heads * dim * 2
-    assert window == 2_752_512
-    assert residual_bytes(SMOLLM2, fmt, 64) == window
-    assert residual_bytes(SMOLLM2, plain, 64) == window // 28 * 30
+    # the recent window: 2 blocks of 64 bf16 tokens, each in the codes of borrowed blocks
+    # (64 x 32 B a head: 16 bf16 rows of 64 channels, so 4 blocks a block of tokens), in the
+    # 28 coded layers; the skipped layers' share of those blocks is unused
+    assert window_blocks(SMOLLM2, fmt, 64) == window_blocks(SMOLLM2, plain, 64) == 2 * 4
     # a request and the longest context count the same blocks at the new size, and a window
-    assert bytes_per_request(SMOLLM2, fmt, 64, 1000) == 16 * 64 * expected + window
-    assert max_context(SMOLLM2, fmt, 64, 16 * 64 * expected + window) == 1024
-    assert max_context(SMOLLM2, plain, 64, 16 * 64 * expected + window) > 1024
+    assert bytes_per_request(SMOLLM2, fmt, 64, 1000) == (16 + 8) * 64 * expected
+    assert max_context(SMOLLM2, fmt, 64, (16 + 8) * 64 * expected) == 1024
+    assert max_context(SMOLLM2, plain, 64, (16 + 8) * 64 * expected) > 1024
 
 
 def test_int2_keeps_no_window_for_the_skipped_layers():
     fmt = skipped(TINY, "int2", [1, 2])
-    # 2 recent blocks of 64 fp32 tokens, K and V, 2 heads, 16 channels, in 2 layers (not 4)
-    assert residual_bytes(TINY, fmt, 64) == 2 * 64 * 2 * 2 * 2 * 16 * 4
-    assert residual_bytes(TINY, fmt, 64) * 2 == residual_bytes(TINY, KV_FORMATS["int2"], 64)
-    store = KVStore(TINY, fmt, 4, 64, "cpu", max_running=3)
+    # 2 recent blocks of 64 fp32 tokens, in 16 borrowed blocks each (a head's 64 x 4 B of
+    # codes hold 4 rows of 16 fp32 channels), kept in the codes of layers 0 and 3 only
+    assert window_blocks(TINY, fmt, 64) == window_blocks(TINY, KV_FORMATS["int2"], 64) == 32
+    store = KVStore(TINY, fmt, 40, 64, "cpu")
     assert len(store.window.caches) == 4  # K and V of layers 0 and 3
     assert [type(c).__name__ for c in store.k] == [
         "WindowedCache", "PlainCache", "PlainCache", "WindowedCache"]  # fmt: skip
     every = skipped(TINY, "int2", range(4))
-    assert residual_bytes(TINY, every, 64) == 0
+    assert window_blocks(TINY, every, 64) == 0
     assert KVStore(TINY, every, 4, 64, "cpu").window is None
 
 
@@ -109,17 +106,16 @@ def test_plan_reports_the_skipped_layers():
     assert plan.kv_skip_layers == [0, 29]
     assert plan.block_size == 64  # int4's default
     assert plan.bytes_per_token == 7_584
-    # 16 blocks of 64 tokens, and the window: 2 blocks of bf16 K and V in 28 layers
-    window = 2 * 64 * 2 * 28 * 3 * 64 * 2
-    assert plan.residual_bytes_per_request == window
-    assert plan.bytes_per_request == 16 * 64 * 7_584 + window
+    # 16 blocks of 64 tokens, and the 8 the window borrows while the request runs
+    assert plan.window_blocks_per_request == 8
+    assert plan.bytes_per_request == (16 + 8) * 64 * 7_584
     assert "layers 0, 29 at bf16" in plan.kv_layout
     plain = plan_kv(SMOLLM2, context=1000, kv_dtype="int4")
     assert plain.kv_skip_layers == [] and plain.bytes_per_token == 30 * 2 * 3 * 36 == 6_480
     with_memory = plan_kv(SMOLLM2, context=1000, kv_dtype="int4", kv_skip_layers=[0, 29],
                           kv_memory_bytes=2**30)  # fmt: skip
     fmt = skipped(SMOLLM2, "int4", [0, 29])
-    assert with_memory.kv_capacity_blocks == pool_size(SMOLLM2, fmt, 64, 2**30, 256)[0]
+    assert with_memory.kv_capacity_blocks == pool_size(SMOLLM2, fmt, 64, 2**30, 256)
 
 
 def test_cli_plan_prints_the_bytes_per_token_with_skipped_layers(capsys):
@@ -204,9 +200,22 @@ def test_cli_bad_layers_exit_2_without_a_traceback(capsys, command, layers, mess
 # --- the store: every operation on a mixed cache ------------------------------------------
 
 
+# the smallest blocks whose codes hold a recent fp32 token of TINY's (int4, int2), else 4
+BLOCK_SIZES = {"int4": 8, "int2": 16}
+
+
 def mixed_store(kv_dtype: str = "int4", layers=(0, 3), num_blocks: int = 6) -> KVStore:
+    """`num_blocks` for the tests' blocks, and the blocks a request's window borrows
+    (int4, int2) above them: `borrowed`."""
     fmt = skipped(TINY, kv_dtype, layers)
-    return KVStore(TINY, fmt, num_blocks, 4, "cpu")
+    block = BLOCK_SIZES.get(kv_dtype, 4)
+    return KVStore(TINY, fmt, num_blocks + window_blocks(TINY, fmt, block), block, "cpu")
+
+
+def borrowed(store: KVStore) -> list[int]:
+    """The blocks one request's recent window borrows: the store's last ones."""
+    count = window_blocks(store.spec, store.format, store.block_size)
+    return list(range(store.num_blocks - count, store.num_blocks))
 
 
 def fill(store: KVStore, slots: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
@@ -222,7 +231,8 @@ def fill(store: KVStore, slots: torch.Tensor, seed: int = 0) -> list[torch.Tenso
 def prefill(store: KVStore, num_tokens: int, seed: int = 0) -> list[torch.Tensor]:
     """One request's first `num_tokens` tokens, in blocks 0, 1, ...: a store with a recent
     window (int4, int2) plans the pass first (a no-op for the others)."""
-    store.begin_pass([(list(range(-(-num_tokens // store.block_size))), 0, num_tokens)])
+    blocks = list(range(-(-num_tokens // store.block_size)))
+    store.begin_pass([(blocks, 0, num_tokens, borrowed(store))])
     return fill(store, torch.arange(num_tokens), seed)
 
 
@@ -234,14 +244,15 @@ def gathered(store: KVStore, block_ids: list[int]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("kv_dtype", ["int4", "int8"])
 def test_skipped_layers_are_exact_and_plain_the_others_quantized(kv_dtype):
     store = mixed_store(kv_dtype)
-    keys = prefill(store, 8)
+    n = 2 * store.block_size
+    keys = prefill(store, n)
     if store.window is not None:  # int4: every layer exact while the tokens are recent
-        read = store.read_keys(list(range(8)))
+        read = store.read_keys(list(range(n)))
         for layer in range(4):
             assert torch.equal(read[layer], keys[layer].transpose(0, 1))
-        store.retire([0, 1], 8)  # the request done: its whole blocks are packed
+        store.retire([0, 1], n)  # the request done: its whole blocks are packed
         assert store.window.slots == {}
-    read = store.read_keys(list(range(8)))  # [layers, kv_heads, T, D]
+    read = store.read_keys(list(range(n)))  # [layers, kv_heads, T, D]
     for layer in (0, 3):
         assert torch.equal(read[layer], keys[layer].transpose(0, 1))
         assert store.k[layer].dtype == torch.float32
@@ -258,11 +269,12 @@ def test_skipped_layers_are_exact_and_plain_the_others_quantized(kv_dtype):
 def test_blocks_move_as_bytes_and_come_back_the_same(kv_dtype):
     # fp16 with skipped fp32 layers: two plain dtypes, so blocks move as bytes too
     store = mixed_store(kv_dtype)
-    prefill(store, 8)
-    store.retire([0, 1], 8)  # int4: the request done, its whole blocks are packed
+    bs = store.block_size
+    prefill(store, 2 * bs)
+    store.retire([0, 1], 2 * bs)  # int4: the request done, its whole blocks are packed
     data = store.read_blocks([0, 1])
     assert data.dtype == torch.uint8 and data.shape == (2, *store.block_shape)
-    assert store.block_shape == (bytes_per_block(TINY, store.format, 4),)
+    assert store.block_shape == (bytes_per_block(TINY, store.format, bs),)
     store.write_blocks([4, 5], data)
     for before, after in zip(gathered(store, [0, 1]), gathered(store, [4, 5]), strict=True):
         assert torch.equal(before, after)
@@ -271,10 +283,10 @@ def test_blocks_move_as_bytes_and_come_back_the_same(kv_dtype):
     for before, after in zip(gathered(store, [0, 1]), gathered(store, [2, 3]), strict=True):
         assert torch.equal(before, after)
     if store.window is not None:  # int4: hot blocks swap with their full-precision tokens
-        store.begin_pass([([4, 5], 0, 8)])
-        fill(store, torch.arange(16, 24), seed=1)
+        store.begin_pass([([4, 5], 0, 2 * bs, borrowed(store))])
+        fill(store, torch.arange(4 * bs, 6 * bs), seed=1)
         hot = gathered(store, [4, 5])
-        store.swap_in([0, 1], store.swap_out([4, 5]))
+        store.swap_in([0, 1], store.swap_out([4, 5]), borrowed(store))
         assert sorted(store.window.slots) == [0, 1]
         for before, after in zip(hot, gathered(store, [0, 1]), strict=True):
             assert torch.equal(before, after)
@@ -307,31 +319,33 @@ def test_tokens_and_blocks_move_and_keys_are_rewritten_in_every_layer():
 def test_int4_moves_and_rewrites_whole_blocks_in_every_layer():
     # keys quantized per channel over a block: blocks, not tokens, move and are rewritten
     store = mixed_store("int4")
+    bs = store.block_size
     assert not store.token_moves
-    prefill(store, 12)
-    store.retire([0, 1, 2], 12)  # the request done: its whole blocks are packed
+    prefill(store, 3 * bs)
+    store.retire([0, 1, 2], 3 * bs)  # the request done: its whole blocks are packed
     store.copy_blocks([0, 1], [4, 5])
     for a, b in zip(gathered(store, [0, 1]), gathered(store, [4, 5]), strict=True):
         assert torch.equal(a, b)
-    keys = torch.randn(4, 2, 4, 16, generator=torch.Generator().manual_seed(3))
-    store.write_keys([8, 9, 10, 11], keys)  # block 2, whole
-    read = store.read_keys([8, 9, 10, 11])
+    keys = torch.randn(4, 2, bs, 16, generator=torch.Generator().manual_seed(3))
+    block_2 = list(range(2 * bs, 3 * bs))
+    store.write_keys(block_2, keys)  # block 2, whole
+    read = store.read_keys(block_2)
     assert torch.equal(read[0], keys[0]) and torch.equal(read[3], keys[3])  # exact: skipped
     assert not torch.equal(read[1:3], keys[1:3])
     torch.testing.assert_close(read[1:3], keys[1:3], rtol=0, atol=0.5)
     with pytest.raises(AssertionError, match="a whole block at a time"):
-        store.write_keys([8, 9], keys[:, :, :2])
+        store.write_keys(block_2[:2], keys[:, :, :2])
 
 
 def test_int2_with_skipped_layers_keeps_its_window_for_the_others():
     store = mixed_store("int2", layers=(1,), num_blocks=6)
     assert isinstance(store.k[1], PlainCache) and store.window is not None
-    store.begin_pass([([0, 1], 0, 6)])
+    store.begin_pass([([0], 0, 6, borrowed(store))])
     keys = fill(store, torch.arange(6))
     read = store.read_keys(list(range(6)))  # all in the window: exact in every layer
     for layer in range(4):
         assert torch.equal(read[layer], keys[layer].transpose(0, 1))
-    store.retire([0, 1], 6)
+    store.retire([0], 6)
     assert store.window.slots == {}
 
 
@@ -369,11 +383,10 @@ def test_a_subset_skipped_generates_and_reports_it(reference):
     # 2 layers of fp32 K and V, 2 heads of 32 channels; 2 at int4: 16 B of values a head,
     # K an fp16 scale and zero per channel once a block (32 x 2 x 2 B / 64), V per token
     assert stats["bytes_per_token"] == 2 * (2 * 2 * 32 * 4) + 2 * 2 * (16 + 2 + 16 + 4) == 1_176
-    # each running request's window: 2 blocks of 64 fp32 tokens, K and V, in layers 1 and 2
-    window = 2 * 64 * 2 * 2 * 2 * 32 * 4
-    assert residual_bytes(store.spec, store.format, 64) == window
-    running = store.window.num_slots // store.window.blocks_per_request  # windows reserved
-    assert stats["recent_window_bytes"] == running * window > 0
+    # each running request's window: 2 blocks of 64 fp32 tokens, each in the codes of 8
+    # borrowed blocks (64 x 16 B a head: 8 rows of 32 fp32 channels), in layers 1 and 2
+    assert stats["window_blocks_per_request"] == window_blocks(store.spec, store.format, 64) == 16
+    assert stats["kv_bytes_allocated"] == stats["blocks_total"] * 64 * stats["bytes_per_token"]
     assert llm.engine.manager.cache_id[1] == "int4+rot0+skip0,3@fp32"  # rotated by default
     outs = llm.generate(PROMPTS, PARAMS)
     agree = sum(a == b for o, r in zip(outs, reference, strict=True)
@@ -400,14 +413,18 @@ def test_swap_preemption_with_skipped_layers_gives_the_roomy_tokens(kv_dtype):
     options = {"model": "random", "device": "cpu", "kv_dtype": kv_dtype, "max_num_seqs": 3,
                "kv_skip_layers": [0, 2], "block_size": 64}  # fmt: skip
     roomy = LLM(kv_memory="8MiB", enable_prefix_caching=False, **options)
-    # 9 blocks of 64 tokens, of the 15 the requests end with
-    tight = LLM(num_blocks=9, preemption_mode="swap", enable_prefix_caching=False, **options)
+    # 15 blocks of 64 tokens at the end, 5 a request, and the blocks each running request
+    # borrows for its window: room for two, not grown
+    window = roomy.kv_stats()["window_blocks_per_request"]
+    assert window == (16 if kv_dtype == "int4" else 32)  # fp32 rows in 8 or 4 B of codes
+    blocks = 2 * (4 + window) + 1
+    tight = LLM(num_blocks=blocks, preemption_mode="swap", enable_prefix_caching=False, **options)
     expected = [o.token_ids for o in roomy.generate(prompts, params)]
     assert [o.token_ids for o in tight.generate(prompts, params)] == expected
     assert tight.kv_stats()["num_preemptions"] > 0
     # with the prefix cache too: a first request's blocks are hits (the prompts share
     # their first two blocks: 11 blocks at the end), and swaps still happen
-    cached = LLM(num_blocks=9, preemption_mode="swap", **options)
+    cached = LLM(num_blocks=blocks - 3, preemption_mode="swap", **options)
     cached.generate(prompts[:1], SamplingParams(max_tokens=1))
     outs = cached.generate(prompts, params)
     assert all(len(o.token_ids) == 80 for o in outs)

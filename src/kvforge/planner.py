@@ -9,7 +9,9 @@ disagree. The per-format byte counts live with the formats (`kvcache.formats`).
                       = 2 × num_layers × num_kv_heads × head_dim × bytes per value (+ scales)
     blocks a request  = ceil(cached tokens / block_size)     (paged rounding)
     cached tokens     = context, or the sliding window when the model has one
-    bytes a request   = blocks × bytes per block (+ int4's, int2's full-precision recent tokens)
+    bytes a request   = (blocks + window blocks) × bytes per block
+    window blocks     = int4's, int2's full-precision recent tokens, in blocks a running
+                        request borrows from the pool (`formats.window_blocks`)
 """
 
 import dataclasses
@@ -28,8 +30,8 @@ from kvforge.kvcache.formats import (
     bytes_per_block,
     bytes_per_token,
     cached_tokens,
-    residual_bytes,
     resolve_kv_format,
+    window_blocks,
     with_skip_layers,
 )
 
@@ -39,7 +41,6 @@ DEFAULT_BLOCK_SIZE = 16
 WINDOWED_BLOCK_SIZE = 64
 COMPARE_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
 DEFAULT_MAX_NUM_SEQS = 256  # requests running at once, LLM(max_num_seqs=)'s default
-RECENT_WINDOW_SHARE = 4  # int4's, int2's full-precision windows: at most 1/4 of KV memory
 
 
 def default_block_size(kv_dtype: str) -> int:
@@ -56,37 +57,38 @@ def pool_size(
     kv_bytes: int,
     max_num_seqs: int,
     cap_to_context: bool = False,
-) -> tuple[int, int]:
-    """(blocks in the pool, requests that may run at once) for `kv_bytes` of KV memory.
-
-    int4 and int2 also keep each running request's recent tokens in full precision, outside
-    the blocks: windows are reserved for max_num_seqs requests or as many as fit in
-    a quarter of kv_bytes (that number then caps the running requests), and the
-    blocks get the rest. `cap_to_context`: never more blocks than max_num_seqs
-    requests of the model's whole context can use (for a default, not a user's size).
-    The engine allocates exactly this; `kvforge plan --kv-memory` reports it.
+) -> int:
+    """Blocks in the pool for `kv_bytes` of KV memory: all of it, as blocks. int4's and
+    int2's full-precision recent windows are blocks too, borrowed from the pool by each
+    request while it runs (`window_blocks`); the pool must hold one request's window and
+    a block. `cap_to_context`: never more blocks than max_num_seqs requests of the model's
+    whole context (and their windows) can use (for a default, not a user's size). The
+    engine allocates exactly this; `kvforge plan --kv-memory` reports it.
     """
     block_bytes = bytes_per_block(spec, fmt, block_size)
-    window_bytes = residual_bytes(spec, fmt, block_size)  # per running request
-    running = max_num_seqs
-    if window_bytes:
-        running = min(max_num_seqs, max(1, kv_bytes // RECENT_WINDOW_SHARE // window_bytes))
-    blocks = (kv_bytes - running * window_bytes) // block_bytes
+    window = window_blocks(spec, fmt, block_size)
+    blocks = kv_bytes // block_bytes
     if cap_to_context:
-        most_useful = max_num_seqs * -(-spec.max_position_embeddings // block_size)
-        return max(1, min(blocks, most_useful)), running
+        most_useful = max_num_seqs * (-(-spec.max_position_embeddings // block_size) + window)
+        return max(1 + window, min(blocks, most_useful))
     if blocks < 1:
-        window = f" after {running * window_bytes:,} B of recent windows" * bool(window_bytes)
         raise PlanError(
-            f"kv_memory {kv_bytes:,} B holds no KV block{window}: one block of "
-            f"{block_size} tokens takes {block_bytes:,} B"
+            f"kv_memory {kv_bytes:,} B holds no KV block: one block of {block_size} tokens "
+            f"takes {block_bytes:,} B"
         )
-    return blocks, running
+    if blocks < 1 + window:
+        raise PlanError(
+            f"kv_memory {kv_bytes:,} B holds {blocks} KV blocks of {block_size} tokens "
+            f"({block_bytes:,} B each): it needs one and the {window} a running request "
+            "borrows for its recent window"
+        )
+    return blocks
 
 
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
-    packed = blocks_per_request(spec, context, block_size) * bytes_per_block(spec, fmt, block_size)
-    return packed + residual_bytes(spec, fmt, block_size, context)
+    """A request's blocks, and the blocks its recent window borrows while it runs."""
+    blocks = blocks_per_request(spec, context, block_size) + window_blocks(spec, fmt, block_size)
+    return blocks * bytes_per_block(spec, fmt, block_size)
 
 
 def max_context(spec: ModelSpec, fmt: KVFormat, block_size: int, budget_bytes: int) -> int:
@@ -180,7 +182,7 @@ class Plan:
     bytes_per_block: int
     tokens_cached_per_request: int
     blocks_per_request: int
-    residual_bytes_per_request: int
+    window_blocks_per_request: int
     bytes_per_request: int
     kv_bytes_batch: int
     num_params: int | None
@@ -271,15 +273,15 @@ def plan_kv(
     if memory_bytes is not None or kv_memory_bytes is not None:
         seqs = max_num_seqs or DEFAULT_MAX_NUM_SEQS
         try:
-            capacity_blocks, running = pool_size(spec, fmt, block_size, kv_bytes_total, seqs)
+            capacity_blocks = pool_size(spec, fmt, block_size, kv_bytes_total, seqs)
         except PlanError:
             if kv_memory_bytes is not None:
-                raise  # the KV memory the user gave holds no block: say so
-            capacity_blocks, running = 0, seqs  # what the weights leave holds none
+                raise  # the KV memory the user gave holds no request: say so
+            capacity_blocks = 0  # what the weights leave holds none
         capacity_tokens = capacity_blocks * block_size
-        max_requests = kv_bytes_total // request_bytes
+        max_requests = capacity_blocks // (request_bytes // block_bytes)
         if max_num_seqs is not None:
-            max_requests = min(max_requests, running)
+            max_requests = min(max_requests, max_num_seqs)
         longest = max_context(spec, fmt, block_size, kv_bytes_total)
         fits = batch <= max_requests
         if not fits:
@@ -307,7 +309,7 @@ def plan_kv(
         bytes_per_block=block_bytes,
         tokens_cached_per_request=cached_tokens(spec, context),
         blocks_per_request=blocks_per_request(spec, context, block_size),
-        residual_bytes_per_request=residual_bytes(spec, fmt, block_size, context),
+        window_blocks_per_request=window_blocks(spec, fmt, block_size),
         bytes_per_request=request_bytes,
         kv_bytes_batch=kv_bytes_batch,
         num_params=weights.num_params,
@@ -368,9 +370,9 @@ def compare_levers(spec: ModelSpec, base: Plan, own_block_sizes: bool = False) -
         size = default_block_size(other.name) if own_block_sizes else block_size
         request_bytes = bytes_per_request(spec, other, size, context)
         capacity = None
-        if budget is not None:  # the pool the engine would allocate (int4, int2: windows first)
+        if budget is not None:  # the pool the engine would allocate
             try:
-                capacity = pool_size(spec, other, size, budget, DEFAULT_MAX_NUM_SEQS)[0] * size
+                capacity = pool_size(spec, other, size, budget, DEFAULT_MAX_NUM_SEQS) * size
             except PlanError:
                 capacity = 0
         kv_dtypes.append(

@@ -79,8 +79,9 @@ def render_plan(plan: Plan, title: str) -> str:
     if cached != plan.context:
         held += f" (window keeps {cached:,})"
     request = f"{held} → {plan.blocks_per_request:,} blocks"
-    if plan.residual_bytes_per_request:
-        request += f" + {plan.residual_bytes_per_request:,} B full-precision recent tokens"
+    if plan.window_blocks_per_request:
+        request += (f" + {plan.window_blocks_per_request:,} borrowed while it runs for its "
+                    "full-precision recent tokens")  # fmt: skip
     rows.append(("per request", f"{request} = {_b(plan.bytes_per_request)}"))
     rows.append(("batch", f"{plan.batch} × request = {_b(plan.kv_bytes_batch)}"))
     if plan.num_params is not None:

@@ -79,8 +79,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-num-seqs",
         type=positive_int,
-        help="requests run at once, as the engine's option (default 256): int2 reserves a "
-        "full-precision window for each, and it caps the concurrent requests",
+        help="requests run at once, as the engine's option (default 256): it caps the "
+        "concurrent requests",
     )
     p.add_argument(
         "--weights-dtype",

@@ -12,14 +12,13 @@ from kvforge.engine.config import CacheConfig, EngineConfig
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.kvcache.formats import with_rotation
+from kvforge.kvcache.formats import window_blocks, with_rotation
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
     bytes_per_block,
     default_block_size,
     pool_size,
-    residual_bytes,
     resolve_kv_format,
 )
 from kvforge.units import parse_bytes
@@ -67,14 +66,14 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     fmt = resolve_kv_format(spec, cache.kv_dtype, cache.kv_skip_layers)  # range checked here
     fmt = with_rotation(fmt, cache.kv_rotation)
     block_size = cache.block_size or default_block_size(fmt.name)
-    num_blocks, max_running = _pool_size(config, spec, fmt, block_size, device)
-    store = _allocate_store(spec, fmt, num_blocks, block_size, device, max_running)
+    num_blocks = _pool_size(config, spec, fmt, block_size, device)
+    store = _allocate_store(spec, fmt, num_blocks, block_size, device)
     tiers = _tiers(cache, bytes_per_block(spec, fmt, block_size), store)
     engine = LLMEngine(
         net,
         tokenizer,
         store,
-        SchedulerConfig(config.max_num_batched_tokens, max_running, config.preemption_mode),
+        SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs, config.preemption_mode),
         max_model_len=spec.max_position_embeddings,
         vocab_size=model_config.vocab_size,
         device=device,
@@ -96,12 +95,19 @@ def _size(name: str, value: int | str) -> int:
 
 
 def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.device):
-    """(blocks in the pool, requests that may run at once): num_blocks as given, or what
-    kv_memory (default: 512 MiB on a CPU, 90% of free memory on CUDA) holds, as the
-    planner sizes it (`planner.pool_size`)."""
+    """Blocks in the pool: num_blocks as given, or what kv_memory (default: 512 MiB on a
+    CPU, 90% of free memory on CUDA) holds, as the planner sizes it (`planner.pool_size`).
+    Either must hold a request's recent window (int4, int2) and a block."""
     cache = config.cache
     if cache.num_blocks is not None:
-        return cache.num_blocks, config.max_num_seqs
+        window = window_blocks(spec, fmt, block_size)
+        if cache.num_blocks < 1 + window:
+            raise KVForgeError(
+                f"num_blocks={cache.num_blocks} is too few for {fmt.name}: a running request "
+                f"borrows {window} blocks for its full-precision recent window, and needs one "
+                f"more; use num_blocks >= {window + 1}"
+            )
+        return cache.num_blocks
     if cache.kv_memory is not None:
         kv_bytes = _size("kv_memory", cache.kv_memory)
     elif device.type == "cuda":
@@ -155,11 +161,10 @@ def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore) -> TieredBlocks
     return TieredBlocks(host, disk, store.block_shape, store.dtype)
 
 
-def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device,
-                    max_running: int) -> KVStore:  # fmt: skip
+def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device
+                    ) -> KVStore:  # fmt: skip
     """The KV store, or an error naming the bytes asked for and what the device has."""
     kv_bytes = num_blocks * bytes_per_block(spec, fmt, block_size)
-    kv_bytes += max_running * residual_bytes(spec, fmt, block_size)
     if device.type == "cpu":
         try:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
@@ -171,7 +176,7 @@ def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.d
                 "free memory: lower kv_memory or num_blocks"
             )
     try:
-        return KVStore(spec, fmt, num_blocks, block_size, device, max_running)
+        return KVStore(spec, fmt, num_blocks, block_size, device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         raise KVForgeError(
             f"cannot allocate the KV cache ({kv_bytes:,} B) on {device}: {exc}; "

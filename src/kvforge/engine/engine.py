@@ -22,6 +22,7 @@ from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_table import BlockTable
+from kvforge.kvcache.formats import window_blocks
 from kvforge.kvcache.manager import KVCacheManager
 from kvforge.kvcache.policy import KVPolicy
 from kvforge.kvcache.store import KVStore
@@ -76,6 +77,7 @@ class LLMEngine:
             tiers=self.tiers,
             sliding_window=store.spec.sliding_window,
             recent_tokens=store.format.residual_tokens,
+            window_blocks=window_blocks(store.spec, store.format, store.block_size),
         )
         self.pool = self.manager.pool
         self.scheduler = Scheduler(self.manager, scheduler_config)
@@ -168,13 +170,15 @@ class LLMEngine:
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds the model's context of {self.max_model_len} tokens"
             )
-        block_size = self.store.block_size
+        block_size, window = self.store.block_size, self.manager.window_blocks
         blocks = -(-total // block_size)
-        if blocks > self.pool.num_blocks:
+        if blocks + window > self.pool.num_blocks:
+            borrowed = f" (and {window} borrowed for its recent window)" * bool(window)
             raise KVForgeError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
-                f"{blocks} KV blocks of {block_size} tokens; the pool has {self.pool.num_blocks} "
-                f"({self.pool.num_blocks * block_size} tokens): raise kv_memory or num_blocks"
+                f"{blocks} KV blocks of {block_size} tokens{borrowed}; the pool has "
+                f"{self.pool.num_blocks} ({self.pool.num_blocks * block_size} tokens): raise "
+                "kv_memory or num_blocks"
             )
 
     def score(
@@ -227,7 +231,8 @@ class LLMEngine:
     @property
     def max_request_tokens(self) -> int:
         """The most tokens (prompt + output) one request can have: context and pool."""
-        return min(self.max_model_len, self.pool.num_blocks * self.store.block_size)
+        blocks = self.pool.num_blocks - self.manager.window_blocks
+        return min(self.max_model_len, blocks * self.store.block_size)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
@@ -324,7 +329,7 @@ class LLMEngine:
             "bytes_per_token": self.store.bytes_per_token,
             "kv_skip_layers": list(self.store.format.skip_layers),
             "kv_bytes_allocated": self.store.bytes_allocated,
-            "recent_window_bytes": self.store.recent_bytes_allocated,
+            "window_blocks_per_request": self.manager.window_blocks,
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             **(self.tiers.stats() if self.tiers is not None else {}),
         }

@@ -95,6 +95,7 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)
     num_registered_blocks: int = 0
     swapped: bool = False  # its blocks are in host memory (preempted by swap)
+    window_blocks: list[int] = field(default_factory=list)  # borrowed while running (int2)
     kv_policy: KVPolicy | None = None  # None: keep every token
     policy_state: PolicyState = field(default_factory=PolicyState)
     num_dropped: int = 0  # computed tokens evicted from the cache by the policy

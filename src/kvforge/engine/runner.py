@@ -54,8 +54,8 @@ class ModelRunner:
                         self.tiers.persist(key, block)
                 case ops.SwapOut(request_id, block_ids):
                     self.swapped[request_id] = store.swap_out(block_ids)
-                case ops.SwapIn(request_id, block_ids):
-                    store.swap_in(block_ids, self.swapped.pop(request_id))
+                case ops.SwapIn(request_id, block_ids, window_blocks):
+                    store.swap_in(block_ids, self.swapped.pop(request_id), window_blocks)
                 case ops.DropSwapped(request_id):
                     self.swapped.pop(request_id, None)
                 case ops.Retire(block_ids, num_tokens):
@@ -91,7 +91,8 @@ class ModelRunner:
             query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
             kv_end = r.block_table.num_tokens  # cache indices: evicted tokens do not
             seq_lens.append(kv_end)
-            windows.append((r.block_table.block_ids, kv_end - item.num_new_tokens, kv_end))
+            windows.append((r.block_table.block_ids, kv_end - item.num_new_tokens, kv_end,
+                            r.window_blocks))  # fmt: skip
             if r.kv_policy is not None:
                 mode = r.kv_policy.wants_scores(r.policy_state, item.prompt_done)
                 if mode is not None:

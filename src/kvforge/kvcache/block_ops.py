@@ -39,10 +39,12 @@ class SwapOut:
 
 @dataclass(frozen=True)
 class SwapIn:
-    """Copy a request's swapped-out blocks back into (new) device blocks."""
+    """Copy a request's swapped-out blocks back into (new) device blocks; its recent
+    full-precision tokens (int4, int2) into the window blocks it borrows now."""
 
     request_id: str
     block_ids: list[int]
+    window_blocks: list[int]
 
 
 @dataclass(frozen=True)

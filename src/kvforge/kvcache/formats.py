@@ -17,7 +17,9 @@ Layouts (per layer, per KV head; K and V alike unless stated):
                          V: an fp16 scale and zero point per group of 64 channels of a token;
                          plus, per running request, the blocks that hold its 32 most
                          recent tokens (ceil(31 / block) + 1 of them) in full precision:
-                         a block is packed once whole and out of that window.
+                         a block is packed once whole and out of that window. Those
+                         full-precision blocks live in pool blocks the request borrows
+                         while it runs (`window_blocks`), so the pool is all there is.
 
 int4 quantized each token's keys per 64 channels until measured on SmolLM2: keys per
 channel over a block took its prose perplexity from +10.9% to +0.8% against the fp32
@@ -284,18 +286,38 @@ def recent_blocks(tokens: int, block_size: int) -> int:
     return -(-(tokens - 1) // block_size) + 1
 
 
-def residual_bytes(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int | None = None
-                   ) -> int:  # fmt: skip
-    """Full-precision recent-window slots a request holds beside its packed blocks (int4, int2):
-    whole blocks of tokens at the model's precision (`spec.dtype`), in the layers not skipped."""
-    if not fmt.residual_tokens:
+def window_rows(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
+    """Full-precision tokens one borrowed block holds for a windowed (int4, int2) layer cache:
+    a head's packed codes of one block (block_size × ceil(head_dim × bits / 8) bytes) read
+    as rows of head_dim values at the model's precision (`spec.dtype`)."""
+    code_bytes = block_size * ceil(spec.head_dim * fmt.value_bits / 8)
+    return code_bytes // (spec.head_dim * DTYPE_BITS[spec.dtype] // 8)
+
+
+def window_lend(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
+    """Pool blocks that hold one block of recent tokens at the model's precision (int4,
+    int2): ceil(block_size / window_rows). KVForgeError naming the smallest block size
+    when a block's codes cannot hold one token."""
+    rows = window_rows(spec, fmt, block_size)
+    if rows == 0:
+        row_bytes = spec.head_dim * DTYPE_BITS[spec.dtype] // 8
+        smallest = ceil(row_bytes / ceil(spec.head_dim * fmt.value_bits / 8))
+        raise KVForgeError(
+            f"{fmt.name} keeps its recent tokens at {spec.dtype} in the codes of borrowed "
+            f"blocks: a block of {block_size} tokens cannot hold one; use a block size of at "
+            f"least {smallest}"
+        )
+    return -(-block_size // rows)
+
+
+def window_blocks(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
+    """Pool blocks a running request borrows for its full-precision recent window (int4,
+    int2; 0 for other formats): `recent_blocks` blocks of tokens, each in `window_lend`
+    borrowed blocks. They are taken from the pool when the request is admitted and given
+    back when it leaves, so the window costs blocks like any other, only while it runs."""
+    if not fmt.residual_tokens or len(fmt.skip_layers) == spec.num_layers:
         return 0
-    context = spec.max_position_embeddings if context is None else context
-    blocks = min(recent_blocks(fmt.residual_tokens, block_size),
-                 blocks_per_request(spec, context, block_size))  # fmt: skip
-    full_bytes = DTYPE_BITS[spec.dtype] // 8
-    layers = spec.num_layers - len(fmt.skip_layers)  # a skipped layer has no window
-    return blocks * block_size * 2 * layers * spec.num_kv_heads * spec.head_dim * full_bytes
+    return recent_blocks(fmt.residual_tokens, block_size) * window_lend(spec, fmt, block_size)
 
 
 def as_number(value: Fraction) -> int | float:

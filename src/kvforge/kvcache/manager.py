@@ -50,6 +50,7 @@ class CachedSequence(Protocol):
     num_computed_tokens: int
     num_dropped: int  # computed tokens an eviction policy let go of
     swapped: bool  # its blocks are in host memory (preempted by swap)
+    window_blocks: list[int]  # blocks borrowed for its recent window while it runs (int4, int2)
 
     @property
     def num_tokens(self) -> int: ...
@@ -99,12 +100,15 @@ class KVCacheManager:
         tiers: LowerTiers | None = None,
         sliding_window: int | None = None,
         recent_tokens: int = 0,
+        window_blocks: int = 0,
     ) -> None:
         """`token_moves`: single tokens can move between slots (else only whole blocks:
         int2). `cache_id`: (model id, KV format) that prefix keys are seeded with; None
         turns prefix caching off. `tiers`: the lower tiers, if any. `sliding_window`:
         the model's; blocks wholly before it are freed. `recent_tokens`: the newest tokens
-        the store keeps apart (int2's window), never freed."""
+        the store keeps apart (int2's window), never freed. `window_blocks`: the blocks a
+        running request borrows to hold those tokens in full precision (int4, int2): taken
+        with its first slots, given back when it leaves the device."""
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.token_moves = token_moves
@@ -112,6 +116,8 @@ class KVCacheManager:
         self.tiers = tiers if cache_id is not None else None
         self.sliding_window = sliding_window
         self.recent_tokens = recent_tokens
+        self.window_blocks = window_blocks
+        self.num_window_blocks = 0  # borrowed by the requests on the device now
         self.ops: list[BlockOp] = []
         self._freed_when_swapped: dict[str, int] = {}  # request id -> table.num_freed
         if self.tiers is not None:
@@ -143,13 +149,34 @@ class KVCacheManager:
 
     # --- admission and growth ------------------------------------------------------------
 
+    def _window_needed(self, seq: CachedSequence) -> int:
+        """Blocks the request must still borrow for its recent window (int4, int2)."""
+        return 0 if seq.window_blocks else self.window_blocks
+
+    def _lend_window(self, seq: CachedSequence) -> None:
+        if not seq.window_blocks and self.window_blocks:
+            seq.window_blocks = self.pool.allocate(self.window_blocks)
+            self.num_window_blocks += self.window_blocks
+
+    def _return_window(self, seq: CachedSequence) -> None:
+        """Give the window's blocks back, after the operation (Retire, SwapOut) that reads
+        what they hold was recorded."""
+        if seq.window_blocks:
+            self.pool.release(seq.window_blocks)
+            self.num_window_blocks -= len(seq.window_blocks)
+            seq.window_blocks = []
+
     def can_allocate(self, seq: CachedSequence, num_new: int) -> bool:
-        return seq.block_table.blocks_needed(num_new) <= self.pool.num_free
+        needed = seq.block_table.blocks_needed(num_new) + self._window_needed(seq)
+        return needed <= self.pool.num_free
 
     def allocate_slots(self, seq: CachedSequence, num_new: int) -> list[int]:
-        """Reserve slots for `num_new` more tokens (blocks taken as needed)."""
+        """Reserve slots for `num_new` more tokens (blocks taken as needed), and the
+        request's recent window when it has none yet."""
         table = seq.block_table
-        return table.append_tokens(num_new, self.pool.allocate(table.blocks_needed(num_new)))
+        slots = table.append_tokens(num_new, self.pool.allocate(table.blocks_needed(num_new)))
+        self._lend_window(seq)
+        return slots
 
     def admit(self, seq: CachedSequence, cap: int, first: bool) -> Admission | None:
         """Take the request's cached prefix, load what the lower tiers hold, and reserve
@@ -163,7 +190,7 @@ class KVCacheManager:
         cached = (len(device) + len(lower)) * bs
         num_new = min(seq.num_tokens - cached, cap)
         # new blocks (lower-tier hits included), plus device hits that leave the free queue
-        needed = -(-(cached + num_new) // bs) - len(device)
+        needed = -(-(cached + num_new) // bs) - len(device) + self._window_needed(seq)
         reused = sum(1 for b in device if self.pool.ref_count(b) == 0)
         if needed + reused > self.pool.num_free:
             return None
@@ -193,11 +220,13 @@ class KVCacheManager:
         num_blocks = -(-computed // bs)
         freed = self._freed_when_swapped.pop(seq.request_id)
         num_new = min(seq.num_tokens - seq.num_computed_tokens, cap)
-        if -(-(computed + num_new) // bs) - freed > self.pool.num_free:
+        needed = -(-(computed + num_new) // bs) - freed + self._window_needed(seq)
+        if needed > self.pool.num_free:
             self._freed_when_swapped[seq.request_id] = freed
             return None
         block_ids = self.pool.allocate(num_blocks - freed)
-        self.ops.append(SwapIn(seq.request_id, block_ids))
+        self._lend_window(seq)
+        self.ops.append(SwapIn(seq.request_id, block_ids, seq.window_blocks))
         seq.swapped = False
         table.adopt([NULL_BLOCK] * freed + block_ids, computed)
         seq.num_registered_blocks = 0
@@ -278,6 +307,7 @@ class KVCacheManager:
         else:
             self._retire(seq)
             seq.num_computed_tokens = seq.num_dropped = 0
+        self._return_window(seq)
         table.release(self.pool)
         seq.num_registered_blocks = 0
         self.num_preemptions += 1
@@ -286,6 +316,7 @@ class KVCacheManager:
         """The request ended (finished, aborted, or scored): its blocks go back to the
         pool; full ones stay cached (LRU)."""
         self._retire(seq)
+        self._return_window(seq)
         seq.block_table.release(self.pool)
         if seq.swapped:
             self.ops.append(DropSwapped(seq.request_id))
@@ -384,13 +415,15 @@ class KVCacheManager:
         bs, pool = self.block_size, self.pool
         stored = sum(r.block_table.num_tokens - r.block_table.num_freed * bs for r in running)
         used = pool.num_used
+        held = used - self.num_window_blocks  # in block tables
         return {
             "block_size": bs,
             "blocks_total": pool.num_blocks,
             "blocks_free": pool.num_free,
             "blocks_used": used,
             "tokens_stored": stored,
-            "waste_ratio": 0.0 if used == 0 else 1 - stored / (used * bs),
+            "waste_ratio": 0.0 if held == 0 else 1 - stored / (held * bs),
+            "blocks_window": self.num_window_blocks,
             "num_preemptions": self.num_preemptions,
             "blocks_cached": pool.num_cached_free,
             "prefix_cache_queries": self.prefix_queries,

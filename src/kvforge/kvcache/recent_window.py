@@ -10,16 +10,20 @@ import torch
 from kvforge.kvcache.formats import recent_blocks
 from kvforge.kvcache.quantized_cache import QuantizedCache
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # (borrowed block, row) of each token: see RecentWindow
+
 
 @dataclass(frozen=True)
 class _WindowPass:
     """What one forward pass writes, for every layer alike: the new tokens that go to
-    recent-window slots, and the blocks committed (encoded) because they left the window."""
+    recent-window rows, and the blocks committed (encoded) because they left the window.
+    A window row is (borrowed block, row in its codes): see `RecentWindow`."""
 
+    cleared: Rows  # the rows of slots taken in this pass, zeroed first ...
     recent_src: torch.Tensor  # [n] rows of the pass's new tokens ...
-    recent_dst: torch.Tensor  # ... to these flat recent slots (slot * block_size + offset)
+    recent_dst: Rows  # ... to these window rows
     commit_ids: torch.Tensor  # [c] blocks encoded in this pass, staged whole:
-    stage_recent_src: torch.Tensor  # flat recent slots ...
+    stage_recent_src: Rows  # window rows ...
     stage_recent_dst: torch.Tensor  # ... to staging rows (i * block_size + offset)
     stage_new_src: torch.Tensor  # rows of the pass's new tokens ...
     stage_new_dst: torch.Tensor  # ... to staging rows
@@ -32,77 +36,103 @@ class RecentWindow:
     packed block — until it is whole and at least `tokens` newer tokens follow it.
     Then it is committed: its keys are quantized per channel over the block, its
     values per token, once. A request thus keeps at most `blocks_per_request` hot
-    blocks, and the store reserves slots for `max_running` requests.
+    blocks.
+
+    The slots are pool blocks: each running request borrows `blocks_per_request` ×
+    `lend` blocks from the pool (the manager's `window_blocks`) and each of its hot
+    blocks takes `lend` of them. A slot's tokens are written into the packed codes of
+    its borrowed blocks, read as `rows` tokens of head_dim full-precision values a
+    block (`WindowedCache.rows`): token t of a hot block lives in its slot's block
+    t // rows, at row t % rows.
 
     The state is keyed by block id and shared by every layer; each forward pass
     plans its writes once (`begin_pass`). A hot block shared through the prefix cache
     is committed by whichever request lets go of it first: the content is the same.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, tokens: int, max_running: int,
+    def __init__(self, num_blocks: int, block_size: int, tokens: int, lend: int, rows: int,
                  device) -> None:  # fmt: skip
         self.block_size, self.tokens = block_size, tokens
         self.blocks_per_request = recent_blocks(tokens, block_size)
-        self.num_slots = max_running * self.blocks_per_request
+        self.lend, self.rows = lend, rows
         self.device = torch.device(device)
-        self.slot_of = torch.full((num_blocks,), -1, dtype=torch.long, device=device)
-        self.slots: dict[int, int] = {}  # hot block id -> slot
-        self._free = list(range(self.num_slots - 1, -1, -1))
+        # hot block id -> the blocks its slot borrows (-1: not hot), mirrored on the device
+        self.lent_of = torch.full((num_blocks, lend), -1, dtype=torch.long, device=device)
+        self.slots: dict[int, tuple[int, ...]] = {}  # hot block id -> its slot's blocks
+        self._in_use: set[int] = set()  # slots taken, by their first block
         self.caches: list[WindowedCache] = []
         self.plan: _WindowPass | None = None
-        self._memo: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._memo: dict[tuple[int, int], tuple[torch.Tensor, Rows]] = {}
+        offsets = torch.arange(block_size, device=device)
+        self._token_block, self._token_row = offsets // rows, offsets % rows
 
     # --- slots --------------------------------------------------------------------------
 
-    def _take(self, block_id: int) -> int:
-        if not self._free:  # the store caps running requests so that this cannot happen
-            raise AssertionError("no free recent-window slot")
-        slot = self.slots[block_id] = self._free.pop()
-        return slot
+    def _take(self, block_id: int, window: list[int]) -> tuple[int, ...]:
+        """A free slot of the request whose borrowed blocks are `window`, for `block_id`."""
+        for i in range(0, len(window), self.lend):
+            if window[i] not in self._in_use:
+                slot = self.slots[block_id] = tuple(window[i : i + self.lend])
+                self._in_use.add(slot[0])
+                return slot
+        # the manager lends every running request blocks_per_request slots
+        raise AssertionError(f"no free recent-window slot in the blocks {window}")
 
     def _drop(self, block_ids: list[int]) -> None:
         for b in block_ids:
-            self._free.append(self.slots.pop(b))
+            self._in_use.discard(self.slots.pop(b)[0])
 
     def _sync(self, changed: list[int]) -> None:
-        """Mirror `slots` into the device-side `slot_of` for these block ids."""
+        """Mirror `slots` into the device-side `lent_of` for these block ids."""
         if changed:
             ids = torch.tensor(changed, dtype=torch.long, device=self.device)
-            slots = [self.slots.get(b, -1) for b in changed]
-            self.slot_of[ids] = torch.tensor(slots, dtype=torch.long, device=self.device)
+            lent = [self.slots.get(b, (-1,) * self.lend) for b in changed]
+            self.lent_of[ids] = torch.tensor(lent, dtype=torch.long, device=self.device)
         self._memo.clear()
 
-    def hot(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions in block_ids that are hot, their slots); memoised for the pass,
-        since every layer gathers the same tiles."""
+    def rows_of(self, lent: torch.Tensor) -> Rows:
+        """Where the tokens of slots live: for `lent` [n, lend] (each slot's blocks), the
+        (borrowed block, row) of each of their tokens, [n * block_size] each, in order."""
+        blocks = lent[:, self._token_block].reshape(-1)
+        return blocks, self._token_row.repeat(lent.shape[0])
+
+    def _rows(self, slot: tuple[int, ...], first: int, count: int) -> tuple[list[int], list[int]]:
+        """(blocks, rows) of tokens first .. first + count - 1 of a slot."""
+        return ([slot[t // self.rows] for t in range(first, first + count)],
+                [t % self.rows for t in range(first, first + count)])  # fmt: skip
+
+    def hot(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, Rows]:
+        """(positions in block_ids that are hot, the (block, row) of each of their tokens);
+        memoised for the pass, since every layer gathers the same tiles."""
         key = (block_ids.data_ptr(), block_ids.numel())
         found = self._memo.get(key)
         if found is None:
-            slot = self.slot_of.index_select(0, block_ids)
-            pos = (slot >= 0).nonzero().squeeze(1)
-            found = self._memo[key] = (pos, slot.index_select(0, pos))
+            lent = self.lent_of.index_select(0, block_ids)
+            pos = (lent[:, 0] >= 0).nonzero().squeeze(1)
+            found = self._memo[key] = (pos, self.rows_of(lent.index_select(0, pos)))
         return found
 
     # --- passes -------------------------------------------------------------------------
 
-    def begin_pass(self, seqs: list[tuple[list[int], int, int]]) -> None:
-        """Plan the writes of one forward pass: per sequence in batch order, its block ids
-        and the positions [start, end) of its new tokens (rows of the pass, in order)."""
+    def begin_pass(self, seqs: list[tuple[list[int], int, int, list[int]]]) -> None:
+        """Plan the writes of one forward pass: per sequence in batch order, its block ids,
+        the positions [start, end) of its new tokens (rows of the pass, in order) and the
+        blocks it borrows for its window."""
         bs = self.block_size
         commits: list[int] = []
         committed: set[int] = set()
-        stage_recent: tuple[list[int], list[int]] = ([], [])
+        stage_recent: tuple[list[int], list[int], list[int]] = ([], [], [])  # block, row, dst
         stage_new: tuple[list[int], list[int]] = ([], [])
-        hot_writes: list[tuple[int, int, int, int]] = []  # block, first pos, row, count
+        hot_writes: list[tuple[int, int, int, int, list[int]]] = []  # +first pos, row, count
         row = 0
-        for block_ids, start, end in seqs:
+        for block_ids, start, end, window in seqs:
             first_hot = max(0, (end - self.tokens) // bs)  # blocks from here stay hot
             for j in range(max(0, (start - self.tokens) // bs), -(-end // bs)):
                 b, lo, hi = block_ids[j], max(start, j * bs), min(end, (j + 1) * bs)
                 touched = lo < hi
                 if j >= first_hot:
                     if touched:
-                        hot_writes.append((b, lo - j * bs, row + lo - start, hi - lo))
+                        hot_writes.append((b, lo - j * bs, row + lo - start, hi - lo, window))
                     continue
                 if (b not in self.slots and not touched) or b in committed:
                     continue  # committed before (or by a request sharing it this pass)
@@ -113,31 +143,45 @@ class RecentWindow:
                 if old:
                     if b not in self.slots:
                         raise AssertionError(f"block {b} has old tokens but no recent slot")
-                    slot = self.slots[b]
-                    stage_recent[0].extend(range(slot * bs, slot * bs + old))
-                    stage_recent[1].extend(range(i * bs, i * bs + old))
+                    blocks, rows = self._rows(self.slots[b], 0, old)
+                    stage_recent[0].extend(blocks)
+                    stage_recent[1].extend(rows)
+                    stage_recent[2].extend(range(i * bs, i * bs + old))
                 if touched:
                     stage_new[0].extend(range(row + lo - start, row + hi - start))
                     stage_new[1].extend(range(i * bs + lo - j * bs, i * bs + hi - j * bs))
             row += end - start
         # free the committed blocks' slots first: a write reads them before it reuses them
         self._drop([b for b in commits if b in self.slots])
-        recent = ([], [])
-        for b, offset, first_row, count in hot_writes:
+        recent: tuple[list[int], list[int], list[int]] = ([], [], [])  # src row, block, row
+        # a borrowed block held other bytes: a slot's rows not yet written must read as 0,
+        # finite for attention's masked products and a partial block's commit
+        cleared: tuple[list[int], list[int]] = ([], [])
+        for b, offset, first_row, count, window in hot_writes:
             slot = self.slots.get(b)
             if slot is None:
-                slot = self._take(b)
+                slot = self._take(b, window)
+                blocks, rows = self._rows(slot, 0, self.block_size)
+                cleared[0].extend(blocks)
+                cleared[1].extend(rows)
+            blocks, rows = self._rows(slot, offset, count)
             recent[0].extend(range(first_row, first_row + count))
-            recent[1].extend(range(slot * bs + offset, slot * bs + offset + count))
+            recent[1].extend(blocks)
+            recent[2].extend(rows)
         self._sync(commits + [b for b, *_ in hot_writes])
 
         def t(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
 
-        self.plan = _WindowPass(t(recent[0]), t(recent[1]), t(commits), t(stage_recent[0]),
-                                t(stage_recent[1]), t(stage_new[0]), t(stage_new[1]))  # fmt: skip
+        self.plan = _WindowPass((t(cleared[0]), t(cleared[1])), t(recent[0]),
+                                (t(recent[1]), t(recent[2])), t(commits),
+                                (t(stage_recent[0]), t(stage_recent[1])), t(stage_recent[2]),
+                                t(stage_new[0]), t(stage_new[1]))  # fmt: skip
 
     # --- blocks leaving a request ----------------------------------------------------
+
+    def _lent(self, hot: list[int]) -> torch.Tensor:
+        return torch.tensor([self.slots[b] for b in hot], dtype=torch.long, device=self.device)
 
     def settle(self, block_ids: list[int]) -> None:
         """Encode hot blocks into their packed blocks (as committing would), keeping them
@@ -145,10 +189,9 @@ class RecentWindow:
         hot = [b for b in block_ids if b in self.slots]
         if hot:
             ids = torch.tensor(hot, dtype=torch.long, device=self.device)
-            slots = torch.tensor([self.slots[b] for b in hot], dtype=torch.long,
-                                 device=self.device)  # fmt: skip
+            where = self.rows_of(self._lent(hot))
             for cache in self.caches:
-                cache.commit_recent(ids, cache.recent.index_select(1, slots).float())
+                cache.commit_recent(ids, cache.read_recent(where, len(hot)).float())
 
     def retire(self, block_ids: list[int], num_tokens: int) -> None:
         """A request lets go of its blocks: whole hot ones are committed (they may stay in
@@ -166,28 +209,34 @@ class RecentWindow:
         if not pos:
             return pos, None
         hot = [block_ids[i] for i in pos]
-        slots = torch.tensor([self.slots[b] for b in hot], dtype=torch.long, device=self.device)
+        where = self.rows_of(self._lent(hot))
         # [kv_heads, caches, n, block, D]
-        data = torch.stack([c.recent.index_select(1, slots) for c in self.caches], dim=1)
+        data = torch.stack([c.read_recent(where, len(hot)) for c in self.caches], dim=1)
         self._drop(hot)
         self._sync(hot)
         return pos, data.permute(2, 1, 0, 3, 4).cpu()  # [n, caches, kv_heads, block, D]
 
-    def put_back(self, block_ids: list[int], pos: list[int], data: torch.Tensor | None) -> None:
-        """The inverse of `take_out`, into (new) block ids."""
+    def put_back(self, block_ids: list[int], pos: list[int], data: torch.Tensor | None,
+                 window: list[int]) -> None:  # fmt: skip
+        """The inverse of `take_out`, into (new) block ids and the window blocks the request
+        borrows now."""
         if not pos:
             return
         hot = [block_ids[i] for i in pos]
-        slots = torch.tensor([self._take(b) for b in hot], dtype=torch.long, device=self.device)
+        for b in hot:
+            self._take(b, window)
+        where = self.rows_of(self._lent(hot))
         data = data.to(self.device)
         for c, cache in enumerate(self.caches):
-            cache.recent.index_copy_(1, slots, data[:, c].transpose(0, 1))
+            cache.write_recent(where, data[:, c].transpose(0, 1))
         self._sync(hot)
 
 
 class WindowedCache(QuantizedCache):
     """A `QuantizedCache` whose hot blocks (see `RecentWindow`) live in full-precision
-    slots [kv_heads, slots, block_size, D]; reading a tile takes them from there.
+    slots; reading a tile takes them from there. A slot's tokens are rows of head_dim
+    values at the model's precision written over the packed codes of the blocks the
+    slot borrows: `rows` [kv_heads, num_blocks, rows a block, D] is that view.
 
     A rotated cache keeps its recent tokens rotated too (x @ R, once, as written): the
     tiles attention reads are then all in the rotated space without a matmul a read, and
@@ -201,9 +250,25 @@ class WindowedCache(QuantizedCache):
                  window: RecentWindow, dtype: torch.dtype) -> None:  # fmt: skip
         super().__init__(codec, kv_heads, num_blocks, block_size, device)
         self.window = window
-        self.recent = torch.zeros((kv_heads, window.num_slots, block_size, codec.head_dim),
-                                  dtype=dtype, device=device)  # fmt: skip
+        codes = self.parts["q"].view(torch.uint8).view(kv_heads, num_blocks, -1)
+        row_bytes = codec.head_dim * dtype.itemsize
+        if codes.shape[-1] % dtype.itemsize or window.rows * row_bytes > codes.shape[-1]:
+            raise AssertionError("a window row does not fit a block's codes")  # formats' bug
+        rows = codes[:, :, : window.rows * row_bytes].view(dtype)
+        self.rows = rows.view(kv_heads, num_blocks, window.rows, codec.head_dim)
         window.caches.append(self)
+
+    def read_recent(self, where: Rows, n: int) -> torch.Tensor:
+        """The tokens of `n` slots at `where` (`RecentWindow.rows_of`), as stored:
+        [kv_heads, n, block_size, D]."""
+        heads, _, block, dim = self.shape
+        return self.rows[:, where[0], where[1]].view(heads, n, block, dim)
+
+    def write_recent(self, where: Rows, x: torch.Tensor) -> None:
+        """Store tokens ([kv_heads, n, block_size, D]) in the slots at `where`."""
+        self.rows[:, where[0], where[1]] = x.reshape(x.shape[0], -1, x.shape[-1]).to(
+            self.rows.dtype
+        )
 
     def write(self, slot_mapping: torch.Tensor, x: torch.Tensor) -> None:
         """The pass's new K/V ([kv_heads, T, D]): where each token goes (a recent slot, or
@@ -214,16 +279,19 @@ class WindowedCache(QuantizedCache):
         heads, _, dim = x.shape
         if self.rotation is not None:
             x = x.float() @ self.rotation
-        flat = self.recent.view(heads, -1, dim)
         if plan.commit_ids.numel():
             block = self.shape[2]
             staged = torch.empty((heads, plan.commit_ids.numel() * block, dim),
                                  dtype=torch.float32, device=x.device)  # fmt: skip
-            staged.index_copy_(1, plan.stage_recent_dst,
-                               flat.index_select(1, plan.stage_recent_src).float())  # fmt: skip
+            blocks, rows = plan.stage_recent_src
+            staged.index_copy_(1, plan.stage_recent_dst, self.rows[:, blocks, rows].float())
             staged.index_copy_(1, plan.stage_new_dst, x.index_select(1, plan.stage_new_src).float())
             self.commit_recent(plan.commit_ids, staged.view(heads, -1, block, dim))
-        flat.index_copy_(1, plan.recent_dst, x.index_select(1, plan.recent_src).to(flat.dtype))
+        blocks, rows = plan.cleared
+        if blocks.numel():
+            self.rows[:, blocks, rows] = 0
+        blocks, rows = plan.recent_dst
+        self.rows[:, blocks, rows] = x.index_select(1, plan.recent_src).to(self.rows.dtype)
 
     def write_slots(self, slots: torch.Tensor, x: torch.Tensor) -> None:
         """Rewrite whole blocks of tokens (the keys are quantized per block), outside the
@@ -250,11 +318,18 @@ class WindowedCache(QuantizedCache):
         stores them: rotated, for a rotated cache) into `block_ids`."""
         self.write_whole_blocks(block_ids, x, self.read_codec)
 
+    def _hot(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(positions in block_ids that are hot, their tokens as stored [kv_heads, n, block, D]
+        float32, or None when there are none)."""
+        pos, where = self.window.hot(block_ids)
+        if not pos.numel():
+            return pos, None
+        return pos, self.read_recent(where, pos.numel()).float()
+
     def gather(self, block_ids: torch.Tensor) -> torch.Tensor:
         out = super().gather(block_ids)
-        pos, slots = self.window.hot(block_ids)
-        if pos.numel():
-            recent = self.recent.index_select(1, slots).float()
+        pos, recent = self._hot(block_ids)
+        if recent is not None:
             out.index_copy_(1, pos, recent if self.rotation is None else recent @ self.rotation.T)
         return out
 
@@ -263,7 +338,7 @@ class WindowedCache(QuantizedCache):
         cache's stay rotated) and the recent ones as stored, in the same space. The
         windowed codecs apply their own scales: no scale is left for attention."""
         out, _ = super().gather_scaled(block_ids)
-        pos, slots = self.window.hot(block_ids)
-        if pos.numel():
-            out.index_copy_(1, pos, self.recent.index_select(1, slots).float())
+        pos, recent = self._hot(block_ids)
+        if recent is not None:
+            out.index_copy_(1, pos, recent)
         return out, None

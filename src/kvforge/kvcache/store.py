@@ -3,7 +3,8 @@
 Allocated once at start and never grown. Each layer's K and V is a layer cache
 answering one interface (plain_cache.py lists it): `PlainCache` for fp32/fp16/
 bf16, `QuantizedCache` (quantized_cache.py) for a codec's packed parts, int4's and int2's
-`WindowedCache` with its full-precision recent window (recent_window.py); a layer
+`WindowedCache` with its full-precision recent window (recent_window.py), kept in blocks
+each running request borrows from the pool; a layer
 the format skips (kv_skip_layers) is a `PlainCache` in the model's dtype. The
 store is their owner: it routes each call to every layer and moves whole blocks
 as bytes (tiers, swap). Only num_kv_heads are stored, so
@@ -19,7 +20,13 @@ import torch
 from kvforge.config import ModelSpec
 from kvforge.dtypes import torch_dtype
 from kvforge.kvcache.codecs import get_codecs
-from kvforge.kvcache.formats import KVFormat, as_number, bytes_per_block, residual_bytes
+from kvforge.kvcache.formats import (
+    KVFormat,
+    as_number,
+    bytes_per_block,
+    window_lend,
+    window_rows,
+)
 from kvforge.kvcache.plain_cache import PlainCache
 from kvforge.kvcache.quantized_cache import QuantizedCache
 from kvforge.kvcache.recent_window import RecentWindow, WindowedCache
@@ -53,18 +60,19 @@ class KVStore:
         num_blocks: int,
         block_size: int,
         device: torch.device | str = "cpu",
-        max_running: int = 1,
     ) -> None:
-        """`max_running`: requests whose recent full-precision windows are reserved, for
-        formats that keep one (int4, int2); their precision is the model's (`spec.dtype`). Layers
-        the format skips (`fmt.skip_layers`) are plain caches in that dtype, unrotated."""
+        """Formats that keep a recent full-precision window (int4, int2) keep it at the
+        model's precision (`spec.dtype`), in blocks of this store that the running requests
+        borrow (`formats.window_blocks`). Layers the format skips (`fmt.skip_layers`) are
+        plain caches in that dtype, unrotated."""
         self.spec, self.format = spec, fmt
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (spec.num_kv_heads, num_blocks, block_size)
         self.window = None  # int4's and int2's, for the layers it codes (not those it skips)
         if fmt.residual_tokens and len(fmt.skip_layers) < spec.num_layers:
             self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
-                                       max_running, device)  # fmt: skip
+                                       window_lend(spec, fmt, block_size),
+                                       window_rows(spec, fmt, block_size), device)  # fmt: skip
         k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if fmt.codecs else (None, None)
         if fmt.rotation:  # one matrix for K and V of every coded layer and head
             rotation = rotation_matrix(spec.head_dim).to(device)
@@ -88,17 +96,16 @@ class KVStore:
         dtypes = {cache.dtype for cache in self.caches}
         self.packed = None in dtypes or len(dtypes) > 1
         self.dtype = torch.uint8 if self.packed else dtypes.pop()
-        if self.block_bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
+        if self.bytes_allocated != num_blocks * bytes_per_block(spec, fmt, block_size):
             raise AssertionError("store layout disagrees with its format")  # a bug, not input
-        if self.recent_bytes_allocated != max_running * residual_bytes(spec, fmt, block_size):
-            raise AssertionError("recent window disagrees with its format")
 
     def _ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.k[0].device)
 
-    def begin_pass(self, seqs: list[tuple[list[int], int, int]]) -> None:
-        """Before a forward pass: each sequence's block ids and new positions [start, end),
-        in batch order (only formats with a recent window need it)."""
+    def begin_pass(self, seqs: list[tuple[list[int], int, int, list[int]]]) -> None:
+        """Before a forward pass: each sequence's block ids, new positions [start, end) and
+        the blocks it borrows for its window, in batch order (only formats with a recent
+        window need it)."""
         if self.window is not None:
             self.window.begin_pass(seqs)
 
@@ -198,10 +205,12 @@ class KVStore:
             return Swapped(blocks, [])
         return Swapped(blocks, *self.window.take_out(block_ids))
 
-    def swap_in(self, block_ids: list[int], swapped: Swapped) -> None:
+    def swap_in(self, block_ids: list[int], swapped: Swapped, window: list[int] = ()) -> None:
+        """Put a swapped-out request back into `block_ids`, its recent tokens into the
+        `window` blocks it borrows now."""
         self.write_blocks(block_ids, swapped.blocks)
         if self.window is not None:
-            self.window.put_back(block_ids, swapped.hot, swapped.recent)
+            self.window.put_back(block_ids, swapped.hot, swapped.recent, window)
 
     def layer(self, layer: int):
         return self.k[layer], self.v[layer]
@@ -215,22 +224,12 @@ class KVStore:
         return k.data, v.data
 
     @property
-    def block_bytes_allocated(self) -> int:
-        """The paged blocks: num_blocks × the planner's bytes per block."""
-        return sum(t.numel() * t.element_size() for t in self._tensors())
-
-    @property
-    def recent_bytes_allocated(self) -> int:
-        """The full-precision recent windows (int4, int2), outside the blocks."""
-        if self.window is None:
-            return 0
-        return sum(c.recent.numel() * c.recent.element_size() for c in self.window.caches)
-
-    @property
     def bytes_allocated(self) -> int:
-        return self.block_bytes_allocated + self.recent_bytes_allocated
+        """num_blocks × the planner's bytes per block: all there is (int4's and int2's
+        recent windows live in borrowed blocks)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     @property
     def bytes_per_token(self) -> int | float:
         """Bytes of the paged blocks per token slot (the planner's bytes_per_token)."""
-        return as_number(Fraction(self.block_bytes_allocated, self.num_blocks * self.block_size))
+        return as_number(Fraction(self.bytes_allocated, self.num_blocks * self.block_size))

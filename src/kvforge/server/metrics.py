@@ -25,7 +25,12 @@ class _EngineCollector:
         total = pool.num_blocks
         used = total - pool.num_free
         yield _gauge("kvforge_kv_cache_usage_ratio", "Fraction of KV blocks in use.", used / total)
-        yield _gauge("kvforge_kv_blocks_used", "KV blocks holding tokens.", used)
+        yield _gauge("kvforge_kv_blocks_used", "KV blocks in use (window blocks included).", used)
+        yield _gauge(
+            "kvforge_kv_blocks_window",
+            "KV blocks the running requests borrow for their full-precision recent windows.",
+            self.engine.manager.num_window_blocks,
+        )
         yield _gauge("kvforge_kv_blocks_free", "KV blocks free.", pool.num_free)
         yield _gauge("kvforge_kv_blocks_total", "KV blocks in the pool.", total)
         yield _gauge(

@@ -48,7 +48,7 @@ def run(ctx: BenchContext) -> Report:
     variants = [(f, r) for f in FORMATS for r in ((False, True) if f in ROTATED else (False,))]
     for fmt, rotation in ctx.progress(variants, "kvquant"):
         label, kv = (f"{fmt}+rot" if rotation else fmt), {"kv_dtype": fmt, "kv_rotation": rotation}
-        # int2's recent windows are reserved for `batch` running requests out of the budget
+        # int4's and int2's recent windows are blocks a running request borrows from the pool
         budget = LLM(model=str(model_path), device=ctx.device, kv_memory=sizes["budget"],
                      max_num_seqs=sizes["batch"], **kv)  # fmt: skip
         stats = budget.kv_stats()
@@ -65,7 +65,7 @@ def run(ctx: BenchContext) -> Report:
             "block_size": stats["block_size"],
             "bytes_per_token": stats["bytes_per_token"],
             "tokens_in_budget": stats["blocks_total"] * stats["block_size"],
-            # the planner's count, windows included: budget // bytes a request
+            # the planner's count, the blocks windows borrow included: budget // bytes a request
             "requests_at_context": parse_bytes(sizes["budget"]) // request_bytes,
         }
         for name in ("short", "long"):
@@ -107,9 +107,9 @@ def run(ctx: BenchContext) -> Report:
             f"quality on the trained model {quality_dir.name} (held-out code and passkey "
             "prompts, the prompt set of `kvforge eval agreement`)",
             "KL: mean over the steps where the run's history still equals the fp32 run's",
-            "int2 uses 64-token blocks and keeps each running request's newest tokens (at "
-            "least 32, whole blocks) in full precision: tokens_in_budget is what the budget "
-            f"holds after windows for {sizes['batch']} requests",
+            "int4 and int2 use 64-token blocks and keep each running request's newest tokens "
+            "(at least 32, whole blocks) in full precision, in blocks the request borrows "
+            "from the pool while it runs: tokens_in_budget is every block of the budget",
         ],
         plots=[
             Plot(
