@@ -6,7 +6,8 @@ perplexity (English prose, and code), passkey accuracy and agreement with the fp
     python benchmarks/eval_codecs.py --out /tmp/e --quick    # ~2 min a codec
 
 Each row is `kvforge eval perplexity|passkey|agreement --kv-dtype X [--no-kv-rotation]
-[--kv-skip-layers L]` (a codec is written like "int4+norot" or "int2+skip0:29"). Full
+[--kv-skip-layers L] [--kv-recent-tokens N] [--kv-exact-sinks]` (a codec is written like
+"int4+norot", "int2+skip0:29" or "int2+recent128+sinks"). Full
 sizes: perplexity over 16,384 prose tokens and 4,096 code tokens in 1,024-token windows;
 passkey at 1K, 2K, 4K and 8K tokens x 5 depths x 2 keys through the chat template; agreement:
 8 prompts x 64 greedy tokens. Each size can be set on its own (--max-tokens, --lengths...);
@@ -26,8 +27,8 @@ CODECS = ["fp32", "fp16", "bf16", "fp8", "int8", "int8+norot", "int4", "int4+nor
 
 
 def codec_options(codec: str) -> dict:
-    """ "int2+norot+skip0:29" -> LLM keyword arguments (rotation: the format's default, on
-    for int8, int4 and int2, unless "+rot" or "+norot")."""
+    """ "int2+norot+skip0:29+recent128+sinks" -> LLM keyword arguments (rotation: the
+    format's default, on for int8, int4 and int2, unless "+rot" or "+norot")."""
     name, *extras = codec.split("+")
     options: dict = {"kv_dtype": name}
     for extra in extras:
@@ -35,6 +36,12 @@ def codec_options(codec: str) -> dict:
             options["kv_rotation"] = extra == "rot"
         elif extra.startswith("skip"):
             options["kv_skip_layers"] = [int(x) for x in extra[4:].split(":")]
+        elif extra.startswith("recent"):
+            options["kv_recent_tokens"] = int(extra[6:])
+        elif extra == "sinks":
+            options["kv_exact_sinks"] = True
+        elif extra.startswith("block"):
+            options["block_size"] = int(extra[5:])
         else:
             raise SystemExit(f"unknown codec option {extra!r} in {codec!r}")
     return options
@@ -86,6 +93,8 @@ def main() -> None:
             "block_size": ppl["block_size"],
             "bytes_per_token": ppl["bytes_per_token"],
             "kv_bytes_1024": ppl["kv_bytes_per_request"],
+            # a request of the model's whole context, the blocks its window borrows included
+            "kv_bytes_8192": tasks.kv_bytes(llm, 8192),
             "perplexity": ppl["perplexity"],
             "code_perplexity": code["perplexity"],
             "passkey_all": key["mean_accuracy"],
@@ -126,14 +135,15 @@ def render(rows: list[dict], sizes: dict, model: str) -> str:
     lines = [
         f"{model}; perplexity change against the fp32 cache.",
         "",
-        "| codec | block | B/token | memory vs fp16 | prose ppl | Δ | code ppl | Δ | passkey | "
-        "agreement | mean KL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| codec | block | B/token | memory vs fp16 | KV of an 8,192-token request | prose ppl "
+        "| Δ | code ppl | Δ | passkey | agreement | mean KL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         vs = "" if r["memory_vs_fp16"] is None else f"{r['memory_vs_fp16']:.2f}×"
+        whole = f"{r['kv_bytes_8192']:,} B" if "kv_bytes_8192" in r else ""
         lines.append(
-            f"| {r['codec']} | {r['block_size']} | {r['bytes_per_token']:,} | {vs} | "
+            f"| {r['codec']} | {r['block_size']} | {r['bytes_per_token']:,} | {vs} | {whole} | "
             f"{r['perplexity']:.3f} | {r['perplexity_change']:+.2%} | "
             f"{r['code_perplexity']:.3f} | {r['code_perplexity_change']:+.2%} | "
             f"{r['passkey_all']:.0%} | {r['token_agreement']:.3f} | {r['mean_kl']:.2g} |"
@@ -160,12 +170,14 @@ def plot(rows: list[dict], path: Path, model: str) -> None:
     fig, (ax, heat) = plt.subplots(1, 2, figsize=(12, 4.6))
     for r in rows:
         change = max(r["perplexity_change"], 1e-4)  # fp32 itself: drawn at the floor
-        ax.scatter(r["bytes_per_token"], change * 100, color="tab:blue")
-        ax.annotate(r["codec"], (r["bytes_per_token"], change * 100), fontsize=8,
-                    xytext=(4, 2), textcoords="offset points")  # fmt: skip
+        # a whole-context request's bytes a token: int4's and int2's borrowed windows count
+        x = r.get("kv_bytes_8192", r["bytes_per_token"] * 8192) / 8192
+        ax.scatter(x, change * 100, color="tab:blue")
+        ax.annotate(r["codec"], (x, change * 100), fontsize=8, xytext=(4, 2),
+                    textcoords="offset points")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("KV bytes per token")
+    ax.set_xlabel("KV bytes a token of an 8,192-token request (its window included)")
     ax.set_ylabel("prose perplexity change vs the fp32 cache (%)")
     ax.grid(alpha=0.3, which="both")
     lengths = list(rows[0]["passkey_by_length"])

@@ -26,14 +26,15 @@ SHARES = [0.25, 0.5]
 CHUNK = 64
 
 
-def settings(quick: bool, shares: list[float], codecs: list[str]
+def settings(quick: bool, shares: list[float], codecs: list[str], fp32_policies: bool = True
              ) -> list[tuple[str, str | None, float | None]]:  # fmt: skip
-    """fp32 with every policy at every share; each of `codecs` alone and with every
-    policy at 25%."""
+    """fp32 with every policy at every share (unless not `fp32_policies`); each of `codecs`
+    alone and with every policy at each share."""
     rows = [("fp32", None, None)]
-    rows += [("fp32", p, s) for p in POLICIES for s in shares]
+    if fp32_policies:
+        rows += [("fp32", p, s) for p in POLICIES for s in shares]
     rows += [(codec, None, None) for codec in codecs]
-    rows += [(codec, p, 0.25) for codec in codecs for p in POLICIES]
+    rows += [(codec, p, s) for codec in codecs for p in POLICIES for s in shares]
     if quick:
         rows = rows[:3]
     return rows
@@ -51,12 +52,23 @@ def main() -> None:
     parser.add_argument("--form", help="passkey form (default: the model's)")
     parser.add_argument("--max-tokens", type=int, help="prose tokens scored (2048)")
     parser.add_argument("--prompts", type=int, help="agreement prompts (8)")
-    parser.add_argument("--shares", help="fp32's budgets, as shares (default 0.25,0.5)")
-    parser.add_argument("--codecs", default="int8,int4", help="with each policy at 25%%")
+    parser.add_argument("--shares", help="budgets, as shares of each length (default 0.25,0.5)")
+    parser.add_argument("--codecs", default="int8,int4", help="with each policy at each share")
+    parser.add_argument(
+        "--no-fp32-policies",
+        action="store_true",
+        help="the fp32 cache without policies only (a codec-only run)",
+    )
+    parser.add_argument(
+        "--prompt-tokens",
+        type=int,
+        help="agreement prompts' tokens (256; int4 and int2 at 25%% need "
+        "1,024: a policy's budget must hold their window and two blocks)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sizes = {"lengths": None, "depths": list(tasks.DEFAULT_DEPTHS), "trials": 2,
-             "max_tokens": 2048, "prompts": 8, "form": None}  # fmt: skip
+             "max_tokens": 2048, "prompts": 8, "form": None, "prompt_tokens": 256}  # fmt: skip
     if args.quick:
         sizes.update(lengths=[1024], depths=[0.0, 1.0], trials=1, max_tokens=1024, prompts=2)
     sizes = tasks.with_overrides(sizes, args)
@@ -70,7 +82,8 @@ def main() -> None:
     if args.shares:
         shares = [float(x) for x in args.shares.split(",")]
     rows = []
-    for codec, name, share in settings(args.quick, shares, args.codecs.split(",")):
+    codecs = args.codecs.split(",")
+    for codec, name, share in settings(args.quick, shares, codecs, not args.no_fp32_policies):
         started = time.perf_counter()
         llm = LLM(model=args.model, kv_dtype=codec, kv_memory="1GiB", weights_dtype="fp32",
                   max_num_batched_tokens=CHUNK, max_num_seqs=CHUNK)  # fmt: skip
@@ -78,7 +91,8 @@ def main() -> None:
         key = tasks.passkey(llm, lengths=lengths, depths=sizes["depths"], trials=sizes["trials"],
                             policy=policy, form=sizes["form"])  # fmt: skip
         ppl = tasks.perplexity(llm, max_tokens=sizes["max_tokens"], chunk=CHUNK, policy=policy)
-        agree = tasks.agreement(llm, reference, count=sizes["prompts"], policy=policy)
+        agree = tasks.agreement(llm, reference, count=sizes["prompts"],
+                                tokens=sizes["prompt_tokens"], policy=policy)  # fmt: skip
         rows.append({
             "kv_dtype": codec,
             "kv_policy": name,

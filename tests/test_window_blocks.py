@@ -4,16 +4,21 @@ one request can fill all of it but its window. Exact block ids at the manager; t
 settings on SmolLM2; a request that really fills over 6x fp16's tokens through the engine."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
 import transformers
 
 from kvforge import LLM, SamplingParams
+from kvforge.cli import main
+from kvforge.config import ModelSpec
 from kvforge.engine.build import DEFAULT_CPU_KV_BYTES
+from kvforge.errors import KVForgeError
 from kvforge.kvcache.block_ops import Retire, SwapIn, SwapOut
-from kvforge.kvcache.formats import get_kv_format, window_blocks
+from kvforge.kvcache.formats import get_kv_format, window_blocks, with_window
 from kvforge.kvcache.manager import KVCacheManager
+from kvforge.kvcache.store import KVStore
 from kvforge.planner import DEFAULT_MAX_NUM_SEQS, plan_kv, pool_size
 from kvforge.presets import get_preset
 from test_manager import Seq
@@ -181,4 +186,108 @@ def test_one_request_fills_over_6x_fp16s_tokens_in_the_same_memory(long_context_
     assert last["blocks_free"] == 0 and last["blocks_window"] == 32
     assert last["tokens_stored"] == tokens - 1 and last["num_preemptions"] == 0
     assert llm.kv_stats()["blocks_window"] == 0
+    llm.engine.pool.check_integrity()
+
+
+# --- a longer window and exact sinks (kv_recent_tokens, kv_exact_sinks) -----------------
+
+TINY = ModelSpec(name="tiny", architecture="llama", num_layers=1, num_attention_heads=2,
+                 num_kv_heads=1, head_dim=16, hidden_size=32, max_position_embeddings=512,
+                 dtype="fp32")  # fmt: skip
+
+
+def test_the_window_options_count_their_borrowed_blocks():
+    spec = dataclasses.replace(get_preset("smollm2-135m-instruct"), dtype="fp32")
+    fmt = with_window(get_kv_format("int2"), 128, exact_sinks=True)
+    assert (fmt.residual_tokens, fmt.sink_blocks, fmt.key) == (128, 1, "int2")  # same bytes
+    # 128 recent tokens span ceil(127 / 64) + 1 = 3 blocks, and the first block: 4 hot
+    # blocks of fp32 tokens, 16 borrowed blocks each
+    assert window_blocks(spec, fmt, 64) == 4 * 16
+    plan = plan_kv(spec, context=8192, kv_dtype="int2", kv_recent_tokens=128, kv_exact_sinks=True)
+    assert (plan.kv_recent_tokens, plan.kv_exact_sinks) == (128, True)
+    assert plan.window_blocks_per_request == 64
+    assert plan.bytes_per_request == (128 + 64) * 64 * 3_600
+    assert plan_kv(spec, context=8192, kv_dtype="int2").kv_recent_tokens == 32
+    assert plan_kv(spec, context=8192, kv_dtype="fp16").kv_recent_tokens is None
+
+
+@pytest.mark.parametrize(("kv_dtype", "options", "message"), [
+    ("fp16", {"kv_recent_tokens": 64}, "apply to the formats with a full-precision window "
+                                       "(int4, int2), not fp16"),
+    ("int8", {"kv_exact_sinks": True}, "(int4, int2), not int8"),
+    ("int2", {"kv_recent_tokens": 0}, "kv_recent_tokens must be a positive number of tokens, "
+                                      "got 0"),
+])  # fmt: skip
+def test_window_options_a_format_cannot_take_are_refused_by_name(kv_dtype, options, message):
+    with pytest.raises(KVForgeError, match=re.escape(message)):
+        LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype=kv_dtype, **options)
+
+
+def test_the_cli_refuses_them_with_exit_2(capsys):
+    code = main(["generate", "--model", "random", "--kv-dtype", "fp16", "--kv-exact-sinks",
+                 "--prompt", "hi"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "not fp16" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--model", "smollm2-135m-instruct", "--kv-recent-tokens", "0"])
+    assert exc.value.code == 2
+
+
+def sink_store() -> tuple[KVStore, list[int]]:
+    """A store whose int2 window keeps 16 recent tokens and the first block: 3 hot blocks
+    of 16 fp32 tokens, each in 16 borrowed blocks (a head's 16 x 4 B hold one token)."""
+    fmt = with_window(get_kv_format("int2"), 16, exact_sinks=True)
+    assert window_blocks(TINY, fmt, 16) == 3 * 16
+    return KVStore(TINY, fmt, 10 + 48, 16, "cpu"), list(range(10, 58))
+
+
+def test_exact_sinks_keep_the_first_block_hot_until_the_request_lets_go():
+    store, window = sink_store()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 1, 16, generator=gen)  # [T, kv_heads, D]
+    table = [0, 1, 2, 3, 4]
+    for start, end in ((0, 40), (40, 80)):
+        store.begin_pass([(table, start, end, window)])
+        store.write(0, torch.arange(start, end), x[start:end], x[start:end])
+    # 80 tokens: blocks from (80 - 16) // 16 = 4 stay hot, 1..3 are packed, 0 stays (sinks)
+    assert sorted(store.window.slots) == [0, 4]
+    got = store.k[0].gather(torch.tensor(table)).reshape(80, 16)
+    assert torch.equal(got[:16], x[:16, 0])  # the sinks, exact
+    assert not torch.equal(got[16:64], x[16:64, 0])  # packed at 2 bits
+    assert torch.equal(got[64:], x[64:, 0])  # the recent tokens, exact
+    # a hot block's keys are rewritten exactly (streaming re-rotates its sinks there)
+    new = torch.randn(1, 1, 16, 16, generator=gen)
+    store.write_keys(list(range(16)), new)
+    assert torch.equal(store.read_keys(list(range(16))), new)
+    store.retire(table, 80)  # the request lets go: the sink block is packed like the rest
+    assert store.window.slots == {}
+    packed = store.k[0].gather(torch.tensor([0])).reshape(16, 16)
+    assert not torch.equal(packed, new[0, 0]) and torch.allclose(packed, new[0, 0], atol=1.5)
+
+
+def test_a_request_inside_its_sinks_and_window_is_exact():
+    """120 tokens at 64-token blocks, scored 64 a pass: the second pass reads the first
+    block from the cache. With exact sinks it is read as computed, so every log-probability
+    is the fp32 cache's; without them it is packed at 2 bits and they move."""
+    tokens = list(range(3, 123))
+    scores = {}
+    for name, options in (("fp32", {"kv_dtype": "fp32"}),
+                          ("sinks", {"kv_dtype": "int2", "kv_exact_sinks": True}),
+                          ("int2", {"kv_dtype": "int2"})):  # fmt: skip
+        llm = LLM(model="random", device="cpu", kv_memory="8MiB", **options)
+        scores[name] = llm.engine.score(tokens, chunk_size=64)
+        if name == "sinks":
+            assert llm.kv_stats()["window_blocks_per_request"] == 3 * 16
+            assert llm.engine.store.window.slots == {}
+    torch.testing.assert_close(scores["sinks"], scores["fp32"], rtol=0, atol=1e-5)
+    assert (scores["int2"] - scores["fp32"])[63:].abs().max() > 1e-3
+
+
+def test_streaming_with_exact_sinks_rerotates_them_in_place():
+    llm = LLM(model="random", device="cpu", kv_memory="8MiB", kv_dtype="int4",
+              kv_exact_sinks=True, kv_policy="streaming", kv_budget=256)  # fmt: skip
+    out = llm.generate([list(range(3, 203))], SamplingParams(max_tokens=300, ignore_eos=True))[0]
+    assert out.error is None and len(out.token_ids) == 300
+    assert out.metrics.peak_kv_tokens <= 256 + 64  # the budget and the block being filled
+    assert llm.engine.store.window.slots == {}
     llm.engine.pool.check_integrity()

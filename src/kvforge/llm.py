@@ -74,6 +74,11 @@ class LLM:
     in the model's own dtype, stored as computed and unrotated, while every other layer
     takes `kv_dtype`; with an unquantized `kv_dtype` they still take the model's dtype.
     They are part of the prefix cache's key, and the planner counts their bytes.
+
+    `kv_recent_tokens` (int4, int2; default 32): the newest tokens of each request kept in
+    full precision until their block is packed; `kv_exact_sinks`: each request's first
+    block (its attention sinks) kept in full precision too while it runs. Both are held in
+    pool blocks a running request borrows (`kv_stats()["window_blocks_per_request"]`).
     """
 
     def __init__(
@@ -98,6 +103,8 @@ class LLM:
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
         kv_skip_layers: Iterable[int] | None = (),
+        kv_recent_tokens: int | None = None,
+        kv_exact_sinks: bool = False,
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -120,6 +127,8 @@ class LLM:
             weights_dtype=weights_dtype,
             kv_rotation=kv_rotation,
             kv_skip_layers=kv_skip_layers,
+            kv_recent_tokens=kv_recent_tokens,
+            kv_exact_sinks=kv_exact_sinks,
         )
         self.engine, self.model_name = build_engine(self.config)
         self.device = self.engine.device

@@ -33,6 +33,7 @@ from kvforge.kvcache.formats import (
     resolve_kv_format,
     window_blocks,
     with_skip_layers,
+    with_window,
 )
 
 DEFAULT_BLOCK_SIZE = 16
@@ -182,6 +183,8 @@ class Plan:
     bytes_per_block: int
     tokens_cached_per_request: int
     blocks_per_request: int
+    kv_recent_tokens: int | None  # int4's, int2's full-precision window (None: no window)
+    kv_exact_sinks: bool
     window_blocks_per_request: int
     bytes_per_request: int
     kv_bytes_batch: int
@@ -217,6 +220,8 @@ def plan_kv(
     kv_memory_bytes: int | None = None,
     max_num_seqs: int | None = None,
     kv_skip_layers: Sequence[int] = (),
+    kv_recent_tokens: int | None = None,
+    kv_exact_sinks: bool = False,
 ) -> Plan:
     """Plan `batch` requests of `context` tokens (default: the model's maximum).
 
@@ -225,11 +230,13 @@ def plan_kv(
     `LLM(kv_memory=)` does; without either it is sized to the batch. The pool's
     blocks are what the engine allocates for those bytes and `max_num_seqs`
     (default DEFAULT_MAX_NUM_SEQS), which also caps the concurrent requests when given.
-    `kv_skip_layers`: layers kept in the model's dtype (`formats.with_skip_layers`).
+    `kv_skip_layers`: layers kept in the model's dtype (`formats.with_skip_layers`);
+    `kv_recent_tokens`, `kv_exact_sinks`: int4's and int2's window (`formats.with_window`).
     """
     context = spec.max_position_embeddings if context is None else _positive("context", context)
     _positive("batch", batch)
     fmt = resolve_kv_format(spec, kv_dtype, kv_skip_layers)
+    fmt = with_window(fmt, kv_recent_tokens, kv_exact_sinks)
     block_size = default_block_size(fmt.name) if block_size is None else block_size
     _positive("block size", block_size)
     if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
@@ -309,6 +316,8 @@ def plan_kv(
         bytes_per_block=block_bytes,
         tokens_cached_per_request=cached_tokens(spec, context),
         blocks_per_request=blocks_per_request(spec, context, block_size),
+        kv_recent_tokens=fmt.residual_tokens or None,
+        kv_exact_sinks=bool(fmt.sink_blocks),
         window_blocks_per_request=window_blocks(spec, fmt, block_size),
         bytes_per_request=request_bytes,
         kv_bytes_batch=kv_bytes_batch,

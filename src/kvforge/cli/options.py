@@ -76,7 +76,9 @@ def layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected layers like 0,29, got {text!r}") from None
 
 
-def add_skip_layers_option(p: argparse.ArgumentParser) -> None:
+def add_kv_layout_options(p: argparse.ArgumentParser) -> None:
+    """Where a KV format keeps precision: --kv-skip-layers, --kv-recent-tokens,
+    --kv-exact-sinks (the engine's commands and `plan`)."""
     p.add_argument(
         "--kv-skip-layers",
         type=layer_list,
@@ -84,6 +86,19 @@ def add_skip_layers_option(p: argparse.ArgumentParser) -> None:
         metavar="LAYERS",
         help="layers whose KV stays in the model's dtype whatever --kv-dtype says, e.g. 0,29 "
         "(the layers that need precision; default none)",
+    )
+    p.add_argument(
+        "--kv-recent-tokens",
+        type=positive_int,
+        metavar="N",
+        help="int4, int2: the newest tokens of a request kept in full precision (default 32); "
+        "their blocks are borrowed from the pool while it runs",
+    )
+    p.add_argument(
+        "--kv-exact-sinks",
+        action="store_true",
+        help="int4, int2: keep each request's first block (its attention sinks) in full "
+        "precision while it runs, in blocks borrowed like the recent window's",
     )
 
 
@@ -129,7 +144,7 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         help="rotate K and V (a fixed Hadamard matrix) before a quantized --kv-dtype stores "
         "them (default: the format's own choice)",
     )
-    add_skip_layers_option(p)
+    add_kv_layout_options(p)
     p.add_argument(
         "--block-size",
         type=positive_int,
@@ -187,6 +202,8 @@ def engine_from_args(args: argparse.Namespace, **options):
         kv_dtype=args.kv_dtype,
         kv_rotation=args.kv_rotation,
         kv_skip_layers=args.kv_skip_layers,
+        kv_recent_tokens=args.kv_recent_tokens,
+        kv_exact_sinks=args.kv_exact_sinks,
         enable_prefix_caching=not args.no_prefix_caching,
         host_cache_memory=args.host_cache_memory,
         disk_cache_dir=args.disk_cache_dir,

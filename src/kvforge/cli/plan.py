@@ -6,7 +6,7 @@ import json
 from kvforge.cli.options import (
     EXIT_OK,
     MODEL_HELP,
-    add_skip_layers_option,
+    add_kv_layout_options,
     byte_size,
     param_count,
     positive_int,
@@ -53,7 +53,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=["auto", *KV_FORMATS],
         help="KV cache storage format (default auto: the model's dtype)",
     )
-    add_skip_layers_option(p)
+    add_kv_layout_options(p)
     p.add_argument(
         "--block-size",
         type=positive_int,
@@ -179,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         kv_memory_bytes=args.kv_memory,
         max_num_seqs=args.max_num_seqs,
         kv_skip_layers=args.kv_skip_layers,
+        kv_recent_tokens=args.kv_recent_tokens,
+        kv_exact_sinks=args.kv_exact_sinks,
     )
     comparison = None
     if args.compare:  # without --block-size, each format at its own default

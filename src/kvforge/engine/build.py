@@ -12,7 +12,7 @@ from kvforge.engine.config import CacheConfig, EngineConfig
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
-from kvforge.kvcache.formats import window_blocks, with_rotation
+from kvforge.kvcache.formats import window_blocks, with_rotation, with_window
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import DiskTier, HostTier, TieredBlocks
 from kvforge.planner import (
@@ -65,6 +65,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
     fmt = resolve_kv_format(spec, cache.kv_dtype, cache.kv_skip_layers)  # range checked here
     fmt = with_rotation(fmt, cache.kv_rotation)
+    fmt = with_window(fmt, cache.kv_recent_tokens, cache.kv_exact_sinks)
     block_size = cache.block_size or default_block_size(fmt.name)
     num_blocks = _pool_size(config, spec, fmt, block_size, device)
     store = _allocate_store(spec, fmt, num_blocks, block_size, device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from kvforge.dtypes import FLOAT_DTYPES
 from kvforge.engine.scheduler import PREEMPTION_MODES
 from kvforge.errors import KVForgeError, positive_int
-from kvforge.kvcache.formats import check_skip_layers, get_kv_format, with_rotation
+from kvforge.kvcache.formats import check_skip_layers, get_kv_format, with_rotation, with_window
 from kvforge.kvcache.policy import KVPolicy, make_policy
 from kvforge.planner import DEFAULT_MAX_NUM_SEQS
 
@@ -41,11 +41,18 @@ class CacheConfig:
     kv_rotation: bool | None = None  # None: the KV format's default
     # layers kept in the model's dtype; checked against its layer count when it is loaded
     kv_skip_layers: tuple[int, ...] = ()
+    # int4's and int2's full-precision window: None and False take the format's own
+    kv_recent_tokens: int | None = None
+    kv_exact_sinks: bool = False
 
     def __post_init__(self) -> None:
         check_skip_layers(self.kv_skip_layers)  # errors name the index
         if self.kv_dtype != "auto":
-            with_rotation(get_kv_format(self.kv_dtype), self.kv_rotation)  # errors name why
+            fmt = get_kv_format(self.kv_dtype)
+            with_rotation(fmt, self.kv_rotation)  # errors name why
+            with_window(fmt, self.kv_recent_tokens, self.kv_exact_sinks)
+        if self.kv_exact_sinks not in (True, False):
+            raise KVForgeError(f"kv_exact_sinks must be True or False, got {self.kv_exact_sinks!r}")
         if self.kv_rotation not in (None, True, False):
             raise KVForgeError(f"kv_rotation must be None, True or False, got {self.kv_rotation!r}")
         if self.block_size is not None:
@@ -115,6 +122,8 @@ class EngineConfig:
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
         kv_skip_layers: Iterable[int] | None = (),
+        kv_recent_tokens: int | None = None,
+        kv_exact_sinks: bool = False,
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -134,6 +143,8 @@ class EngineConfig:
             kv_policy=policy,
             kv_rotation=kv_rotation,
             kv_skip_layers=check_skip_layers(kv_skip_layers),
+            kv_recent_tokens=kv_recent_tokens,
+            kv_exact_sinks=kv_exact_sinks,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
                    preemption_mode, seed, weights_dtype)  # fmt: skip

@@ -329,6 +329,8 @@ class LLMEngine:
             "bytes_per_token": self.store.bytes_per_token,
             "kv_skip_layers": list(self.store.format.skip_layers),
             "kv_bytes_allocated": self.store.bytes_allocated,
+            "kv_recent_tokens": self.store.format.residual_tokens or None,
+            "kv_exact_sinks": bool(self.store.format.sink_blocks),
             "window_blocks_per_request": self.manager.window_blocks,
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             **(self.tiers.stats() if self.tiers is not None else {}),

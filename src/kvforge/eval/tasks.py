@@ -42,6 +42,8 @@ def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
         "kv_dtype": store.format.name,
         "kv_rotation": store.format.rotation,
         "kv_skip_layers": list(store.format.skip_layers),
+        "kv_recent_tokens": store.format.residual_tokens or None,
+        "kv_exact_sinks": bool(store.format.sink_blocks),
         "kv_policy": None if policy is None else policy[0],
         "kv_budget": f"{budget:.0%}" if isinstance(budget, float) else budget,
         "block_size": store.block_size,

@@ -80,6 +80,8 @@ class KVFormat:
     key_groups: QuantGroups | None = None
     value_groups: QuantGroups | None = None
     residual_tokens: int = 0  # most recent tokens per request kept in full precision
+    # each running request's first blocks (its attention sinks) kept in full precision too
+    sink_blocks: int = 0
     summary: str = ""
     # the classes in `codecs` that encode K and V in this layout (None: stored as is)
     codecs: tuple[str, str] | None = None
@@ -92,7 +94,9 @@ class KVFormat:
     @property
     def key(self) -> str:
         """What the prefix cache keys blocks by: the name, the rotation if any, and the
-        layers kept in the model's dtype if any ("int4+rot0+skip0,29@bf16")."""
+        layers kept in the model's dtype if any ("int4+rot0+skip0,29@bf16"). Not the
+        full-precision window (`with_window`): it decides when a block is packed, not how,
+        so a packed block is the same bytes under every window."""
         key = f"{self.name}+rot{ROTATION_SEED}" if self.rotation else self.name
         if self.skip_layers:
             key += f"+skip{','.join(map(str, self.skip_layers))}@{self.skip_dtype}"
@@ -183,6 +187,28 @@ def with_rotation(fmt: KVFormat, rotation: bool | None) -> KVFormat:
             f"kv_rotation applies to the quantized KV formats ({quantized}), not {fmt.name}"
         )
     return dataclasses.replace(fmt, rotation=bool(rotation))
+
+
+def with_window(fmt: KVFormat, recent_tokens: int | None, exact_sinks: bool = False
+                ) -> KVFormat:  # fmt: skip
+    """`fmt` with int4's and int2's full-precision window set: its `recent_tokens` newest
+    tokens (None: RESIDUAL_TOKENS) and, with `exact_sinks`, each request's first block (its
+    attention sinks) kept in full precision while the request runs. KVForgeError for a
+    format without that window, or a window that is not a positive number of tokens."""
+    if recent_tokens is None and not exact_sinks:
+        return fmt
+    if not fmt.residual_tokens:
+        windowed = ", ".join(n for n, f in KV_FORMATS.items() if f.residual_tokens)
+        raise KVForgeError(
+            f"kv_recent_tokens and kv_exact_sinks apply to the formats with a full-precision "
+            f"window ({windowed}), not {fmt.name}"
+        )
+    if recent_tokens is None:
+        recent_tokens = fmt.residual_tokens
+    if isinstance(recent_tokens, bool) or not isinstance(recent_tokens, int) or recent_tokens < 1:
+        raise KVForgeError(f"kv_recent_tokens must be a positive number of tokens, got "
+                           f"{recent_tokens!r}")  # fmt: skip
+    return dataclasses.replace(fmt, residual_tokens=recent_tokens, sink_blocks=int(exact_sinks))
 
 
 def get_kv_format(name: str) -> KVFormat:
@@ -312,12 +338,14 @@ def window_lend(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
 
 def window_blocks(spec: ModelSpec, fmt: KVFormat, block_size: int) -> int:
     """Pool blocks a running request borrows for its full-precision recent window (int4,
-    int2; 0 for other formats): `recent_blocks` blocks of tokens, each in `window_lend`
-    borrowed blocks. They are taken from the pool when the request is admitted and given
-    back when it leaves, so the window costs blocks like any other, only while it runs."""
+    int2; 0 for other formats): `recent_blocks` blocks of tokens and its sink blocks (with
+    kv_exact_sinks), each in `window_lend` borrowed blocks. They are taken from the pool
+    when the request is admitted and given back when it leaves, so the window costs blocks
+    like any other, only while it runs."""
     if not fmt.residual_tokens or len(fmt.skip_layers) == spec.num_layers:
         return 0
-    return recent_blocks(fmt.residual_tokens, block_size) * window_lend(spec, fmt, block_size)
+    hot = recent_blocks(fmt.residual_tokens, block_size) + fmt.sink_blocks
+    return hot * window_lend(spec, fmt, block_size)
 
 
 def as_number(value: Fraction) -> int | float:

@@ -35,8 +35,9 @@ class RecentWindow:
     A request's block is "hot" — its K/V live in a full-precision slot, not in the
     packed block — until it is whole and at least `tokens` newer tokens follow it.
     Then it is committed: its keys are quantized per channel over the block, its
-    values per token, once. A request thus keeps at most `blocks_per_request` hot
-    blocks.
+    values per token, once. With `sinks` (kv_exact_sinks) a request's first blocks stay
+    hot too, until it lets go of them. A request thus keeps at most `blocks_per_request`
+    hot blocks.
 
     The slots are pool blocks: each running request borrows `blocks_per_request` ×
     `lend` blocks from the pool (the manager's `window_blocks`) and each of its hot
@@ -51,9 +52,9 @@ class RecentWindow:
     """
 
     def __init__(self, num_blocks: int, block_size: int, tokens: int, lend: int, rows: int,
-                 device) -> None:  # fmt: skip
-        self.block_size, self.tokens = block_size, tokens
-        self.blocks_per_request = recent_blocks(tokens, block_size)
+                 device, sinks: int = 0) -> None:  # fmt: skip
+        self.block_size, self.tokens, self.sinks = block_size, tokens, sinks
+        self.blocks_per_request = recent_blocks(tokens, block_size) + sinks
         self.lend, self.rows = lend, rows
         self.device = torch.device(device)
         # hot block id -> the blocks its slot borrows (-1: not hot), mirrored on the device
@@ -130,7 +131,7 @@ class RecentWindow:
             for j in range(max(0, (start - self.tokens) // bs), -(-end // bs)):
                 b, lo, hi = block_ids[j], max(start, j * bs), min(end, (j + 1) * bs)
                 touched = lo < hi
-                if j >= first_hot:
+                if j >= first_hot or j < self.sinks:
                     if touched:
                         hot_writes.append((b, lo - j * bs, row + lo - start, hi - lo, window))
                     continue
@@ -182,6 +183,10 @@ class RecentWindow:
 
     def _lent(self, hot: list[int]) -> torch.Tensor:
         return torch.tensor([self.slots[b] for b in hot], dtype=torch.long, device=self.device)
+
+    def rows_of_blocks(self, hot: list[int]) -> Rows:
+        """Where the tokens of hot blocks live, in order (`rows_of`)."""
+        return self.rows_of(self._lent(hot))
 
     def settle(self, block_ids: list[int]) -> None:
         """Encode hot blocks into their packed blocks (as committing would), keeping them
@@ -294,16 +299,26 @@ class WindowedCache(QuantizedCache):
         self.rows[:, blocks, rows] = x.index_select(1, plan.recent_src).to(self.rows.dtype)
 
     def write_slots(self, slots: torch.Tensor, x: torch.Tensor) -> None:
-        """Rewrite whole blocks of tokens (the keys are quantized per block), outside the
-        recent window: `slots` cover whole blocks, in order."""
+        """Rewrite whole blocks of tokens (the keys are quantized per block): `slots` cover
+        whole blocks, in order. A hot block (exact sinks re-rotated by `streaming`) is
+        rewritten in its full-precision slot, as stored there."""
         bs = self.shape[2]
         ids = slots[::bs] // bs
         expected = (ids[:, None] * bs + torch.arange(bs, device=slots.device)).reshape(-1)
         if not torch.equal(slots, expected):
             raise AssertionError("int4 and int2 tokens are rewritten a whole block at a time")
-        if any(int(b) in self.window.slots for b in ids):
-            raise AssertionError("a block in the recent window is rewritten by its writes")
-        self.write_whole_blocks(ids, x.view(x.shape[0], len(ids), bs, x.shape[-1]))
+        blocks = x.view(x.shape[0], len(ids), bs, x.shape[-1])
+        hot = [i for i, b in enumerate(ids.tolist()) if b in self.window.slots]
+        cold = [i for i in range(len(ids)) if i not in hot]
+        if hot:
+            values = blocks[:, hot].float()
+            if self.rotation is not None:
+                values = values @ self.rotation
+            where = self.window.rows_of_blocks([int(ids[i]) for i in hot])
+            self.write_recent(where, values)
+        if cold:
+            at = torch.tensor(cold, dtype=torch.long, device=ids.device)
+            self.write_whole_blocks(ids[at], blocks[:, at])
 
     def move_tokens(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         raise AssertionError("tokens of a windowed (int4, int2) cache cannot move")

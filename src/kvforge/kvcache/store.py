@@ -72,7 +72,8 @@ class KVStore:
         if fmt.residual_tokens and len(fmt.skip_layers) < spec.num_layers:
             self.window = RecentWindow(num_blocks, block_size, fmt.residual_tokens,
                                        window_lend(spec, fmt, block_size),
-                                       window_rows(spec, fmt, block_size), device)  # fmt: skip
+                                       window_rows(spec, fmt, block_size), device,
+                                       fmt.sink_blocks)  # fmt: skip
         k_codec, v_codec = get_codecs(fmt.name, spec.head_dim) if fmt.codecs else (None, None)
         if fmt.rotation:  # one matrix for K and V of every coded layer and head
             rotation = rotation_matrix(spec.head_dim).to(device)
