@@ -576,19 +576,21 @@ def test_int2_copies_a_cached_sinks_block_before_moving_it():
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["recompute", "swap"])
 def test_int2_preemption_under_streaming(mode):
-    # 10 blocks of 64: three requests that each grow to 224 tokens (4 blocks) cannot all run
+    # 10 blocks of 64 beside the 32 each running request borrows for its window: three
+    # requests that each grow to 224 tokens (4 blocks) cannot all run
     prompts = [f"request {i}: hello" * 5 for i in range(3)]
     params = SamplingParams(max_tokens=400, ignore_eos=True)
     options = {"kv_policy": "streaming", "kv_budget": 160, "kv_dtype": "int2"}
     roomy = _llm(**options).generate(prompts, params)
-    llm = LLM(model="random", device="cpu", num_blocks=10, preemption_mode=mode, **options)
+    blocks = 10 + 3 * 32
+    llm = LLM(model="random", device="cpu", num_blocks=blocks, preemption_mode=mode, **options)
     outs = llm.generate(prompts, params)
     assert llm.engine.manager.num_preemptions > 0
     assert [len(o.token_ids) for o in outs] == [400] * 3
     if mode == "swap":  # hot blocks leave with the request and come back: the same tokens
         assert [o.token_ids for o in outs] == [o.token_ids for o in roomy]
     llm.engine.pool.check_integrity()
-    assert llm.engine.pool.num_free == 10 and llm.engine.store.window.slots == {}
+    assert llm.engine.pool.num_free == blocks and llm.engine.store.window.slots == {}
 
 
 def test_a_pruned_request_publishes_no_stale_prefix():

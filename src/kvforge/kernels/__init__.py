@@ -58,7 +58,10 @@ def cpu():
 
     texts = {path.name: path.read_bytes() for path in SOURCES}
     flags = " ".join(sorted(_cpu_flags()))
-    digest = hashlib.sha256(torch.__version__.encode() + flags.encode())
+    # the torch install too: its include paths are in the build command, so two
+    # environments sharing one build folder would rebuild it in turn, each under the
+    # other's lock
+    digest = hashlib.sha256(torch.__version__.encode() + flags.encode() + torch.__file__.encode())
     for name, text in texts.items():
         digest.update(name.encode() + b"\0" + text)
     key = digest.hexdigest()[:16]
