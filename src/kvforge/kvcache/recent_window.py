@@ -29,6 +29,18 @@ class _WindowPass:
     stage_new_dst: torch.Tensor  # ... to staging rows
 
 
+def _runs(firsts: list[int], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of integers first .. first + count - 1, concatenated: (the run each belongs
+    to, the integer), on the host."""
+    if not counts:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    ends = torch.tensor(counts, dtype=torch.long).cumsum(0)  # where each run ends
+    at = torch.arange(int(ends[-1]))
+    run = torch.searchsorted(ends, at, right=True)
+    begins = ends - torch.tensor(counts, dtype=torch.long)
+    return run, at + (torch.tensor(firsts, dtype=torch.long) - begins)[run]
+
+
 class RecentWindow:
     """Which blocks still hold recent tokens in full precision, and where (int4, int2: KIVI).
 
@@ -97,10 +109,25 @@ class RecentWindow:
         blocks = lent[:, self._token_block].reshape(-1)
         return blocks, self._token_row.repeat(lent.shape[0])
 
-    def _rows(self, slot: tuple[int, ...], first: int, count: int) -> tuple[list[int], list[int]]:
-        """(blocks, rows) of tokens first .. first + count - 1 of a slot."""
-        return ([slot[t // self.rows] for t in range(first, first + count)],
-                [t % self.rows for t in range(first, first + count)])  # fmt: skip
+    def _slot_rows(self, slots: list[tuple[int, ...]], firsts: list[int],
+                   counts: list[int]) -> Rows:  # fmt: skip
+        """Where tokens first .. first + count - 1 of each slot live, all in order
+        (`rows_of` for runs of tokens), built from one run a borrowed block touched."""
+        blocks: list[int] = []
+        starts: list[int] = []
+        sizes: list[int] = []
+        for slot, first, count in zip(slots, firsts, counts, strict=True):
+            t, end = first, first + count
+            while t < end:
+                k, row = divmod(t, self.rows)
+                n = min(end, (k + 1) * self.rows) - t
+                blocks.append(slot[k])
+                starts.append(row)
+                sizes.append(n)
+                t += n
+        run, rows = _runs(starts, sizes)
+        where = torch.tensor(blocks, dtype=torch.long)[run]
+        return where.to(self.device), rows.to(self.device)
 
     def hot(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, Rows]:
         """(positions in block_ids that are hot, the (block, row) of each of their tokens);
@@ -122,8 +149,10 @@ class RecentWindow:
         bs = self.block_size
         commits: list[int] = []
         committed: set[int] = set()
-        stage_recent: tuple[list[int], list[int], list[int]] = ([], [], [])  # block, row, dst
-        stage_new: tuple[list[int], list[int]] = ([], [])
+        # runs of tokens: (slot, first, count) are window rows, (start, count) pass or
+        # staging rows
+        stage_recent: list[tuple[tuple[int, ...], int, int, int]] = []  # slot, first, n, dst
+        stage_new: list[tuple[int, int, int]] = []  # src, dst, n
         hot_writes: list[tuple[int, int, int, int, list[int]]] = []  # +first pos, row, count
         row = 0
         for block_ids, start, end, window in seqs:
@@ -144,40 +173,43 @@ class RecentWindow:
                 if old:
                     if b not in self.slots:
                         raise AssertionError(f"block {b} has old tokens but no recent slot")
-                    blocks, rows = self._rows(self.slots[b], 0, old)
-                    stage_recent[0].extend(blocks)
-                    stage_recent[1].extend(rows)
-                    stage_recent[2].extend(range(i * bs, i * bs + old))
+                    stage_recent.append((self.slots[b], 0, old, i * bs))
                 if touched:
-                    stage_new[0].extend(range(row + lo - start, row + hi - start))
-                    stage_new[1].extend(range(i * bs + lo - j * bs, i * bs + hi - j * bs))
+                    stage_new.append((row + lo - start, i * bs + lo - j * bs, hi - lo))
             row += end - start
         # free the committed blocks' slots first: a write reads them before it reuses them
         self._drop([b for b in commits if b in self.slots])
-        recent: tuple[list[int], list[int], list[int]] = ([], [], [])  # src row, block, row
-        # a borrowed block held other bytes: a slot's rows not yet written must read as 0,
-        # finite for attention's masked products and a partial block's commit
-        cleared: tuple[list[int], list[int]] = ([], [])
+        taken: list[tuple[int, ...]] = []
+        written: list[tuple[int, tuple[int, ...], int, int]] = []  # src row, slot, first, n
         for b, offset, first_row, count, window in hot_writes:
             slot = self.slots.get(b)
             if slot is None:
                 slot = self._take(b, window)
-                blocks, rows = self._rows(slot, 0, self.block_size)
-                cleared[0].extend(blocks)
-                cleared[1].extend(rows)
-            blocks, rows = self._rows(slot, offset, count)
-            recent[0].extend(range(first_row, first_row + count))
-            recent[1].extend(blocks)
-            recent[2].extend(rows)
+                taken.append(slot)
+            written.append((first_row, slot, offset, count))
         self._sync(commits + [b for b, *_ in hot_writes])
 
-        def t(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long, device=self.device)
+        def spans(starts: list[int], counts: list[int]) -> torch.Tensor:
+            return _runs(starts, counts)[1].to(self.device)
 
-        self.plan = _WindowPass((t(cleared[0]), t(cleared[1])), t(recent[0]),
-                                (t(recent[1]), t(recent[2])), t(commits),
-                                (t(stage_recent[0]), t(stage_recent[1])), t(stage_recent[2]),
-                                t(stage_new[0]), t(stage_new[1]))  # fmt: skip
+        def columns(runs: list[tuple], width: int) -> list[list]:
+            return [list(c) for c in zip(*runs, strict=True)] if runs else [[]] * width
+
+        slot_of, first_of, count_of, dst_of = columns(stage_recent, 4)
+        src_of, new_dst_of, new_count_of = columns(stage_new, 3)
+        written_src, written_slot, written_first, written_count = columns(written, 4)
+        self.plan = _WindowPass(
+            # a borrowed block held other bytes: a slot's rows not yet written must read as
+            # 0, finite for attention's masked products and a partial block's commit
+            cleared=self._slot_rows(taken, [0] * len(taken), [bs] * len(taken)),
+            recent_src=spans(written_src, written_count),
+            recent_dst=self._slot_rows(written_slot, written_first, written_count),
+            commit_ids=torch.tensor(commits, dtype=torch.long, device=self.device),
+            stage_recent_src=self._slot_rows(slot_of, first_of, count_of),
+            stage_recent_dst=spans(dst_of, count_of),
+            stage_new_src=spans(src_of, new_count_of),
+            stage_new_dst=spans(new_dst_of, new_count_of),
+        )
 
     # --- blocks leaving a request ----------------------------------------------------
 
@@ -308,8 +340,9 @@ class WindowedCache(QuantizedCache):
         if not torch.equal(slots, expected):
             raise AssertionError("int4 and int2 tokens are rewritten a whole block at a time")
         blocks = x.view(x.shape[0], len(ids), bs, x.shape[-1])
-        hot = [i for i, b in enumerate(ids.tolist()) if b in self.window.slots]
-        cold = [i for i in range(len(ids)) if i not in hot]
+        is_hot = [b in self.window.slots for b in ids.tolist()]
+        hot = [i for i, h in enumerate(is_hot) if h]
+        cold = [i for i, h in enumerate(is_hot) if not h]
         if hot:
             values = blocks[:, hot].float()
             if self.rotation is not None:
