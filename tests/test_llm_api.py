@@ -231,6 +231,48 @@ def test_top_k_and_top_p_keep_exactly_the_best_on_ties():
     assert SamplingParams(temperature=1e-7).greedy
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"presence_penalty": 2.5}, r"presence_penalty must be in \[-2, 2\], got 2.5"),
+        ({"frequency_penalty": float("nan")}, r"frequency_penalty must be in \[-2, 2\]"),
+        ({"repetition_penalty": 0}, r"repetition_penalty must be in \(0, inf\), got 0"),
+        ({"repetition_penalty": float("inf")}, r"repetition_penalty must be in \(0, inf\)"),
+        ({"min_tokens": 5, "max_tokens": 4}, r"min_tokens \(5\) must not exceed max_tokens"),
+        ({"logit_bias": {3: 101.0}}, r"logit_bias\[3\] must be in \[-100, 100\]"),
+        ({"logit_bias": {-1: 1.0}}, "logit_bias keys must be token ids, got -1"),
+        ({"logprobs": -1}, "logprobs must be an integer >= 0, got -1"),
+        ({"max_tokens": 0}, r"0 only scores the prompt: with prompt_logprobs"),
+    ],
+)
+def test_penalty_and_logprob_params_name_their_range(kwargs, message):
+    with pytest.raises(KVForgeError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_extreme_values_still_sample_a_token(llm):
+    """What a fuzz of the server found: a tiny repetition_penalty overflowed the logits
+    to inf, and a top_p below float32's least number dropped every token (both: NaN
+    probabilities). The order of the logits is kept; the best token always stays."""
+    import torch
+
+    from kvforge.engine.sampling import History, process_logits
+
+    row = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    out = process_logits(
+        row, SamplingParams(repetition_penalty=1e-300), History([0, 1], [], frozenset())
+    )
+    assert torch.isfinite(out[[0, 2, 3]]).all() and out.argmax() == 0
+    greedy = llm.generate(["0"], SamplingParams(max_tokens=3))[0].token_ids
+    tiny_top_p = SamplingParams(max_tokens=3, temperature=1.0, top_p=5e-324, seed=1)
+    tiny_penalty = SamplingParams(max_tokens=3, temperature=1e-4, repetition_penalty=1e-300)
+    for params in (tiny_top_p, tiny_penalty):
+        out = llm.generate(["0"], params)[0]
+        assert out.error is None and len(out.token_ids) == 3
+    assert llm.generate(["0"], SamplingParams(max_tokens=3, temperature=1.0, top_p=5e-324,
+                                              seed=2))[0].token_ids == greedy  # fmt: skip
+
+
 def test_stream_holds_back_text_that_may_still_change():
     from kvforge.engine.request import Request, RequestMetrics
     from kvforge.engine.request import stable_text as _stable_text

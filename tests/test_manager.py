@@ -36,6 +36,7 @@ class Seq:
     num_registered_blocks: int = 0
     num_computed_tokens: int = 0
     num_dropped: int = 0
+    prefix_hit_limit: int = 1 << 30  # no limit
     swapped: bool = False
     window_blocks: list[int] = field(default_factory=list)
 

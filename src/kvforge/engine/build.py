@@ -127,11 +127,19 @@ class TokenIdsOnly:
         self.reason = reason
         self.eos_token_ids = eos_token_ids
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         raise KVForgeError(f"{self.reason}: give prompts as lists of token ids")
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return ""
+
+    def token_text(self, token_id: int) -> str:
+        return ""
+
+    def info(self) -> dict:
+        return {"tokenizer_class": None, "bos_token": None, "eos_token": None,
+                "pad_token": None, "unk_token": None, "chat_template": None,
+                "add_bos_token": None}  # fmt: skip
 
 
 def _memory_blocks(name: str, memory: int | str, block_bytes: int) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvforge.engine.limits import RequestLimits
 from kvforge.engine.pruning import Pruner
 from kvforge.engine.request import Request, RequestMetrics, Status, stable_text
 from kvforge.engine.runner import ModelRunner
@@ -27,8 +28,6 @@ from kvforge.kvcache.manager import KVCacheManager
 from kvforge.kvcache.policy import KVPolicy
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
-
-MAX_POSITION = 1 << 24  # with a policy, positions may run past the context up to here
 
 
 @dataclass(frozen=True)
@@ -83,9 +82,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.manager, scheduler_config)
         self.runner = ModelRunner(model, store, device, self.tiers)
         self.pruner = Pruner(store, self.manager)
-        self.pruner.check(kv_policy)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        fmt = store.format
+        self.limits = RequestLimits(
+            vocab_size, max_model_len, store.block_size, self.pool.num_blocks,
+            self.manager.window_blocks, store.token_moves, fmt.residual_tokens, fmt.name,
+            kv_policy,
+        )  # fmt: skip
+        self.limits.check_policy(kv_policy)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)
@@ -145,41 +150,8 @@ class LLMEngine:
         self, token_ids: list[int], params: SamplingParams, policy: KVPolicy | None = None
     ) -> None:
         """KVForgeError naming the limit if this request could never run. Reads only the
-        engine's fixed limits, so any thread may call it (the server checks before queueing).
-
-        With an eviction policy a request holds at most twice its budget and a block (a
-        piece of prompt read on top of a full budget), or snapkv's whole prompt, so it
-        may run past the model's context: positions go on, the cache does not grow."""
-        self.pruner.check(policy)
-        if not token_ids:
-            raise KVForgeError("the prompt is empty")
-        bad = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, int)]
-        bad += [t for t in token_ids if isinstance(t, int) and not 0 <= t < self.vocab_size]
-        if bad:
-            raise KVForgeError(
-                f"prompt token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})"
-            )
-        total = len(token_ids) + params.max_tokens
-        if policy is not None:
-            if total > MAX_POSITION:
-                raise KVForgeError(f"prompt + max_tokens = {total} exceeds {MAX_POSITION:,}")
-            policy.check_prompt(len(token_ids), self.max_model_len)
-            total = policy.most_cached(len(token_ids), total, self.store.block_size)
-        elif total > self.max_model_len:
-            raise KVForgeError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the model's context of {self.max_model_len} tokens"
-            )
-        block_size, window = self.store.block_size, self.manager.window_blocks
-        blocks = -(-total // block_size)
-        if blocks + window > self.pool.num_blocks:
-            borrowed = f" (and {window} borrowed for its recent window)" * bool(window)
-            raise KVForgeError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) needs "
-                f"{blocks} KV blocks of {block_size} tokens{borrowed}; the pool has "
-                f"{self.pool.num_blocks} ({self.pool.num_blocks * block_size} tokens): raise "
-                "kv_memory or num_blocks"
-            )
+        engine's fixed limits (`limits`), so any thread may call it."""
+        self.limits.check(token_ids, params, policy)
 
     def score(
         self, token_ids: list[int], chunk_size: int = 64, kv_policy: KVPolicy | None = None
@@ -231,8 +203,7 @@ class LLMEngine:
     @property
     def max_request_tokens(self) -> int:
         """The most tokens (prompt + output) one request can have: context and pool."""
-        blocks = self.pool.num_blocks - self.manager.window_blocks
-        return min(self.max_model_len, blocks * self.store.block_size)
+        return self.limits.max_request_tokens
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks; unknown or finished ids are ignored."""
@@ -273,7 +244,15 @@ class LLMEngine:
             self.manager.register(r)
             scores = collected.scores.get(i) if collected else None
             self.pruner.after_pass(r, item.prompt_done, scores)
-            if token is not None:
+            if i in self.runner.prompt_logprobs:
+                r.prompt_logprobs += self.runner.prompt_logprobs[i]
+            if token is not None and r.params.max_tokens == 0:  # only the prompt is scored
+                r.metrics.first_token_s = now
+                self._finish(r, "length")
+                token = None
+            elif token is not None:
+                if i in self.runner.logprobs:
+                    r.logprobs.append(self.runner.logprobs[i])
                 self._append_token(r, token, now)
             events.append(StepEvent(r, token))
         return events

@@ -3,7 +3,6 @@
 `kvcache.policy` says which tokens a policy keeps; this module is where the engine
 acts on it, the one place that does:
 
-* `check` refuses a policy the store cannot apply (int4 and int2: a budget floor);
 * `after_pass` (without a policy) has a sliding-window model's blocks before its window
   given back; with one, it adds the attention a pass gathered to the request's scores, asks the
   policy whether to compact, rounds the choice to whole blocks where tokens cannot
@@ -15,9 +14,8 @@ acts on it, the one place that does:
 import torch
 
 from kvforge.engine.request import Request
-from kvforge.errors import KVForgeError
 from kvforge.kvcache.manager import KVCacheManager
-from kvforge.kvcache.policy import KVPolicy, whole_blocks
+from kvforge.kvcache.policy import whole_blocks
 from kvforge.kvcache.store import KVStore
 
 
@@ -27,22 +25,6 @@ class Pruner:
     def __init__(self, store: KVStore, manager: KVCacheManager) -> None:
         self.store = store
         self.manager = manager
-
-    def check(self, policy: KVPolicy | None) -> None:
-        """KVForgeError if this store cannot apply `policy`. Under int4 and int2 (keys quantized
-        per channel over whole blocks, the newest tokens kept in full precision) a policy
-        keeps and drops whole blocks, and its budget must hold the sinks' block, the
-        full-precision tokens and the block being filled."""
-        if policy is None or self.store.token_moves:
-            return
-        fmt, bs = self.store.format, self.store.block_size
-        least = fmt.residual_tokens + 2 * bs
-        if policy.budget < least:
-            raise KVForgeError(
-                f"kv_budget {policy.budget} is too small for kv_dtype {fmt.name!r}: it keeps "
-                f"whole blocks of {bs} tokens and its {fmt.residual_tokens} newest tokens "
-                f"in full precision, so a policy needs kv_budget >= {least}"
-            )
 
     def after_pass(self, r: Request, prompt_done: bool, received: torch.Tensor | None) -> None:
         """Count the request's cache peak; with a policy, add the attention its tokens

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvforge.engine.sampling import SamplingParams
+from kvforge.engine.sampling import SamplingParams, TokenLogprobs
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.policy import KVPolicy, PolicyState
 
@@ -56,6 +56,15 @@ class RequestOutput:
     finish_reason: str | None
     metrics: RequestMetrics
     error: str | None = None
+    # with SamplingParams.logprobs: each output token's log-probability and the top N
+    logprobs: list[TokenLogprobs] | None = None
+    # with SamplingParams.prompt_logprobs: each prompt token's (the first has none: None)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the output tokens' log-probabilities (with logprobs)."""
+        return None if self.logprobs is None else sum(t.logprob for t in self.logprobs)
 
     @property
     def finished(self) -> bool:
@@ -99,6 +108,24 @@ class Request:
     kv_policy: KVPolicy | None = None  # None: keep every token
     policy_state: PolicyState = field(default_factory=PolicyState)
     num_dropped: int = 0  # computed tokens evicted from the cache by the policy
+    logprobs: list[TokenLogprobs] | None = None  # with params.logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with params.prompt_logprobs
+
+    def __post_init__(self) -> None:
+        if self.params.logprobs is not None:
+            self.logprobs = []
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]  # the first prompt token has no context
+
+    @property
+    def prefix_hit_limit(self) -> int:
+        """How many of its first tokens the prefix cache may serve. A prompt position whose
+        log-probability is returned runs through the model: cached K/V serve only as
+        context for positions already scored (a re-admission after a preemption)."""
+        logprobs = self.prompt_logprobs
+        if logprobs is None or len(logprobs) == len(self.prompt_token_ids):
+            return self.num_tokens
+        return len(logprobs) - 1
 
     @property
     def num_kv_tokens(self) -> int:
@@ -127,6 +154,8 @@ class Request:
             finish_reason=self.finish_reason,
             metrics=self.metrics,
             error=self.error,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
         )
 
 

@@ -15,12 +15,14 @@ import torch
 
 from kvforge.attention import AttentionMetadata
 from kvforge.attention.metadata import ScoreCollector
-from kvforge.engine.sampling import sample
+from kvforge.engine.sampling import History, TokenLogprobs, sample, token_logprobs
 from kvforge.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kvforge.kvcache import block_ops as ops
 from kvforge.kvcache.block_table import NULL_BLOCK
 from kvforge.kvcache.store import KVStore
 from kvforge.kvcache.tiers import TieredBlocks
+
+PROMPT_LOGITS_ROWS = 256  # prompt positions scored at once: bounds the [rows, vocab] logits
 
 
 class ModelRunner:
@@ -38,6 +40,9 @@ class ModelRunner:
         self.logits_hook = None
         # the attention gathered in the last pass for eviction policies (None: none asked)
         self.collected: ScoreCollector | None = None
+        # the last `run`'s log-probabilities, by position in its batch (see `run`)
+        self.logprobs: dict[int, TokenLogprobs] = {}
+        self.prompt_logprobs: dict[int, list[TokenLogprobs]] = {}
 
     def execute(self, block_ops: list[ops.BlockOp]) -> None:
         """Carry out the manager's operations on block contents, in order."""
@@ -128,13 +133,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: SchedulerOutput) -> list[int | None]:
-        """The sampled token of each scheduled request, or None mid-prefill."""
+        """The sampled token of each scheduled request, or None mid-prefill. The
+        log-probabilities asked for are left in `logprobs` (the sampled tokens') and
+        `prompt_logprobs` (prompt tokens scored in this pass), by position in the batch."""
         self.execute(step.ops)
         batch = step.scheduled
+        self.logprobs, self.prompt_logprobs = {}, {}
         if not batch:
             return []
         ids, pos, meta = self.prepare(batch)
         hidden = self.model(ids, pos, self.store, meta)  # [T, hidden]
+        self._score_prompts(batch, meta, hidden)
         rows = [i for i, item in enumerate(batch) if item.samples]
         if not rows:
             return [None] * len(batch)
@@ -143,8 +152,49 @@ class ModelRunner:
         requests = [batch[i].request for i in rows]
         if self.logits_hook is not None:
             self.logits_hook(requests, logits)
-        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        histories = [_history(r) if r.params.processes_logits else None for r in requests]
+        tokens = sample(
+            logits, [r.params for r in requests], [r.generator for r in requests], histories
+        )
+        asked = [j for j, r in enumerate(requests) if r.params.logprobs is not None]
+        if asked:
+            found = token_logprobs(logits[asked], [tokens[j] for j in asked],
+                                   [requests[j].params.logprobs for j in asked])  # fmt: skip
+            self.logprobs = {rows[j]: f for j, f in zip(asked, found, strict=True)}
         out: list[int | None] = [None] * len(batch)
         for i, token in zip(rows, tokens, strict=True):
             out[i] = token
         return out
+
+    def _score_prompts(self, batch: list[ScheduledRequest], meta: AttentionMetadata,
+                       hidden: torch.Tensor) -> None:  # fmt: skip
+        """The log-probabilities of the prompt tokens whose predictions this pass computed
+        (requests with prompt_logprobs), PROMPT_LOGITS_ROWS logits rows at a time."""
+        rows: list[int] = []  # rows of `hidden`, each predicting ...
+        targets: list[int] = []  # ... this prompt token
+        tops: list[int] = []
+        owners: list[int] = []  # the request's position in the batch
+        for i, item in enumerate(batch):
+            r = item.request
+            if r.prompt_logprobs is None:
+                continue
+            start = r.num_computed_tokens
+            first = max(start, len(r.prompt_logprobs) - 1)  # positions scored before: skip
+            end = min(start + item.num_new_tokens, len(r.prompt_token_ids) - 1)
+            base = meta.query_start_loc[i] - start  # the row of position `start` is base+start
+            rows += range(base + first, base + end)
+            targets += r.prompt_token_ids[first + 1 : end + 1]
+            tops += [r.params.prompt_logprobs] * max(0, end - first)
+            owners += [i] * max(0, end - first)
+        for lo in range(0, len(rows), PROMPT_LOGITS_ROWS):
+            at = torch.tensor(rows[lo : lo + PROMPT_LOGITS_ROWS], device=self.device)
+            logits = self.model.compute_logits(hidden[at])
+            found = token_logprobs(logits, targets[lo : lo + PROMPT_LOGITS_ROWS],
+                                   tops[lo : lo + PROMPT_LOGITS_ROWS])  # fmt: skip
+            for owner, f in zip(owners[lo : lo + PROMPT_LOGITS_ROWS], found, strict=True):
+                self.prompt_logprobs.setdefault(owner, []).append(f)
+
+
+def _history(r) -> History:
+    stops = r.eos_token_ids | frozenset(r.params.stop_token_ids or ())
+    return History(r.prompt_token_ids, r.output_token_ids, stops)

@@ -74,7 +74,7 @@ def use_policy(llm, policy: tuple[str, int | float] | None, tokens: int) -> int 
     if isinstance(budget, float):
         budget = max(1, round(budget * tokens))
     llm.engine.kv_policy = make_policy(name, budget)
-    llm.engine.pruner.check(llm.engine.kv_policy)
+    llm.engine.limits.check_policy(llm.engine.kv_policy)
     return budget
 
 

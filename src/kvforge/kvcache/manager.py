@@ -53,6 +53,9 @@ class CachedSequence(Protocol):
     window_blocks: list[int]  # blocks borrowed for its recent window while it runs (int4, int2)
 
     @property
+    def prefix_hit_limit(self) -> int: ...  # the most of its first tokens a prefix hit serves
+
+    @property
     def num_tokens(self) -> int: ...
 
     @property
@@ -239,7 +242,8 @@ class KVCacheManager:
         blocks found in lower tiers after the last device hit."""
         if seq.cache_seed is None:
             return [], []
-        keys = seq.block_keys[: (seq.num_tokens - 1) // self.block_size]
+        usable = min(seq.num_tokens - 1, seq.prefix_hit_limit)
+        keys = seq.block_keys[: usable // self.block_size]
         device: list[int] = []
         for key in keys:
             block_id = self.pool.lookup(key)

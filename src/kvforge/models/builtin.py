@@ -23,6 +23,7 @@ BUILTIN_NAME = "kvforge-builtin-untrained"
 NUM_BYTE_TOKENS = 256  # token i < 256 is the byte i
 BOS_TOKEN_ID = 256
 EOS_TOKEN_ID = 257
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # the special tokens' text, where it is shown
 BUILTIN_SEED = 0
 INIT_STD = 0.02  # transformers' initializer_range default
 
@@ -61,12 +62,32 @@ class ByteTokenizer:
     eos_token_ids = frozenset({EOS_TOKEN_ID})
     vocab_size = NUM_BYTE_TOKENS + 2
 
-    def encode(self, text: str) -> list[int]:
-        return [BOS_TOKEN_ID, *text.encode("utf-8")]
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [BOS_TOKEN_ID] * add_special_tokens + list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int]) -> str:
-        data = bytes(i for i in ids if 0 <= i < NUM_BYTE_TOKENS)
-        return data.decode("utf-8", errors="replace")
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        parts: list[str] = []
+        run: list[int] = []  # bytes decoded together: a character may span tokens
+        for i in [*ids, None]:
+            if i is not None and 0 <= i < NUM_BYTE_TOKENS:
+                run.append(i)
+                continue
+            parts.append(bytes(run).decode("utf-8", errors="replace"))
+            run = []
+            if i is not None and not skip_special_tokens:
+                parts.append(self.token_text(i))
+        return "".join(parts)
+
+    def token_text(self, token_id: int) -> str:
+        special = {BOS_TOKEN_ID: BOS_TEXT, EOS_TOKEN_ID: EOS_TEXT}
+        if token_id in special:
+            return special[token_id]
+        return bytes([token_id]).decode("utf-8", errors="replace")
+
+    def info(self) -> dict:
+        return {"tokenizer_class": type(self).__name__, "bos_token": BOS_TEXT,
+                "eos_token": EOS_TEXT, "pad_token": None, "unk_token": None,
+                "chat_template": None, "add_bos_token": True}  # fmt: skip
 
 
 def builtin_model(device: str | torch.device = "cpu") -> tuple[LlamaForCausalLM, ByteTokenizer]:

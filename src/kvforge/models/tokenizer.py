@@ -22,9 +22,13 @@ class Tokenizer(Protocol):
     eos_token_ids: frozenset[int]
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...  # one token's text, special ones too
+
+    def info(self) -> dict: ...  # its special tokens and chat template, by name
 
 
 class HFTokenizer:
@@ -48,11 +52,28 @@ class HFTokenizer:
         """The transformers tokenizer underneath (its chat template, for the server)."""
         return self._tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; special tokens written in the text (`<|im_start|>`) are parsed as
+        such, and `add_special_tokens` adds the tokenizer's own (BOS for Llama)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def info(self) -> dict:
+        t = self._tokenizer
+        return {
+            "tokenizer_class": type(t).__name__,
+            "bos_token": t.bos_token,
+            "eos_token": t.eos_token,
+            "pad_token": t.pad_token,
+            "unk_token": t.unk_token,
+            "chat_template": getattr(t, "chat_template", None),
+            "add_bos_token": getattr(t, "add_bos_token", None),
+        }
 
 
 def load_tokenizer(path: str | Path | GGUFModel) -> HFTokenizer:
