@@ -258,10 +258,41 @@ def _error(response: httpx.Response, status: int) -> dict:
         ({"model": MODEL, "prompt": "hi", "max_tokens": "5"}, "max_tokens", "valid integer"),
         ({"model": MODEL, "prompt": 7}, "prompt", ""),
         ({"model": MODEL, "prompt": "hi", "stream": "yes"}, "stream", "valid boolean"),
-        ({"model": MODEL, "prompt": "hi", "temperature": -1}, None, "temperature"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1, got 0"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, "max_tokens", "at least 1, got -3"),
-        ({"model": MODEL, "prompt": "hi", "n": 2}, "n", "n must be 1"),
+        ({"model": MODEL, "prompt": "hi", "temperature": -1}, "temperature", "or equal to 0"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens", "0 only with echo"),
+        ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, "max_tokens", "or equal to 0"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, "n", "greater than or equal to 1"),
+        ({"model": MODEL, "prompt": "hi", "n": 129}, "n", "less than or equal to 128"),
+        ({"model": MODEL, "prompt": "hi", "n": 3, "best_of": 2}, "best_of", "at least n (3)"),
+        ({"model": MODEL, "prompt": "hi", "best_of": 2, "stream": True}, "best_of", "stream"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs", "at most 20 (the server"),
+        ({"model": MODEL, "prompt": "hi", "logprobs": -1}, "logprobs", "or equal to 0"),
+        (
+            {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5},
+            "presence_penalty",
+            "less than or equal to 2",
+        ),
+        (
+            {"model": MODEL, "prompt": "hi", "frequency_penalty": -3},
+            "frequency_penalty",
+            "greater than or equal to -2",
+        ),
+        (
+            {"model": MODEL, "prompt": "hi", "repetition_penalty": 0},
+            "repetition_penalty",
+            "greater than 0",
+        ),
+        (
+            {"model": MODEL, "prompt": "hi", "min_tokens": 20, "max_tokens": 5},
+            "min_tokens",
+            "must not exceed max_tokens (5)",
+        ),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"7": 101}}, "logit_bias", "[-100, 100]"),
+        ({"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+        ({"model": MODEL, "prompt": ["hi"] * 65}, "prompt", "at most 64 (the server's"),
+        ({"model": MODEL, "prompt": ["hi", ""]}, "prompt", "prompt 1 is empty"),
+        ({"model": MODEL, "prompt": [[1], [2, 999]]}, None, "prompt 1: prompt token id 999"),
+        ({"model": MODEL, "prompt": "hi", "suffix": "x"}, "suffix", "not supported"),
         ({"model": MODEL, "prompt": ""}, "prompt", "at least 1"),
         ({"model": MODEL, "prompt": [1, 99999]}, None, "outside the vocabulary [0, 258)"),
         ({"prompt": "hi"}, "model", "Field required"),
@@ -516,18 +547,26 @@ def test_metrics_show_prefix_cache_and_tier_traffic(tmp_path):
         s.close()
 
 
-def test_queued_deltas_are_merged_into_one_event():
+def test_queued_deltas_are_merged_into_one_event_per_choice():
     from kvforge.server.app import _deltas
     from kvforge.server.async_engine import Delta, RequestStream
 
     async def drain():
-        stream = RequestStream("r", asyncio.get_running_loop())
-        for delta in (Delta("a"), Delta("b"), Delta("c", finished=True, completion_tokens=3)):
-            stream.queue.put_nowait(delta)
-        return [d async for d in _deltas(stream)], stream.finished
+        queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(f"r{i}", loop, queue, index=i) for i in range(2)]
+        for delta in (Delta("a", 0, (1,)), Delta("x", 1, (7,)), Delta("b", 0, (2,)),
+                      Delta("c", 0, (3,), finished=True, completion_tokens=3),
+                      Delta("y", 1, (8,), finished=True, completion_tokens=2)):  # fmt: skip
+            queue.put_nowait(delta)
+        return [d async for d in _deltas(queue, streams)], streams
 
-    merged, finished = asyncio.run(drain())
-    assert merged == [Delta("abc", finished=True, completion_tokens=3)] and finished
+    merged, streams = asyncio.run(drain())
+    assert merged == [
+        Delta("abc", 0, (1, 2, 3), finished=True, completion_tokens=3),
+        Delta("xy", 1, (7, 8), finished=True, completion_tokens=2),
+    ]
+    assert all(s.finished for s in streams)
 
 
 def test_a_server_over_an_int2_cache_streams_the_offline_text():

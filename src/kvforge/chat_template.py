@@ -22,9 +22,9 @@ from collections.abc import Sequence
 Message = dict[str, str]  # {"role": "user", "content": "..."}
 
 
-def default_chat_prompt(messages: Sequence[Message]) -> str:
+def default_chat_prompt(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
     turns = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
-    return turns + "<|assistant|>\n"
+    return turns + "<|assistant|>\n" * add_generation_prompt
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -32,12 +32,15 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(getattr(tokenizer, "hf_tokenizer", None), "chat_template", None))
 
 
-def chat_prompt(tokenizer, messages: Sequence[Message]) -> str | list[int]:
+def chat_prompt(tokenizer, messages: Sequence[Message],
+                add_generation_prompt: bool = True) -> str | list[int]:  # fmt: skip
     """Prompt text (default template) or token ids (the tokenizer's own template)."""
     if has_chat_template(tokenizer):
         hf = tokenizer.hf_tokenizer
-        ids = hf.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = hf.apply_chat_template(
+            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True
+        )
         if not isinstance(ids, list):  # transformers 5 returns a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
-    return default_chat_prompt(messages)
+    return default_chat_prompt(messages, add_generation_prompt)

@@ -192,7 +192,12 @@ def engine_from_args(args: argparse.Namespace, **options):
     """An LLM built from the options `add_engine_options` defines."""
     from kvforge.llm import LLM
 
-    return LLM(
+    return LLM(**engine_kwargs(args, **options))
+
+
+def engine_kwargs(args: argparse.Namespace, **options) -> dict:
+    """`LLM`'s keyword arguments from the options `add_engine_options` defines."""
+    return dict(
         model=args.model,
         dtype=args.dtype,
         weights_dtype=args.weights_dtype,

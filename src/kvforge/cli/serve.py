@@ -6,11 +6,14 @@ import sys
 from kvforge.cli.options import (
     EXIT_OK,
     add_engine_options,
-    engine_from_args,
+    byte_size,
+    engine_kwargs,
     non_negative_int,
     positive_int,
 )
 from kvforge.errors import KVForgeError
+
+EXIT_ENGINE_DIED = 1
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -18,7 +21,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "serve",
         help="serve an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
         description="Serve the model over an OpenAI-compatible API: /v1/completions, "
-        "/v1/chat/completions, /v1/models, /health and /metrics (Prometheus).",
+        "/v1/chat/completions, /v1/models, vLLM's /tokenize, /detokenize and /tokenizer_info, "
+        "/health and /metrics (Prometheus). The engine runs in a process of its own; if it "
+        "dies, the server answers 503 and exits with code 1.",
         epilog="example: kvforge serve --port 8000 --api-key secret",
     )
     add_engine_options(p)
@@ -34,23 +39,62 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="requests that may wait beyond --max-num-seqs; more get 429 (default 256)",
     )
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048)
+    p.add_argument(
+        "--max-prompts-per-request",
+        type=positive_int,
+        default=64,
+        help="prompts one /v1/completions request may hold (default 64)",
+    )
+    p.add_argument(
+        "--max-logprobs",
+        type=non_negative_int,
+        default=20,
+        help="the most top log-probabilities a request may ask for (default 20, as OpenAI)",
+    )
+    p.add_argument(
+        "--max-request-bytes",
+        type=byte_size,
+        default="16MiB",
+        help="larger request bodies get 413 (default 16MiB)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kvforge.engine.config import EngineConfig
     from kvforge.server.app import build_app
+    from kvforge.server.engine_core import EngineProcess
 
     if not 0 <= args.port <= 65535:
         raise KVForgeError(f"--port must be in 0..65535, got {args.port}")
-    llm = engine_from_args(
+    kwargs = engine_kwargs(
         args,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
     )
-    name = args.served_model_name or llm.model_name
-    app = build_app(llm, name, api_key=args.api_key, max_queue=args.max_queue)
+    EngineConfig.create(**kwargs)  # a bad option fails here, before a process starts
+    engine = EngineProcess(kwargs, args.max_queue)
+    name = args.served_model_name or engine.model_name
+    app = build_app(
+        engine,
+        name,
+        api_key=args.api_key,
+        max_prompts_per_request=args.max_prompts_per_request,
+        max_logprobs=args.max_logprobs,
+        max_request_bytes=args.max_request_bytes,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=2)  # fmt: skip
+    server = uvicorn.Server(config)
+
+    def engine_died() -> None:
+        print(f"kvforge serve: the engine process died (exit code {engine.exit_code}); "
+              "stopping", file=sys.stderr)  # fmt: skip
+        server.should_exit = True
+
+    engine.on_death = engine_died
     print(f"kvforge serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return EXIT_OK
+    server.run()
+    return EXIT_ENGINE_DIED if engine.exit_code is not None else EXIT_OK

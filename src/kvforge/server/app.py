@@ -1,43 +1,90 @@
 """The OpenAI-compatible HTTP API over one engine (FastAPI; run it with uvicorn).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with
-server-sent events when `stream` is true), GET /v1/models, GET /health,
-GET /metrics (Prometheus text). Every error is an OpenAI error object:
-400 for a request that is malformed or can never run (naming the limit),
-401 without the API key, 429 when the server already holds
-max_num_seqs + max_queue requests, 500 if the engine failed on a request.
-A request whose client goes away is aborted and its KV blocks are freed.
+server-sent events when `stream` is true), GET /v1/models; vLLM's tokenizer routes
+POST /tokenize, POST /detokenize, GET /tokenizer_info; GET /health, GET /metrics
+(Prometheus text). Every error is an OpenAI error object: 400 for a request that is
+malformed or can never run (naming the limit), 401 without the API key, 413 for a
+body over max_request_bytes, 429 when the server already holds max_num_seqs +
+max_queue requests, 500 if the engine failed on a request. A request whose client
+goes away is aborted and its KV blocks are freed.
+
+A completions request may hold several prompts (a list of strings or of token-id
+lists) and ask for `n` samples of each (`best_of` drawn, the n likeliest kept): all
+are queued at once; a prompt's later samples start when its first has computed the
+prompt, so they take its full KV blocks from the prefix cache.
 """
 
 import asyncio
 import dataclasses
+import functools
 import json
 import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvforge.chat_template import chat_prompt
+from kvforge.engine.sampling import SamplingParams
 from kvforge.errors import KVForgeError
 from kvforge.server import protocol as p
 from kvforge.server.async_engine import AsyncEngine, Delta, RequestStream
-from kvforge.server.metrics import ServerMetrics
+from kvforge.server.engine_core import EngineProcess
+from kvforge.server.metrics import ServerMetrics, engine_gauges
 
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its client is there
+MAX_PROMPTS_PER_REQUEST = 64
+MAX_LOGPROBS = 20  # as OpenAI
+MAX_REQUEST_BYTES = 16 << 20
 
 
-def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
-    """The API over `llm` (a kvforge.LLM); the engine thread runs while the app is up."""
-    engine = llm.engine
-    metrics = ServerMetrics(engine)
-    max_requests = engine.scheduler.config.max_num_seqs + max_queue
-    aengine = AsyncEngine(engine, metrics, max_requests)
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a prompt, or chat messages."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[p.ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    model: str | None = None
+    tokens: list[int]
+
+
+def build_app(
+    engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_queue: int = 256,
+    max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST,
+    max_logprobs: int = MAX_LOGPROBS,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+) -> FastAPI:
+    """The API over `engine`: a kvforge.LLM (its engine then runs on a thread of this
+    process while the app is up) or an `EngineProcess` (`kvforge serve`: the engine in
+    a process of its own; the app starts and stops talking to it)."""
+    if isinstance(engine, EngineProcess):  # it counts max_queue itself
+        aengine, metrics, limits = engine, engine.metrics, engine.limits
+    else:
+        metrics = ServerMetrics(lambda: engine_gauges(engine.engine))
+        max_requests = engine.engine.scheduler.config.max_num_seqs + max_queue
+        aengine = AsyncEngine(engine.engine, metrics, max_requests)
+        limits = engine.engine.limits
+    tokenizer = engine.tokenizer
+    text_of = functools.lru_cache(maxsize=1 << 16)(tokenizer.token_text)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -52,6 +99,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
     def error_response(exc: p.APIError) -> JSONResponse:
         metrics.http_errors.labels(str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    app.add_middleware(_BodyLimit, limit=max_request_bytes, refuse=error_response)
 
     @app.exception_handler(p.APIError)
     async def api_error(_: Request, exc: p.APIError):
@@ -76,8 +125,8 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 code="invalid_api_key",
             )
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
             raise p.APIError(
                 400,
                 f"model {name!r} is not served here; this server serves {model_name!r}",
@@ -85,23 +134,62 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
                 code="model_not_found",
             )
 
-    def submit(token_ids: list[int], params, body) -> RequestStream:
-        if aengine.num_active >= aengine.max_requests:
+    def check_logprobs(value: int | None, param: str) -> None:
+        if value is not None and value > max_logprobs:
+            raise p.APIError(
+                400,
+                f"{param} must be at most {max_logprobs} (the server's --max-logprobs), "
+                f"got {value}",
+                param=param,
+            )
+
+    def submit(prompts: list[list[int]], params: SamplingParams, samples: int,
+               body) -> list[RequestStream]:  # fmt: skip
+        """Queue `samples` requests per prompt, all or none: (choice group i, sample j) is
+        stream i * samples + j. A prompt's later samples wait for its first's prefill."""
+        wanted = len(prompts) * samples
+        if aengine.num_active + wanted > aengine.max_requests:
             raise p.APIError(
                 429,
-                f"the server is full: {aengine.num_active} requests running or waiting "
-                f"(max_num_seqs + max_queue = {aengine.max_requests}); retry later",
+                f"the server is full: {aengine.num_active} requests running or waiting and "
+                f"{wanted} asked (max_num_seqs + max_queue = {aengine.max_requests}); "
+                "retry later",
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
             )
-        try:
-            return aengine.submit(token_ids, params, body.cache_salt, body.kv_policy_choice())
-        except KVForgeError as exc:
-            raise p.APIError(400, str(exc)) from None
+        policy = body.kv_policy_choice()
+        for i, token_ids in enumerate(prompts):
+            try:
+                limits.check(token_ids, params, policy)
+            except KVForgeError as exc:
+                prefix = f"prompt {i}: " if len(prompts) > 1 else ""
+                raise p.APIError(400, prefix + str(exc)) from None
+        queue: asyncio.Queue = asyncio.Queue()
+        streams = []
+        for token_ids in prompts:
+            first = None
+            for j in range(samples):
+                sample_params = params
+                if j and params.seed is not None:  # distinct seeded samples (vLLM: seed + j)
+                    sample_params = dataclasses.replace(params, seed=params.seed + j)
+                try:
+                    stream = aengine.submit(
+                        token_ids, sample_params, body.cache_salt, policy,
+                        index=len(streams), queue=queue, after=first,
+                    )  # fmt: skip
+                except KVForgeError as exc:  # the engine process is gone
+                    for stream in streams:
+                        aengine.done(stream)
+                    raise p.APIError(503, str(exc), type="server_error") from None
+                first = first or stream
+                streams.append(stream)
+        return streams
 
-    def tokenize(prompt: str | list[int]) -> list[int]:
+    def tokenize(prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(prompt, str):
+            return list(prompt)
         try:
-            return engine.tokenize(prompt)[1]
+            return tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
         except KVForgeError as exc:
             raise p.APIError(400, str(exc), param="prompt") from None
 
@@ -122,24 +210,76 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
             "object": "model",
             "created": int(time.time()),
             "owned_by": "kvforge",
-            "max_model_len": engine.max_model_len,
+            "max_model_len": limits.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize_route(body: TokenizeRequest):
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise p.APIError(400, "send either prompt or messages", param="prompt")
+        if body.prompt is not None:
+            add = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = await asyncio.to_thread(tokenize, body.prompt, add)
+        else:
+            messages = [m.as_dict() for m in body.messages]
+            prompt = await asyncio.to_thread(
+                chat_prompt, tokenizer, messages, body.add_generation_prompt
+            )
+            tokens = await asyncio.to_thread(tokenize, prompt, bool(body.add_special_tokens))
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": limits.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize_route(body: DetokenizeRequest):
+        check_model(body.model)
+        bad = [t for t in body.tokens if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise p.APIError(
+                400,
+                f"token id {bad[0]} is outside the vocabulary [0, {limits.vocab_size})",
+                param="tokens",
+            )
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.get("/tokenizer_info", dependencies=[Depends(check_key)])
+    async def tokenizer_info():
+        return {**tokenizer.info(), "model_max_length": limits.max_model_len}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: p.CompletionRequest, request: Request):
         check_model(body.model)
         max_tokens = p.COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        params = body.sampling_params(max_tokens)
-        token_ids = await asyncio.to_thread(tokenize, body.prompt)
-        stream = submit(token_ids, params, body)
-        return await respond("text", body, stream, request)
+        body.check(max_tokens)
+        prompts = body.prompts()
+        if len(prompts) > max_prompts_per_request:
+            raise p.APIError(
+                400,
+                f"prompt holds {len(prompts)} prompts; a request may hold at most "
+                f"{max_prompts_per_request} (the server's --max-prompts-per-request)",
+                param="prompt",
+            )
+        check_logprobs(body.logprobs, "logprobs")
+        samples = body.best_of or body.n
+        # best_of ranks samples by their log-probability: ask for it even when not shown
+        sample_logprobs = body.logprobs if body.logprobs is not None else (
+            0 if samples > body.n else None)  # fmt: skip
+        prompt_logprobs = body.logprobs if body.echo else None
+        params = body.sampling_params(max_tokens, sample_logprobs, prompt_logprobs)
+        token_lists = await asyncio.to_thread(lambda: [tokenize(x) for x in prompts])
+        streams = submit(token_lists, params, samples, body)
+        view = _Choices("text", body, prompts, token_lists, samples, tokenizer, text_of)
+        if body.return_tokens_as_token_ids:
+            view.text_of = _token_id_text
+        return await respond(view, streams, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(body: p.ChatCompletionRequest, request: Request):
         check_model(body.model)
+        body.check()
+        check_logprobs(body.top_logprobs, "top_logprobs")
         prompt = await asyncio.to_thread(
-            chat_prompt, engine.tokenizer, [m.as_dict() for m in body.messages]
+            chat_prompt, tokenizer, [m.as_dict() for m in body.messages]
         )
         token_ids = await asyncio.to_thread(tokenize, prompt)  # off the event loop: long
         # prompts take a while to tokenize, and other requests' streams must not wait
@@ -147,31 +287,206 @@ def build_app(llm, model_name: str, api_key: str | None = None, max_queue: int =
         if body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         if max_tokens is None:  # as much as the context and the pool leave
-            max_tokens = engine.max_request_tokens - len(token_ids)
+            max_tokens = limits.max_request_tokens - len(token_ids)
             if max_tokens <= 0:
                 raise p.APIError(
                     400,
                     f"the messages take {len(token_ids)} tokens; a request may have at most "
-                    f"{engine.max_request_tokens} (the model's context and the KV pool)",
+                    f"{limits.max_request_tokens} (the model's context and the KV pool)",
                     param="messages",
                 )
-        params = body.sampling_params(max_tokens)
-        stream = submit(token_ids, params, body)
-        return await respond("chat", body, stream, request)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = body.sampling_params(max_tokens, logprobs)
+        streams = submit([token_ids], params, body.n, body)
+        view = _Choices("chat", body, [prompt], [token_ids], body.n, tokenizer, text_of)
+        if body.return_tokens_as_token_ids:
+            view.text_of = _token_id_text
+        return await respond(view, streams, request)
 
-    async def respond(kind: str, body, stream: RequestStream, request: Request):
+    async def respond(view: "_Choices", streams: list[RequestStream], request: Request):
         """Server-sent events when the body asks to stream, else one JSON object."""
-        rid = p.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            chunker = _chat_chunks if kind == "chat" else _completion_chunks
-            chunks = chunker(aengine, stream, rid, model_name, usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
-        text, last = await _collect(aengine, stream, request)
-        make = p.chat_object if kind == "chat" else p.completion_object
-        return make(rid, model_name, text, last.finish_reason, _usage(last))
+        if view.body.stream:
+            return StreamingResponse(_stream(aengine, view, streams, model_name),
+                                     media_type="text/event-stream")  # fmt: skip
+        results = await _collect(aengine, streams, request)
+        return view.whole(p.new_id(view.id_prefix), model_name, results)
 
+    def openapi() -> dict:
+        """FastAPI's schema of the request models, with this server's own limits in it."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            models = schema["components"]["schemas"]
+            completion = models["CompletionRequest"]["properties"]
+            completion["logprobs"]["anyOf"][0]["maximum"] = max_logprobs
+            for form in completion["prompt"]["anyOf"]:  # what `prompts` checks
+                items = form.get("items", {})
+                if items.get("type") == "integer":  # token ids
+                    items["minimum"] = 0
+                elif items:  # several prompts
+                    form["maxItems"] = max_prompts_per_request
+                    ids = {"minItems": 1, "items": {"type": "integer", "minimum": 0}}
+                    items.update({"minLength": 1} if items["type"] == "string" else ids)
+            chat = models["ChatCompletionRequest"]["properties"]
+            chat["top_logprobs"]["anyOf"][0]["maximum"] = max_logprobs
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 (by its
+    Content-Length before it is read, or as it arrives when chunked)."""
+
+    def __init__(self, app, limit: int, refuse) -> None:
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    def _error(self) -> JSONResponse:
+        message = (
+            f"the request body exceeds {self.limit:,} bytes (the server's --max-request-bytes)"
+        )
+        return self.refuse(p.APIError(413, message, code="request_too_large"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._error()(scope, receive, send)
+        if length is not None:  # the server reads no more than it says
+            return await self.app(scope, receive, send)
+        # chunked: read it here (the app would buffer it anyway), refusing past the limit
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return await self.app(scope, _replay([message]), send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._error()(scope, receive, send)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+
+def _replay(messages: list[dict], then=None):
+    """An ASGI receive that gives `messages`, then waits on `then` (a disconnect)."""
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
+
+
+@dataclasses.dataclass
+class _Result:
+    """What one request's stream brought: its text, tokens and log-probabilities."""
+
+    text: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    prompt_logprobs: list | None = None
+    last: Delta | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.text += delta.text
+        self.token_ids += delta.token_ids
+        self.logprobs += delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if delta.finished:
+            self.last = delta
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)
+
+
+@dataclasses.dataclass
+class _Choices:
+    """How one HTTP request's streams become its choices: the API (`kind`), the body,
+    its prompts (as given and as token ids) and the samples drawn per prompt."""
+
+    kind: Literal["text", "chat"]
+    body: object
+    prompts: list
+    token_lists: list[list[int]]
+    samples: int
+    tokenizer: object
+    text_of: object
+
+    @property
+    def id_prefix(self) -> str:
+        return "chatcmpl" if self.kind == "chat" else "cmpl"
+
+    @property
+    def n(self) -> int:
+        return self.body.n
+
+    def prompt_text(self, group: int) -> str:
+        prompt = self.prompts[group]
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+
+    def shows_logprobs(self) -> bool:
+        if self.kind == "chat":
+            return self.body.logprobs
+        return self.body.logprobs is not None
+
+    def logprobs(self, group: int, result: _Result, echo_prompt: bool, offset: int) -> dict | None:
+        """The choice's `logprobs` object for the tokens in `result` (with the prompt's
+        first when echo_prompt)."""
+        if not self.shows_logprobs():
+            return None
+        if self.kind == "chat":
+            return p.chat_logprobs(result.logprobs, self.text_of)
+        token_ids, entries = list(result.token_ids), list(result.logprobs)
+        if echo_prompt:
+            token_ids = self.token_lists[group] + token_ids
+            entries = list(result.prompt_logprobs or []) + entries
+        return p.completion_logprobs(token_ids, entries, self.text_of, offset)
+
+    def whole(self, rid: str, model: str, results: list[_Result]) -> dict:
+        """The non-streaming answer: the n likeliest of each prompt's samples."""
+        choices = []
+        echo = self.kind == "text" and self.body.echo
+        for group in range(len(self.prompts)):
+            drawn = results[group * self.samples : (group + 1) * self.samples]
+            kept = drawn
+            if self.samples > self.n:  # best_of: the n with the highest log-probability
+                kept = sorted(drawn, key=lambda r: -r.cumulative_logprob)[: self.n]
+            for result in kept:
+                index, finish = len(choices), result.last.finish_reason
+                if self.kind == "chat":
+                    logprobs = self.logprobs(group, result, False, 0)
+                    choices.append(p.chat_choice(index, result.text, logprobs, finish))
+                    continue
+                prefix = self.prompt_text(group) if echo else ""
+                logprobs = self.logprobs(group, result, echo, 0)
+                choices.append(p.completion_choice(index, prefix + result.text, logprobs, finish))
+        make = p.chat_object if self.kind == "chat" else p.completion_object
+        return make(rid, model, choices, self.usage(results))
+
+    def usage(self, results: list[_Result]) -> dict:
+        lasts = [r.last for r in results]
+        firsts = lasts[:: self.samples]  # each prompt's first sample
+        shared = sum(d.cached_tokens for d in lasts) - sum(d.cached_tokens for d in firsts)
+        return p.usage(
+            sum(len(t) for t in self.token_lists),
+            sum(d.completion_tokens for d in lasts),
+            sum(d.cached_tokens for d in firsts),
+            shared,
+        )
+
+
+def _token_id_text(token_id: int) -> str:
+    return f"token_id:{token_id}"
 
 
 def _validation_error(exc: RequestValidationError) -> p.APIError:
@@ -184,87 +499,107 @@ def _validation_error(exc: RequestValidationError) -> p.APIError:
     return p.APIError(400, message, param=field)
 
 
-def _usage(last: Delta) -> dict:
-    return p.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
-
-
 def _engine_failed(last: Delta) -> p.APIError:
     return p.APIError(500, f"the engine failed on this request: {last.error}", type="server_error")
 
 
-async def _deltas(stream: RequestStream) -> AsyncIterator[Delta]:
-    """The stream's deltas; those that queued up while the client was being written to
-    are merged into one (one SSE event instead of several when the server is busy)."""
-    while True:
-        delta = await stream.queue.get()
-        while not delta.finished and not stream.queue.empty():
-            later = stream.queue.get_nowait()
-            delta = dataclasses.replace(later, text=delta.text + later.text)
-        if delta.finished:
-            stream.finished = True
-        yield delta
-        if delta.finished:
-            return
+async def _deltas(queue: asyncio.Queue, streams: list[RequestStream]) -> AsyncIterator[Delta]:
+    """The deltas of an HTTP request's streams until all have finished; those of one
+    stream that queued up while the client was being written to are merged into one
+    (one SSE event instead of several when the server is busy)."""
+    left = len(streams)
+    while left:
+        batch = [await queue.get()]
+        while not queue.empty():
+            batch.append(queue.get_nowait())
+        merged: dict[int, Delta] = {}
+        for delta in batch:
+            earlier = merged.get(delta.index)
+            merged[delta.index] = delta if earlier is None else earlier.merged(delta)
+        for delta in merged.values():
+            if delta.finished:
+                streams[delta.index].finished = True
+                left -= 1
+            yield delta
 
 
-async def _collect(aengine: AsyncEngine, stream: RequestStream, request: Request):
-    """The whole text and the last delta; aborts the request if the client goes away."""
-    parts: list[str] = []
+async def _collect(aengine: AsyncEngine, streams: list[RequestStream], request: Request):
+    """Each stream's result, in order; aborts them all if the client goes away."""
+    results = [_Result() for _ in streams]
+    queue = streams[0].queue
+    left = len(streams)
     getter: asyncio.Future | None = None
     try:
-        while True:
+        while left:
             # one pending get() across polls, so no delta is lost to a timeout
-            getter = getter or asyncio.ensure_future(stream.queue.get())
+            getter = getter or asyncio.ensure_future(queue.get())
             done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
             if not done:
                 if await request.is_disconnected():
                     raise p.APIError(499, "the client closed the connection")
                 continue
             delta, getter = getter.result(), None
-            parts.append(delta.text)
+            results[delta.index].add(delta)
             if delta.finished:
-                stream.finished = True
+                streams[delta.index].finished = True
+                left -= 1
                 if delta.error:
                     raise _engine_failed(delta)
-                return "".join(parts), delta
+        return results
     finally:
         if getter is not None:
             getter.cancel()
-        aengine.done(stream)
+        for stream in streams:
+            aengine.done(stream)
 
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _completion_chunks(aengine, stream, rid, model, include_usage) -> AsyncIterator[str]:
+async def _stream(aengine: AsyncEngine, view: _Choices, streams: list[RequestStream],
+                  model: str) -> AsyncIterator[str]:  # fmt: skip
+    """The server-sent events of a streaming request (n choices, no best_of)."""
+    rid = p.new_id(view.id_prefix)
+    body = view.body
+    results = [_Result() for _ in streams]
+    offsets = [0] * len(streams)  # characters sent per choice (text_offset)
+    started = [False] * len(streams)
     try:
-        async for delta in _deltas(stream):
+        if view.kind == "chat":
+            for index in range(len(streams)):
+                role = {"role": "assistant", "content": ""}
+                yield _sse(p.chat_chunk(rid, model, index, role, None))
+        async for delta in _deltas(streams[0].queue, streams):
+            index = delta.index
             if delta.error:
                 yield _sse(_engine_failed(delta).body())
                 break
+            result = _Result()
+            result.add(delta)
+            results[index].add(delta)
             finish = delta.finish_reason if delta.finished else None
-            yield _sse(p.completion_object(rid, model, delta.text, finish, None))
-            if delta.finished and include_usage:
-                yield _sse(p.usage_chunk(rid, model, "text", _usage(delta)))
+            if view.kind == "chat":
+                logprobs = view.logprobs(0, result, False, 0) if result.logprobs else None
+                if delta.text or logprobs:
+                    content = {"content": delta.text}
+                    yield _sse(p.chat_chunk(rid, model, index, content, None, logprobs))
+                if delta.finished:
+                    yield _sse(p.chat_chunk(rid, model, index, {}, delta.finish_reason))
+                continue
+            group = index // view.samples
+            echo = body.echo and not started[index]
+            text = (view.prompt_text(group) if echo else "") + delta.text
+            logprobs = view.logprobs(group, result, echo, offsets[index])
+            started[index] = True
+            if logprobs is not None:
+                offsets[index] += sum(len(token) for token in logprobs["tokens"])
+            choice = p.completion_choice(index, text, logprobs, finish)
+            yield _sse(p.completion_object(rid, model, [choice], None))
+        else:
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield _sse(p.usage_chunk(rid, model, view.kind, view.usage(results)))
         yield "data: [DONE]\n\n"
     finally:  # also when the client disconnects mid-stream (the generator is cancelled)
-        aengine.done(stream)
-
-
-async def _chat_chunks(aengine, stream, rid, model, include_usage) -> AsyncIterator[str]:
-    try:
-        yield _sse(p.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
-        async for delta in _deltas(stream):
-            if delta.error:
-                yield _sse(_engine_failed(delta).body())
-                break
-            if delta.text:
-                yield _sse(p.chat_chunk(rid, model, {"content": delta.text}, None))
-            if delta.finished:
-                yield _sse(p.chat_chunk(rid, model, {}, delta.finish_reason))
-                if include_usage:
-                    yield _sse(p.usage_chunk(rid, model, "chat", _usage(delta)))
-        yield "data: [DONE]\n\n"
-    finally:
-        aengine.done(stream)
+        for stream in streams:
+            aengine.done(stream)

@@ -1,26 +1,34 @@
-"""The engine loop on its own thread, feeding asyncio queues that HTTP handlers read.
+"""The engine loop and the asyncio side that HTTP handlers talk to.
 
-    handlers (event loop)              engine thread
-    submit() ──commands──────────────▶ add_request / abort, between steps
-                                       step() … step() … (the GIL is released in
-    RequestStream.queue ◀── deltas ─── the model's kernels, so handlers run on)
+`EngineLoop` runs the engine: commands in (add, abort), one step at a time, and after
+each step one batch of deltas out — every request's new text and tokens. It runs either
+on a thread of the server's own process (`AsyncEngine`, for `build_app(llm)`: tests and
+embedding) or as the main loop of the engine process (`engine_core`, what `kvforge
+serve` runs), where HTTP, JSON and SSE never share the GIL with it.
 
-Only the engine thread touches the engine's requests, scheduler and pool;
-handlers only read counters (for /metrics) and call `check_request`, which
-reads fixed limits. A request is validated before it is queued, so a bad
-request is refused with a 400 and never reaches the loop.
+    handlers (event loop)                  engine loop (thread or process)
+    submit() ──add / abort──────────────▶  add_request / abort, between steps
+                                           step() … step() …
+    RequestStream.queue ◀── deltas ──────  one batch a step
+
+Only the loop touches the engine's requests, scheduler and pool. A request is
+validated (`RequestLimits.check`) before it is queued, so a bad request is refused with
+a 400 and never reaches the loop.
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.request import Request, Status
-from kvforge.engine.sampling import SamplingParams
+from kvforge.engine.sampling import SamplingParams, TokenLogprobs
 from kvforge.errors import KVForgeError
 from kvforge.kvcache.policy import KVPolicy
 from kvforge.server.metrics import ServerMetrics
@@ -28,9 +36,14 @@ from kvforge.server.metrics import ServerMetrics
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of one request since the last delta; the last one has `finished` set."""
+    """New text and tokens of one request since the last delta; the last one has
+    `finished` set. `index`: the request's choice in its HTTP request."""
 
     text: str
+    index: int = 0
+    token_ids: tuple[int, ...] = ()  # the new output tokens (text may lag: stable_text)
+    logprobs: tuple[TokenLogprobs, ...] = ()  # theirs, when asked
+    prompt_logprobs: list | None = None  # once, in the first delta, when asked
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
@@ -38,109 +51,101 @@ class Delta:
     completion_tokens: int = 0
     cached_tokens: int = 0
 
+    def merged(self, later: "Delta") -> "Delta":
+        """This delta and a later one of the same request, as one."""
+        return dataclasses.replace(
+            later,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            logprobs=self.logprobs + later.logprobs,
+            prompt_logprobs=self.prompt_logprobs or later.prompt_logprobs,
+        )
+
 
 @dataclass
 class RequestStream:
-    """The asyncio side of one request: its deltas arrive on `queue`."""
+    """The asyncio side of one request: its deltas arrive on `queue`, which the choices
+    of one HTTP request share (each delta names its `index`)."""
 
     request_id: str
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    index: int = 0
     finished: bool = False
+    arrival_s: float = field(default_factory=time.perf_counter)
+    last_token_s: float | None = None
 
-    def put(self, delta: Delta) -> None:  # called from the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
 
+@dataclass(frozen=True)
+class AddCommand:
+    """A request for the loop (picklable: it crosses to the engine process)."""
 
-def _deliver(deltas: list[tuple[RequestStream, Delta]]) -> None:  # on the event loop
-    for stream, delta in deltas:
-        stream.queue.put_nowait(delta)
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    index: int = 0
+    cache_salt: str | None = None
+    kv_policy: KVPolicy | None = None
+    after: str | None = None  # start once this request has computed its prompt
 
 
 @dataclass
 class _Tracked:
-    """Engine-thread state of one request: how much text it has sent, when its last token came."""
+    """Loop-side state of one request: how much text and how many tokens it has sent."""
 
     request: Request
-    stream: RequestStream
+    index: int
     sent: int = 0  # characters of text already sent
-    last_token_s: float | None = None
+    sent_tokens: int = 0  # output tokens already sent
+    sent_prompt_logprobs: bool = False
 
 
-class AsyncEngine:
-    """Runs `LLMEngine` steps on a background thread while the event loop serves HTTP."""
+Deliver = Callable[[list[tuple[str, Delta]]], None]
 
-    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_requests: int) -> None:
+
+class EngineLoop:
+    """Runs `LLMEngine` steps, taking commands between them and handing every step's
+    deltas, as (request id, Delta), to `deliver` (called after each step, and after
+    each wait while idle with an empty list)."""
+
+    def __init__(self, engine: LLMEngine, deliver: Deliver) -> None:
         self.engine = engine
-        self.metrics = metrics
-        self.max_requests = max_requests  # running + waiting; one more is refused (429)
-        # submitted and not yet ended by the engine thread (finished, aborted or refused):
-        # counted there, so a handler that never runs its cleanup cannot leak a slot
-        self.num_active = 0
-        self._count_lock = threading.Lock()
+        self.deliver = deliver
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._tracked: dict[str, _Tracked] = {}
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="kvforge-engine", daemon=True)
+        self._waiting: list[AddCommand] = []  # adds waiting on a sibling's prefill
 
-    # --- event-loop side ------------------------------------------------------------
+    # --- any thread -----------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread.start()
+    def add(self, command: AddCommand) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=30)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    # --- the loop -------------------------------------------------------------------
 
-    def submit(
-        self,
-        token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None = None,
-        kv_policy: KVPolicy | None = None,
-    ) -> RequestStream:
-        """Queue a validated request; its deltas arrive on the returned stream."""
-        self.engine.check_request(token_ids, params, kv_policy or self.engine.kv_policy)
-        stream = RequestStream(f"srv-{next(self._ids)}", asyncio.get_running_loop())
-        with self._count_lock:
-            self.num_active += 1
-        self._commands.put(("add", stream, token_ids, params, cache_salt, kv_policy))
-        self._wake.set()
-        return stream
-
-    def done(self, stream: RequestStream) -> None:
-        """The handler is finished with this stream (complete, failed or disconnected):
-        abort it if the engine is still working on it."""
-        if not stream.finished:
-            stream.finished = True
-            self._commands.put(("abort", stream.request_id))
-            self._wake.set()
-
-    # --- engine thread --------------------------------------------------------------
-
-    def _run(self) -> None:
+    def run(self) -> None:
         while not self._stop:
             self._drain_commands()
+            self._start_waiting()
             if not self.engine.has_unfinished:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+                self.deliver([])
                 continue
-            try:
-                events = self.engine.step()
-            except Exception:  # the engine ended the batch's requests (with their error)
-                events = []  # and _publish tells their clients; keep serving the rest
-            now = time.perf_counter()
-            for event in events:
-                tracked = self._tracked.get(event.request.request_id)
-                if tracked is not None and event.token_id is not None:
-                    self._observe_token(tracked, now)
+            # on an error the engine ends the batch's requests (with their error) and
+            # _publish tells their clients; the loop keeps serving the rest
+            with contextlib.suppress(Exception):
+                self.engine.step()
             self._publish()
 
     def _drain_commands(self) -> None:
@@ -149,79 +154,188 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
-                self._add(*command[1:])
+            if isinstance(command, AddCommand):
+                self._waiting.append(command)
             else:
-                self._abort(command[1])
+                self._abort(command)
 
-    def _ended(self) -> None:
-        with self._count_lock:
-            self.num_active -= 1
+    def _start_waiting(self) -> None:
+        """Add the queued requests whose `after` request has computed its prompt (or
+        ended: then it is no longer tracked); the others wait another step."""
+        waiting, self._waiting = self._waiting, []
+        out: list[tuple[str, Delta]] = []
+        for command in waiting:
+            tracked = self._tracked.get(command.after) if command.after else None
+            r = tracked.request if tracked is not None else None
+            if r is not None and not r.output_token_ids and r.status is not Status.FINISHED:
+                self._waiting.append(command)
+                continue
+            refused = self._add(command)
+            if refused is not None:
+                out.append(refused)
+        if out:
+            self.deliver(out)
 
-    def _add(
-        self,
-        stream: RequestStream,
-        token_ids: list[int],
-        params: SamplingParams,
-        cache_salt: str | None,
-        kv_policy: KVPolicy | None = None,
-    ) -> None:
-        if stream.finished:  # the client left before the request reached the engine
-            self._ended()
-            return
+    def _add(self, c: AddCommand) -> tuple[str, Delta] | None:
         try:
             request = self.engine.add_request(
-                token_ids, params, request_id=stream.request_id, cache_salt=cache_salt,
-                kv_policy=kv_policy,
+                c.token_ids, c.params, request_id=c.request_id, cache_salt=c.cache_salt,
+                kv_policy=c.kv_policy,
             )  # fmt: skip
         except KVForgeError as exc:
-            self._ended()
-            stream.put(Delta("", finished=True, finish_reason="error", error=str(exc)))
-            return
-        self._tracked[stream.request_id] = _Tracked(request, stream)
-        self.metrics.prompt_tokens.inc(len(token_ids))
+            return c.request_id, Delta("", c.index, finished=True, finish_reason="error",
+                                       error=str(exc))  # fmt: skip
+        self._tracked[c.request_id] = _Tracked(request, c.index)
+        return None
 
     def _abort(self, request_id: str) -> None:
+        self._waiting = [c for c in self._waiting if c.request_id != request_id]
         if self._tracked.pop(request_id, None) is not None:  # else it has ended already
             self.engine.abort(request_id)
-            self._ended()
-
-    def _observe_token(self, tracked: _Tracked, now: float) -> None:
-        self.metrics.generation_tokens.inc()
-        m = tracked.request.metrics
-        if tracked.last_token_s is None:
-            self.metrics.ttft.observe(now - m.arrival_s)
-        else:
-            self.metrics.itl.observe(now - tracked.last_token_s)
-        tracked.last_token_s = now
 
     def _publish(self) -> None:
-        """Send each request's new text; finished requests get their last delta. One wake-up
-        of the event loop per step carries every request's delta."""
-        out: list[tuple[RequestStream, Delta]] = []
+        """Each request's new text and tokens; finished requests get their last delta."""
+        out: list[tuple[str, Delta]] = []
         for request_id, tracked in list(self._tracked.items()):
             r = tracked.request
             finished = r.status is Status.FINISHED
             text = self.engine.stable_text(r)  # never a character later tokens could change
             new = text[tracked.sent :]
-            if not new and not finished:
+            new_tokens = tuple(r.output_token_ids[tracked.sent_tokens :])
+            if not new and not new_tokens and not finished:
                 continue
+            logprobs = ()
+            if r.logprobs is not None:
+                logprobs = tuple(r.logprobs[tracked.sent_tokens :])
+            prompt_logprobs = None
+            if r.prompt_logprobs is not None and not tracked.sent_prompt_logprobs:
+                prompt_logprobs, tracked.sent_prompt_logprobs = r.prompt_logprobs, True
             tracked.sent += len(new)
-            if not finished:
-                out.append((tracked.stream, Delta(new)))
+            tracked.sent_tokens += len(new_tokens)
+            delta = Delta(new, tracked.index, new_tokens, logprobs, prompt_logprobs)
+            if finished:
+                del self._tracked[request_id]
+                m = r.metrics
+                delta = dataclasses.replace(
+                    delta,
+                    finished=True,
+                    finish_reason="error" if r.error else r.finish_reason,
+                    error=r.error,
+                    prompt_tokens=m.prompt_tokens,
+                    completion_tokens=len(r.output_token_ids),
+                    cached_tokens=m.cached_tokens,
+                )
+            out.append((request_id, delta))
+        self.deliver(out)
+
+
+class StreamFront:
+    """The event-loop side of an engine loop, wherever it runs: request streams by id,
+    how many requests are active (submitted and not yet ended), the deltas dispatched to
+    their streams and counted in the metrics. Subclasses send the commands."""
+
+    def __init__(self, metrics: ServerMetrics, max_requests: int) -> None:
+        self.metrics = metrics
+        self.max_requests = max_requests  # running + waiting; one more is refused (429)
+        self.num_active = 0
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+
+    def _send_add(self, command: AddCommand) -> None:
+        raise NotImplementedError
+
+    def _send_abort(self, request_id: str) -> None:
+        raise NotImplementedError
+
+    def submit(
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+        kv_policy: KVPolicy | None = None,
+        index: int = 0,
+        queue: asyncio.Queue | None = None,
+        after: RequestStream | None = None,
+    ) -> RequestStream:
+        """Queue a validated request; its deltas arrive on the returned stream (on `queue`
+        if given, shared by the choices of one HTTP request). With `after` (a sibling sample
+        of the same prompt), it starts once that request's prompt is computed, so that its
+        full blocks come from the prefix cache rather than a second prefill."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(f"srv-{next(self._ids)}", loop, queue or asyncio.Queue(), index)
+        self._streams[stream.request_id] = stream
+        self.num_active += 1
+        self.metrics.prompt_tokens.inc(len(token_ids))
+        after_id = after.request_id if after is not None else None
+        self._send_add(AddCommand(stream.request_id, token_ids, params, index, cache_salt,
+                                  kv_policy, after_id))  # fmt: skip
+        return stream
+
+    def done(self, stream: RequestStream) -> None:
+        """The handler is finished with this stream (complete, failed or disconnected):
+        abort it if the engine is still working on it."""
+        if self._streams.pop(stream.request_id, None) is not None:
+            self.num_active -= 1
+        if not stream.finished:
+            stream.finished = True
+            self._send_abort(stream.request_id)
+
+    def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:  # on the event loop
+        now = time.perf_counter()
+        for request_id, delta in deltas:
+            stream = self._streams.get(request_id)
+            if stream is None:  # its handler is gone (disconnected, aborted)
                 continue
-            del self._tracked[request_id]
-            self._ended()
-            m = r.metrics
-            final = Delta(
-                new,
-                finished=True,
-                finish_reason="error" if r.error else r.finish_reason,
-                error=r.error,
-                prompt_tokens=m.prompt_tokens,
-                completion_tokens=len(r.output_token_ids),
-                cached_tokens=m.cached_tokens,
-            )
-            out.append((tracked.stream, final))
-        if out:
-            out[0][0].loop.call_soon_threadsafe(_deliver, out)
+            for _ in delta.token_ids:
+                self._observe_token(stream, now)
+            if delta.finished:
+                del self._streams[request_id]
+                self.num_active -= 1
+            stream.queue.put_nowait(delta)
+
+    def _observe_token(self, stream: RequestStream, now: float) -> None:
+        self.metrics.generation_tokens.inc()
+        if stream.last_token_s is None:
+            self.metrics.ttft.observe(now - stream.arrival_s)
+        else:
+            self.metrics.itl.observe(now - stream.last_token_s)
+        stream.last_token_s = now
+
+    def _fail_all(self, error: str) -> None:
+        """End every active stream with `error` (the engine is gone)."""
+        ended = Delta("", finished=True, finish_reason="error", error=error)
+        self._dispatch([(rid, dataclasses.replace(ended, index=stream.index))
+                        for rid, stream in list(self._streams.items())])  # fmt: skip
+
+
+class AsyncEngine(StreamFront):
+    """The engine loop on a thread of this process, while the event loop serves HTTP."""
+
+    def __init__(self, engine: LLMEngine, metrics: ServerMetrics, max_requests: int) -> None:
+        super().__init__(metrics, max_requests)
+        self.engine = engine
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._loop = EngineLoop(engine, self._deliver)
+        self._thread = threading.Thread(target=self._loop.run, name="kvforge-engine", daemon=True)
+
+    def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._loop.stop()
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _send_add(self, command: AddCommand) -> None:
+        self._loop.add(command)
+
+    def _send_abort(self, request_id: str) -> None:
+        self._loop.abort(request_id)
+
+    def _deliver(self, deltas: list[tuple[str, Delta]]) -> None:  # on the engine thread
+        if deltas:  # one wake-up of the event loop per step carries every delta
+            self._event_loop.call_soon_threadsafe(self._dispatch, deltas)

@@ -1,8 +1,9 @@
 """Prometheus metrics for `GET /metrics`.
 
-Counters and histograms are updated by the engine thread as tokens come
-(prometheus_client is thread-safe). Gauges of the cache and the queues are
-read from the engine when scraped, so they are never stale. Each server has
+Counters and histograms are updated as tokens come (prometheus_client is
+thread-safe). Gauges of the cache and the queues are read when scraped: from the
+engine itself when it runs on a thread of the server, or from the last report of
+the engine process (sent every step). Each server has
 its own registry, so several can live in one process (tests do).
 """
 
@@ -14,51 +15,63 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
-class _EngineCollector:
-    """Gauges read from the engine at scrape time."""
+def engine_gauges(engine) -> dict:
+    """What /metrics reads from the engine: the cache's blocks, the queues, the prefix
+    cache's and the tiers' counters. Cheap: the engine process sends it every step."""
+    pool, scheduler = engine.pool, engine.scheduler
+    return {
+        "blocks_total": pool.num_blocks,
+        "blocks_free": pool.num_free,
+        "blocks_window": engine.manager.num_window_blocks,
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+        "preemptions": engine.manager.num_preemptions,
+        "prefix_queries": engine.prefix_cache_queries,
+        "prefix_hits": engine.prefix_cache_hits,
+        "evictions": pool.num_evictions,
+        "tiers": engine.tiers.stats() if engine.tiers is not None else {},
+    }
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+
+class _EngineCollector:
+    """Gauges read at scrape time from `gauges()` (`engine_gauges` of the engine, or the
+    engine process's last report)."""
+
+    def __init__(self, gauges) -> None:
+        self.gauges = gauges
 
     def collect(self):
-        pool, scheduler = self.engine.pool, self.engine.scheduler
-        total = pool.num_blocks
-        used = total - pool.num_free
+        g = self.gauges()
+        total = g["blocks_total"]
+        used = total - g["blocks_free"]
         yield _gauge("kvforge_kv_cache_usage_ratio", "Fraction of KV blocks in use.", used / total)
         yield _gauge("kvforge_kv_blocks_used", "KV blocks in use (window blocks included).", used)
         yield _gauge(
             "kvforge_kv_blocks_window",
             "KV blocks the running requests borrow for their full-precision recent windows.",
-            self.engine.manager.num_window_blocks,
+            g["blocks_window"],
         )
-        yield _gauge("kvforge_kv_blocks_free", "KV blocks free.", pool.num_free)
+        yield _gauge("kvforge_kv_blocks_free", "KV blocks free.", g["blocks_free"])
         yield _gauge("kvforge_kv_blocks_total", "KV blocks in the pool.", total)
-        yield _gauge(
-            "kvforge_num_requests_running", "Requests in the running batch.", len(scheduler.running)
-        )
-        yield _gauge(
-            "kvforge_num_requests_waiting", "Requests waiting to run.", len(scheduler.waiting)
-        )
-        preemptions = CounterMetricFamily(
-            "kvforge_num_preemptions", "Requests preempted (blocks freed, recomputed later)."
-        )
-        preemptions.add_metric([], self.engine.manager.num_preemptions)
-        yield preemptions
+        yield _gauge("kvforge_num_requests_running", "Requests in the running batch.", g["running"])
+        yield _gauge("kvforge_num_requests_waiting", "Requests waiting to run.", g["waiting"])
         for name, text, value in (
+            ("kvforge_num_preemptions", "Requests preempted (blocks freed, recomputed later).",
+             g["preemptions"]),
             ("kvforge_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-             self.engine.prefix_cache_queries),
+             g["prefix_queries"]),
             ("kvforge_prefix_cache_hits", "Prompt tokens found in the prefix cache.",
-             self.engine.prefix_cache_hits),
+             g["prefix_hits"]),
             ("kvforge_prefix_cache_evictions", "Cached blocks evicted from the device pool.",
-             pool.num_evictions),
+             g["evictions"]),
         ):  # fmt: skip
             family = CounterMetricFamily(name, text)
             family.add_metric([], value)
             yield family
-        yield from _tier_metrics(self.engine.tiers)
+        yield from _tier_metrics(g["tiers"])
 
 
-def _tier_metrics(tiers):
+def _tier_metrics(stats: dict):
     """Blocks held by, and traffic of, the host and disk tiers (when configured)."""
     blocks = GaugeMetricFamily(
         "kvforge_cache_tier_blocks", "Prefix-cache blocks held by a lower tier.", labels=["tier"]
@@ -69,7 +82,6 @@ def _tier_metrics(tiers):
         "refused (reject: a bad file; write_error: a failed write).",
         labels=["tier", "op"],
     )
-    stats = tiers.stats() if tiers is not None else {}
     for tier in ("host", "disk"):
         if f"{tier}_blocks" not in stats:
             continue
@@ -92,9 +104,10 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
 class ServerMetrics:
     """The server's registry: engine gauges plus token counters and latency histograms."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, gauges) -> None:
+        """`gauges`: a callable answering `engine_gauges`' dict."""
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(gauges))
         self.prompt_tokens = Counter(
             "kvforge_prompt_tokens", "Prompt tokens admitted.", registry=self.registry
         )
