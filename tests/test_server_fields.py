@@ -72,6 +72,18 @@ def test_n_samples_are_seeded_distinct_and_share_the_prompt_blocks(server):
     server.wait_idle()
 
 
+def test_echoed_samples_score_the_prompt_once_and_share_its_blocks(server):
+    prompt = "y" * 100
+    out = _post(server, "/v1/completions", {
+        "model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1, "max_tokens": 3,
+        "n": 3, "temperature": 1.0, "seed": 4, "ignore_eos": True}).json()  # fmt: skip
+    echoed = [c["logprobs"]["token_logprobs"][:101] for c in out["choices"]]
+    assert echoed[0] == echoed[1] == echoed[2] and echoed[0][0] is None
+    assert all(c["text"].startswith(prompt) for c in out["choices"])
+    assert out["usage"]["prompt_tokens_details"]["shared_between_samples"] == 2 * 96
+    server.wait_idle()
+
+
 def test_best_of_keeps_the_likeliest_samples(server):
     client = server.client()
     kw = dict(model=MODEL, prompt="Once", max_tokens=8, temperature=1.0, seed=3,

@@ -172,6 +172,9 @@ def build_app(
                 sample_params = params
                 if j and params.seed is not None:  # distinct seeded samples (vLLM: seed + j)
                     sample_params = dataclasses.replace(params, seed=params.seed + j)
+                if j and params.prompt_logprobs is not None and params.max_tokens:
+                    # the first sample scores the prompt; the others reuse its blocks
+                    sample_params = dataclasses.replace(sample_params, prompt_logprobs=None)
                 try:
                     stream = aengine.submit(
                         token_ids, sample_params, body.cache_salt, policy,
@@ -421,6 +424,12 @@ class _Choices:
     samples: int
     tokenizer: object
     text_of: object
+    prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # group -> its first's
+
+    def seen(self, index: int, result: _Result) -> None:
+        """Keep a prompt's log-probabilities from its first sample's result."""
+        if result.prompt_logprobs is not None and index % self.samples == 0:
+            self.prompt_logprobs[index // self.samples] = result.prompt_logprobs
 
     @property
     def id_prefix(self) -> str:
@@ -447,15 +456,17 @@ class _Choices:
         if self.kind == "chat":
             return p.chat_logprobs(result.logprobs, self.text_of)
         token_ids, entries = list(result.token_ids), list(result.logprobs)
-        if echo_prompt:
+        if echo_prompt:  # the prompt's, as the group's first sample scored it
             token_ids = self.token_lists[group] + token_ids
-            entries = list(result.prompt_logprobs or []) + entries
+            entries = list(self.prompt_logprobs[group] or []) + entries
         return p.completion_logprobs(token_ids, entries, self.text_of, offset)
 
     def whole(self, rid: str, model: str, results: list[_Result]) -> dict:
         """The non-streaming answer: the n likeliest of each prompt's samples."""
         choices = []
         echo = self.kind == "text" and self.body.echo
+        for index, result in enumerate(results):
+            self.seen(index, result)
         for group in range(len(self.prompts)):
             drawn = results[group * self.samples : (group + 1) * self.samples]
             kept = drawn
@@ -578,6 +589,7 @@ async def _stream(aengine: AsyncEngine, view: _Choices, streams: list[RequestStr
             result = _Result()
             result.add(delta)
             results[index].add(delta)
+            view.seen(index, results[index])
             finish = delta.finish_reason if delta.finished else None
             if view.kind == "chat":
                 logprobs = view.logprobs(0, result, False, 0) if result.logprobs else None
