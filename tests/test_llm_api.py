@@ -263,10 +263,16 @@ def test_extreme_values_still_sample_a_token(llm):
         row, SamplingParams(repetition_penalty=1e-300), History([0, 1], [], frozenset())
     )
     assert torch.isfinite(out[[0, 2, 3]]).all() and out.argmax() == 0
+    big = process_logits(row, SamplingParams(repetition_penalty=3.4e38, min_tokens=1),
+                         History([0, 1], [], frozenset({3})))  # fmt: skip
+    assert torch.isfinite(big[:3]).all() and big[3] == float("-inf")  # 3 stays masked
     greedy = llm.generate(["0"], SamplingParams(max_tokens=3))[0].token_ids
     tiny_top_p = SamplingParams(max_tokens=3, temperature=1.0, top_p=5e-324, seed=1)
     tiny_penalty = SamplingParams(max_tokens=3, temperature=1e-4, repetition_penalty=1e-300)
-    for params in (tiny_top_p, tiny_penalty):
+    huge = SamplingParams(max_tokens=3, temperature=8e307, repetition_penalty=3.4e38, seed=3)
+    held = SamplingParams(max_tokens=3, temperature=1.0, repetition_penalty=3.4e38, min_tokens=3,
+                          stop_token_ids=list(range(1, 258)), seed=5)  # fmt: skip
+    for params in (tiny_top_p, tiny_penalty, huge, held):
         out = llm.generate(["0"], params)[0]
         assert out.error is None and len(out.token_ids) == 3
     assert llm.generate(["0"], SamplingParams(max_tokens=3, temperature=1.0, top_p=5e-324,

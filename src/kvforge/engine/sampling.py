@@ -167,6 +167,7 @@ def process_logits(row: torch.Tensor, p: SamplingParams, h: History) -> torch.Te
     if len(h.output_token_ids) < p.min_tokens and h.stop_token_ids:
         stops = torch.tensor(sorted(h.stop_token_ids), dtype=torch.long, device=row.device)
         row[stops[stops < vocab]] = float("-inf")
+    masked = torch.isneginf(row)  # what min_tokens ruled out stays out
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(h.prompt_token_ids + h.output_token_ids, device=row.device).unique()
         values = row[seen]
@@ -176,8 +177,10 @@ def process_logits(row: torch.Tensor, p: SamplingParams, h: History) -> torch.Te
         out = torch.tensor(h.output_token_ids, device=row.device)
         counts = torch.bincount(out, minlength=vocab)[:vocab].to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-    # a tiny repetition_penalty overflows: keep the order, in a range temperature can divide
-    return torch.nan_to_num(row, nan=float("-inf"), posinf=MAX_LOGIT, neginf=float("-inf"))
+    # an extreme repetition_penalty overflows: keep the order, in a range temperature can
+    # divide, every token but those min_tokens masked still possible
+    row = torch.nan_to_num(row, nan=-MAX_LOGIT, posinf=MAX_LOGIT, neginf=-MAX_LOGIT)
+    return row.masked_fill_(masked, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -221,7 +224,9 @@ def sample(
     for row, (p, gen) in enumerate(zip(params, generators, strict=True)):
         if p.greedy:
             continue
-        scaled = _filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        # (a temperature beyond float32's range divides to 0, and a masked -inf to NaN)
+        scaled = torch.nan_to_num(logits[row] / p.temperature, nan=float("-inf"))
+        scaled = _filter_top_k_top_p(scaled, p.top_k, p.top_p)
         # on the CPU: each request's generator lives there, so a seed gives the same
         # tokens on every device, alone or batched
         probs = torch.softmax(scaled, dim=-1).cpu()
