@@ -4,7 +4,8 @@ keywords that FastAPI writes), mutates them (a field replaced by any JSON value,
 dropped) and sends raw junk, over loopback to a real server. Every answer is a 2xx or a
 4xx OpenAI error object — never a 500, a hang or a dropped connection — and the block
 pool is whole afterwards. Bodies that ask for a lot of work (max_tokens, n, best_of,
-min_tokens) are capped, so the 1,200 bodies take a few minutes (a slow test).
+min_tokens) are capped, so the 1,000 bodies take a few minutes (a slow test; derandomized,
+so a run is reproducible).
 """
 
 import json
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from test_server import MODEL, Server, new_llm
 
-EXAMPLES = 1200
+EXAMPLES = 1000
 WORK = {"max_tokens": 6, "max_completion_tokens": 6, "n": 3, "best_of": 3, "min_tokens": 6}
 ROUTES = {
     "/v1/completions": "CompletionRequest",
@@ -170,7 +171,7 @@ def test_generated_and_malformed_bodies_never_break_the_server(server):
     sent = []
     client = httpx.Client(base_url=server.url, timeout=60)
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(_bodies(_schema(server.app)))
     def send(case):
