@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="any --model value (default: the default)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads of the engine (default: this machine's)")  # fmt: skip
+    parser.add_argument("--server-threads", type=int, default=None,
+                        help="torch threads of the served engine (default: --threads)")  # fmt: skip
     parser.add_argument("--kv-memory", default="256MiB")
     parser.add_argument("--out", help="write server_load.json and .md into this directory")
     args = parser.parse_args()
@@ -112,7 +114,8 @@ def main() -> None:
     options = {"model": args.model, "device": args.device, "kv_memory": args.kv_memory,
                "max_num_seqs": args.clients}  # fmt: skip
     tokens = args.clients * args.max_tokens
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    served_threads = args.server_threads or args.threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(served_threads), "TOKENIZERS_PARALLELISM": "false"}
     rows = {}
 
     torch.set_num_threads(args.threads)
@@ -140,7 +143,7 @@ def main() -> None:
         serve += ["--model", args.model]
     rows["kvforge serve (2 processes)"] = measure(serve, port)
     port = free_port()
-    one = [sys.executable, "-c", IN_PROCESS, str(port), str(args.threads), json.dumps(options)]
+    one = [sys.executable, "-c", IN_PROCESS, str(port), str(served_threads), json.dumps(options)]
     rows["engine on a thread (1 process)"] = measure(one, port)
 
     offline_s = rows["LLM.generate"]["seconds"]
@@ -149,7 +152,8 @@ def main() -> None:
         row["vs_offline"] = offline_s / row["seconds"]
     model = args.model or "the default model"
     title = (f"{args.clients} streaming clients × {args.max_tokens} tokens, {model}, "
-             f"{args.device}, {args.threads} torch threads")  # fmt: skip
+             f"{args.device}, torch threads: {args.threads} offline, {served_threads} "
+             "served")  # fmt: skip
     lines = [f"# Serving load: {title}", "",
              "| | tokens/s | vs LLM.generate | TTFT p50 | TTFT p99 | clients' CPU |",
              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -165,7 +169,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"clients": args.clients, "max_tokens": args.max_tokens, "device": args.device,
-                "model": args.model, "threads": args.threads}  # fmt: skip
+                "model": args.model, "threads": args.threads,
+                "server_threads": served_threads}  # fmt: skip
         (out / "server_load.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
         (out / "server_load.md").write_text(report + "\n")
 
