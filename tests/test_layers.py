@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvforge"
 # lowest first; the package root (`from kvforge import LLM`) is the user API, llm's layer
 LAYERS = [
     ["errors"],
-    ["units", "dtypes", "kernels"],
+    ["units", "dtypes", "kernels", "events"],
     ["config"],
     ["presets"],
     ["kvcache"],

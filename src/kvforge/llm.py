@@ -79,6 +79,9 @@ class LLM:
     full precision until their block is packed; `kv_exact_sinks`: each request's first
     block (its attention sinks) kept in full precision too while it runs. Both are held in
     pool blocks a running request borrows (`kv_stats()["window_blocks_per_request"]`).
+
+    `kv_events_endpoint` ("tcp://127.0.0.1:5557"): publish the prefix cache's block events
+    there in vLLM's format (`kvforge.events`), with replay at `kv_events_replay_endpoint`.
     """
 
     def __init__(
@@ -105,6 +108,8 @@ class LLM:
         kv_skip_layers: Iterable[int] | None = (),
         kv_recent_tokens: int | None = None,
         kv_exact_sinks: bool = False,
+        kv_events_endpoint: str | None = None,
+        kv_events_replay_endpoint: str | None = None,
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -129,6 +134,8 @@ class LLM:
             kv_skip_layers=kv_skip_layers,
             kv_recent_tokens=kv_recent_tokens,
             kv_exact_sinks=kv_exact_sinks,
+            kv_events_endpoint=kv_events_endpoint,
+            kv_events_replay_endpoint=kv_events_replay_endpoint,
         )
         self.engine, self.model_name = build_engine(self.config)
         self.device = self.engine.device

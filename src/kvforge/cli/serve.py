@@ -57,6 +57,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="16MiB",
         help="larger request bodies get 413 (default 16MiB)",
     )
+    p.add_argument(
+        "--kv-events-endpoint",
+        metavar="tcp://HOST:PORT",
+        help="publish the prefix cache's block events there (ZeroMQ PUB, vLLM's format), "
+        "for a cache-aware router such as vllm-router's kv_aware policy",
+    )
+    p.add_argument(
+        "--kv-events-replay-endpoint",
+        metavar="tcp://HOST:PORT",
+        help="answer replay requests for missed event batches there (ZeroMQ ROUTER)",
+    )
     p.set_defaults(func=run)
 
 
@@ -73,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         args,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_num_seqs),
+        kv_events_endpoint=args.kv_events_endpoint,
+        kv_events_replay_endpoint=args.kv_events_replay_endpoint,
     )
     EngineConfig.create(**kwargs)  # a bad option fails here, before a process starts
     engine = EngineProcess(kwargs, args.max_queue)

@@ -83,8 +83,27 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
         enable_prefix_caching=cache.enable_prefix_caching,
         tiers=tiers,
         kv_policy=cache.kv_policy,
+        kv_events=_event_publisher(cache),
     )
     return engine, ref.name
+
+
+def _event_publisher(cache: CacheConfig):
+    """The KV events publisher the options ask for (None: none); KVForgeError if its
+    endpoint cannot be bound."""
+    if cache.kv_events_endpoint is None:
+        return None
+    import zmq
+
+    from kvforge.events import EventPublisher
+
+    try:
+        return EventPublisher(cache.kv_events_endpoint, cache.kv_events_replay_endpoint)
+    except zmq.ZMQError as exc:
+        raise KVForgeError(
+            f"cannot publish KV events at {cache.kv_events_endpoint!r} "
+            f"(or replay at {cache.kv_events_replay_endpoint!r}): {exc}"
+        ) from None
 
 
 def _size(name: str, value: int | str) -> int:

@@ -44,6 +44,9 @@ class CacheConfig:
     # int4's and int2's full-precision window: None and False take the format's own
     kv_recent_tokens: int | None = None
     kv_exact_sinks: bool = False
+    # where KV cache events go out in vLLM's format (kvforge.events), and their replay
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         check_skip_layers(self.kv_skip_layers)  # errors name the index
@@ -51,6 +54,10 @@ class CacheConfig:
             fmt = get_kv_format(self.kv_dtype)
             with_rotation(fmt, self.kv_rotation)  # errors name why
             with_window(fmt, self.kv_recent_tokens, self.kv_exact_sinks)
+        if self.kv_events_replay_endpoint is not None and self.kv_events_endpoint is None:
+            raise KVForgeError("kv_events_replay_endpoint needs kv_events_endpoint")
+        if self.kv_events_endpoint is not None and not self.enable_prefix_caching:
+            raise KVForgeError("kv_events_endpoint needs prefix caching: events are its blocks")
         if self.kv_exact_sinks not in (True, False):
             raise KVForgeError(f"kv_exact_sinks must be True or False, got {self.kv_exact_sinks!r}")
         if self.kv_rotation not in (None, True, False):
@@ -124,6 +131,8 @@ class EngineConfig:
         kv_skip_layers: Iterable[int] | None = (),
         kv_recent_tokens: int | None = None,
         kv_exact_sinks: bool = False,
+        kv_events_endpoint: str | None = None,
+        kv_events_replay_endpoint: str | None = None,
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -145,6 +154,8 @@ class EngineConfig:
             kv_skip_layers=check_skip_layers(kv_skip_layers),
             kv_recent_tokens=kv_recent_tokens,
             kv_exact_sinks=kv_exact_sinks,
+            kv_events_endpoint=kv_events_endpoint,
+            kv_events_replay_endpoint=kv_events_replay_endpoint,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
                    preemption_mode, seed, weights_dtype)  # fmt: skip

@@ -22,6 +22,7 @@ from kvforge.engine.runner import ModelRunner
 from kvforge.engine.sampling import SamplingParams
 from kvforge.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig, SchedulerOutput
 from kvforge.errors import KVForgeError
+from kvforge.events import AllBlocksCleared, KVEvents
 from kvforge.kvcache.block_table import BlockTable
 from kvforge.kvcache.formats import window_blocks
 from kvforge.kvcache.manager import KVCacheManager
@@ -59,7 +60,10 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         tiers: TieredBlocks | None = None,
         kv_policy: KVPolicy | None = None,
+        kv_events=None,
     ) -> None:
+        """`kv_events`: a `kvforge.events.EventPublisher` that each step's KV cache events
+        (blocks the prefix cache stores and evicts) go out on, in vLLM's format."""
         self.tokenizer = tokenizer
         self.kv_policy = kv_policy  # every request's, unless it names its own
         self.last_score_peak_kv_tokens = 0  # the most tokens the last `score` held
@@ -77,7 +81,11 @@ class LLMEngine:
             sliding_window=store.spec.sliding_window,
             recent_tokens=store.format.residual_tokens,
             window_blocks=window_blocks(store.spec, store.format, store.block_size),
+            events=KVEvents(store.block_size) if kv_events is not None else None,
         )
+        self.kv_events = kv_events
+        if kv_events is not None:
+            kv_events.publish([AllBlocksCleared()])  # a new engine holds no block
         self.pool = self.manager.pool
         self.scheduler = Scheduler(self.manager, scheduler_config)
         self.runner = ModelRunner(model, store, device, self.tiers)
@@ -232,6 +240,8 @@ class LLMEngine:
             raise
         events = self._update(step.scheduled, token_ids)
         self.runner.execute(self.manager.take_ops())  # registered, pruned, freed
+        if self.kv_events is not None and self.manager.events is not None:
+            self.kv_events.publish(self.manager.events.take())
         return events
 
     def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:

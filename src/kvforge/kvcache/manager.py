@@ -104,6 +104,7 @@ class KVCacheManager:
         sliding_window: int | None = None,
         recent_tokens: int = 0,
         window_blocks: int = 0,
+        events=None,
     ) -> None:
         """`token_moves`: single tokens can move between slots (else only whole blocks:
         int2). `cache_id`: (model id, KV format) that prefix keys are seeded with; None
@@ -111,7 +112,8 @@ class KVCacheManager:
         the model's; blocks wholly before it are freed. `recent_tokens`: the newest tokens
         the store keeps apart (int2's window), never freed. `window_blocks`: the blocks a
         running request borrows to hold those tokens in full precision (int4, int2): taken
-        with its first slots, given back when it leaves the device."""
+        with its first slots, given back when it leaves the device. `events`: a
+        `kvforge.events.KVEvents` told of every block the prefix cache stores or evicts."""
         self.pool = BlockPool(num_blocks)
         self.block_size = block_size
         self.token_moves = token_moves
@@ -123,8 +125,9 @@ class KVCacheManager:
         self.num_window_blocks = 0  # borrowed by the requests on the device now
         self.ops: list[BlockOp] = []
         self._freed_when_swapped: dict[str, int] = {}  # request id -> table.num_freed
-        if self.tiers is not None:
-            self.pool.on_evict = self._spill
+        self.events = events if cache_id is not None else None
+        if self.tiers is not None or self.events is not None:
+            self.pool.on_evict = self._evicted
         self.num_preemptions = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, tokens found
@@ -205,6 +208,7 @@ class KVCacheManager:
             for block_id, (key, _, _) in zip(loaded, lower, strict=True):
                 self.pool.cache(block_id, key)
             self.tiers.loaded(sources)
+            self._announce(seq, len(device), len(device) + len(lower))
         if cached:
             seq.block_table.adopt(device + loaded)
             seq.num_registered_blocks = len(device) + len(lower)
@@ -269,10 +273,18 @@ class KVCacheManager:
         table = seq.block_table
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_keys))
         persist = self.tiers is not None and self.tiers.writes_through
+        run = None  # the first block of the current run of newly cached ones
         for i in range(max(seq.num_registered_blocks, table.num_freed), full):
             block_id, key = table.block_ids[i], seq.block_keys[i]
-            if self.pool.cache(block_id, key) and persist:
-                self.ops.append(SaveBlock(block_id, key, spill=False))
+            if self.pool.cache(block_id, key):
+                run = i if run is None else run
+                if persist:
+                    self.ops.append(SaveBlock(block_id, key, spill=False))
+            elif run is not None:
+                self._announce(seq, run, i)
+                run = None
+        if run is not None:
+            self._announce(seq, run, full)
         seq.num_registered_blocks = max(seq.num_registered_blocks, full)
 
     def drop_out_of_window(self, seq: CachedSequence) -> None:
@@ -333,9 +345,20 @@ class KVCacheManager:
         if live:
             self.ops.append(Retire(live, seq.num_kv_tokens - table.num_freed * self.block_size))
 
-    def _spill(self, block_id: int, key: bytes) -> None:
+    def _evicted(self, block_id: int, key: bytes) -> None:
         """A cached block is about to be reused: keep its contents in the lower tiers."""
-        self.ops.append(SaveBlock(block_id, key, spill=True))
+        if self.tiers is not None:
+            self.ops.append(SaveBlock(block_id, key, spill=True))
+        if self.events is not None:
+            self.events.removed([key])
+
+    def _announce(self, seq: CachedSequence, first: int, end: int) -> None:
+        """Blocks first .. end-1 of the request are now in the prefix cache."""
+        if self.events is not None and end > first:
+            bs = self.block_size
+            parent = seq.block_keys[first - 1] if first else None
+            self.events.stored(seq.block_keys[first:end], parent,
+                               seq.token_ids(first * bs, end * bs))  # fmt: skip
 
     # --- an eviction policy's compaction -------------------------------------------------
 
