@@ -272,8 +272,6 @@ def build_app(
         token_lists = await asyncio.to_thread(lambda: [tokenize(x) for x in prompts])
         streams = submit(token_lists, params, samples, body)
         view = _Choices("text", body, prompts, token_lists, samples, tokenizer, text_of)
-        if body.return_tokens_as_token_ids:
-            view.text_of = _token_id_text
         return await respond(view, streams, request)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
@@ -302,8 +300,6 @@ def build_app(
         params = body.sampling_params(max_tokens, logprobs)
         streams = submit([token_ids], params, body.n, body)
         view = _Choices("chat", body, [prompt], [token_ids], body.n, tokenizer, text_of)
-        if body.return_tokens_as_token_ids:
-            view.text_of = _token_id_text
         return await respond(view, streams, request)
 
     async def respond(view: "_Choices", streams: list[RequestStream], request: Request):
@@ -425,6 +421,10 @@ class _Choices:
     tokenizer: object
     text_of: object
     prompt_logprobs: dict = dataclasses.field(default_factory=dict)  # group -> its first's
+
+    def __post_init__(self) -> None:
+        if self.body.return_tokens_as_token_ids:  # tokens named by id, not by their text
+            self.text_of = _token_id_text
 
     def seen(self, index: int, result: _Result) -> None:
         """Keep a prompt's log-probabilities from its first sample's result."""
