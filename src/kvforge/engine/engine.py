@@ -84,6 +84,8 @@ class LLMEngine:
             events=KVEvents(store.block_size) if kv_events is not None else None,
         )
         self.kv_events = kv_events
+        if self.tiers is not None and self.manager.events is not None:
+            self.tiers.watch(self.manager.events)
         if kv_events is not None:
             kv_events.publish([AllBlocksCleared()])  # a new engine holds no block
         self.pool = self.manager.pool

@@ -27,7 +27,8 @@ class RequestMetrics:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens not computed: found in the prefix cache
     cached_tokens_host: int = 0  # of those, loaded back from the host-memory tier
-    cached_tokens_disk: int = 0  # and from the disk tier (the rest were on the device)
+    cached_tokens_disk: int = 0  # and from the disk tier
+    cached_tokens_remote: int = 0  # and from the remote tier (the rest were on the device)
     preemptions: int = 0
     peak_kv_tokens: int = 0  # the most tokens the request held in the cache at any moment
 

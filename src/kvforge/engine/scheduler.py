@@ -141,6 +141,7 @@ class Scheduler:
                 m = request.metrics
                 m.cached_tokens = admitted.cached
                 m.cached_tokens_host, m.cached_tokens_disk = admitted.from_host, admitted.from_disk
+                m.cached_tokens_remote = admitted.from_remote
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)

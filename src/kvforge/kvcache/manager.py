@@ -68,26 +68,28 @@ class LowerTiers(Protocol):
     """The prefix cache's lower tiers, as the manager sees them (kvcache.tiers)."""
 
     def fetch(self, key: bytes) -> tuple[Any, str] | None:
-        """(a block's contents, "host" or "disk"), or None."""
+        """(a block's contents, "host", "disk" or "remote"), or None."""
 
     def loaded(self, sources: list[str]) -> None:
         """Blocks from these tiers were loaded into the pool."""
 
     @property
     def writes_through(self) -> bool:
-        """Whether newly cached blocks are written through to disk."""
+        """Whether newly cached blocks are written through (to disk, the remote tier)."""
 
 
 @dataclass(frozen=True)
 class Admission:
     """A request admitted: `num_new` tokens reserved at `slots`, after `cached` tokens
-    found in the prefix cache (`from_host`, `from_disk` of them loaded from the tiers)."""
+    found in the prefix cache (`from_host`, `from_disk`, `from_remote` of them loaded from
+    the tiers)."""
 
     num_new: int
     slots: list[int]
     cached: int = 0
     from_host: int = 0
     from_disk: int = 0
+    from_remote: int = 0
 
 
 class KVCacheManager:
@@ -218,7 +220,7 @@ class KVCacheManager:
             self.prefix_hits += cached
         slots = self.allocate_slots(seq, num_new)
         return Admission(num_new, slots, cached, sources.count("host") * bs,
-                         sources.count("disk") * bs)  # fmt: skip
+                         sources.count("disk") * bs, sources.count("remote") * bs)  # fmt: skip
 
     def _admit_swapped(self, seq: CachedSequence, cap: int) -> Admission | None:
         """Copy a swapped-out request's blocks back and go on where it stopped."""

@@ -1,5 +1,6 @@
 """Lower tiers of the prefix cache: blocks evicted from the device pool go to a bounded
-host-memory LRU, and from there to a bounded directory on disk (LRU by file time).
+host-memory LRU, and from there to a bounded directory on disk (LRU by file time); a
+shared remote tier (`remote`, Redis) sits below both.
 
     device pool ──evicted block──▶ HostTier ──evicted block──▶ DiskTier
     device pool ──every computed block (write-through)───────▶ DiskTier
@@ -36,6 +37,44 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def encode_block(key: bytes, block: torch.Tensor) -> bytes:
+    """A block as the disk and remote tiers keep it: a magic line, a JSON header (its key,
+    dtype, shape, and the SHA-256 of its bytes), then its bytes."""
+    payload = block.contiguous().view(torch.uint8).numpy().tobytes()  # any dtype
+    header = {
+        "key": key.hex(),
+        "dtype": _dtype_name(block.dtype),
+        "shape": list(block.shape),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    head = json.dumps(header).encode()
+    return MAGIC + len(head).to_bytes(4, "little") + head + payload
+
+
+def decode_block(data: bytes, key: bytes, shape, dtype: torch.dtype) -> torch.Tensor | None:
+    """The block `encode_block` wrote for `key`, or None if `data` is not exactly that
+    (another key, shape or dtype, a bad checksum, truncated, garbage)."""
+    try:
+        if not data.startswith(MAGIC):
+            return None
+        at = len(MAGIC)
+        head_len = int.from_bytes(data[at : at + 4], "little")
+        header = json.loads(data[at + 4 : at + 4 + head_len])
+        payload = data[at + 4 + head_len :]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    expected = {"key": key.hex(), "dtype": _dtype_name(dtype), "shape": list(shape)}
+    if any(header.get(k) != v for k, v in expected.items()):
+        return None
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        return None
+    if len(payload) != torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size():
+        return None
+    return torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)
+
+
 class DiskTier:
     """Blocks as files `<key hex>.kvblock` in `directory`, at most `capacity` of them."""
 
@@ -51,6 +90,7 @@ class DiskTier:
         self._lru: OrderedDict[str, None] = OrderedDict((f.stem, None) for f in files)
         self.num_writes = self.num_reads = self.num_rejected = self.num_evictions = 0
         self.num_write_errors = 0
+        self.events = None  # a `kvforge.events.KVEvents` told what comes and goes, if any
         self._evict_over_capacity()
 
     def __len__(self) -> int:
@@ -64,19 +104,11 @@ class DiskTier:
         if name in self._lru:
             self._lru.move_to_end(name)
             return
-        payload = block.contiguous().view(torch.uint8).numpy().tobytes()  # any dtype
-        header = {
-            "key": name,
-            "dtype": _dtype_name(block.dtype),
-            "shape": list(block.shape),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-        head = json.dumps(header).encode()
         tmp = None
         try:
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=SUFFIX)
             with os.fdopen(fd, "wb") as f:
-                f.write(MAGIC + len(head).to_bytes(4, "little") + head + payload)
+                f.write(encode_block(key, block))
             os.replace(tmp, self._path(name))  # atomic: readers see all of it or nothing
         except OSError:  # disk full, directory gone, read-only: the cache is best effort
             self.num_write_errors += 1
@@ -85,6 +117,8 @@ class DiskTier:
             return
         self._lru[name] = None
         self.num_writes += 1
+        if self.events is not None:
+            self.events.copied(key, "disk")
         self._evict_over_capacity()
 
     def get(self, key: bytes, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,32 +140,25 @@ class DiskTier:
     def _read(self, name: str, shape, dtype) -> torch.Tensor | None:
         try:
             data = self._path(name).read_bytes()
-            if not data.startswith(MAGIC):
-                return None
-            at = len(MAGIC)
-            head_len = int.from_bytes(data[at : at + 4], "little")
-            header = json.loads(data[at + 4 : at + 4 + head_len])
-            payload = data[at + 4 + head_len :]
-        except (OSError, ValueError, UnicodeDecodeError):
+        except OSError:
             return None
-        expected = {"key": name, "dtype": _dtype_name(dtype), "shape": list(shape)}
-        if any(header.get(k) != v for k, v in expected.items()):
-            return None
-        if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-            return None
-        if len(payload) != torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size():
-            return None
-        return torch.frombuffer(bytearray(payload), dtype=dtype).view(shape)
+        return decode_block(data, bytes.fromhex(name), shape, dtype)
 
     def _evict_over_capacity(self) -> None:
         while len(self._lru) > self.capacity:
             name, _ = self._lru.popitem(last=False)
             self._path(name).unlink(missing_ok=True)
             self.num_evictions += 1
+            self._left(name)
 
     def _remove(self, name: str) -> None:
         self._lru.pop(name, None)
         self._path(name).unlink(missing_ok=True)
+        self._left(name)
+
+    def _left(self, name: str) -> None:
+        if self.events is not None:
+            self.events.removed([bytes.fromhex(name)], "disk")
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}{SUFFIX}"
@@ -148,6 +175,7 @@ class HostTier:
         self.lower = lower
         self._blocks: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.num_puts = self.num_evictions = 0
+        self.events = None  # a `kvforge.events.KVEvents` told what comes and goes, if any
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -158,9 +186,13 @@ class HostTier:
             return
         self._blocks[key] = block
         self.num_puts += 1
+        if self.events is not None:
+            self.events.copied(key, "host")
         while len(self._blocks) > self.capacity:
             old_key, old_block = self._blocks.popitem(last=False)
             self.num_evictions += 1
+            if self.events is not None:
+                self.events.removed([old_key], "host")
             if self.lower is not None:
                 self.lower.put(old_key, old_block)
 
@@ -172,28 +204,42 @@ class HostTier:
 
 
 class TieredBlocks:
-    """The lower tiers together: where an evicted block goes, and where a miss looks.
-    Blocks are the store's `read_blocks` rows: `block_shape` and `dtype` each."""
+    """The lower tiers together: where an evicted block goes, and where a miss looks —
+    host memory, then disk, then the shared remote tier (`kvcache.remote`). Blocks are
+    the store's `read_blocks` rows: `block_shape` and `dtype` each."""
 
     def __init__(self, host: HostTier | None, disk: DiskTier | None,
-                 block_shape: tuple[int, ...], dtype: torch.dtype) -> None:  # fmt: skip
-        self.host, self.disk = host, disk
+                 block_shape: tuple[int, ...], dtype: torch.dtype,
+                 remote=None) -> None:  # fmt: skip
+        self.host, self.disk, self.remote = host, disk, remote
         self.block_shape, self.dtype = tuple(block_shape), dtype
-        self.num_loaded = {"host": 0, "disk": 0}  # blocks loaded back into the device pool
+        # blocks loaded back into the device pool
+        self.num_loaded = {"host": 0, "disk": 0, "remote": 0}
+
+    def watch(self, events) -> None:
+        """Tell `events` (a `kvforge.events.KVEvents`) of every block the host and disk
+        tiers take in and let go. The remote tier is not announced: every replica reads
+        it alike, so it says nothing about where to route."""
+        for tier in (self.host, self.disk):
+            if tier is not None:
+                tier.events = events
 
     @property
     def writes_through(self) -> bool:
-        """Whether newly cached blocks are written to disk at once (`persist`): so that a
-        new process over the same directory finds every block this one computed, not
-        only those it happened to evict."""
-        return self.disk is not None
+        """Whether newly cached blocks are written through at once (`persist`) to disk and
+        the remote tier: so that a new process over the same directory, or another replica
+        over the same server, finds every block this one computed, not only those it
+        happened to evict."""
+        return self.disk is not None or self.remote is not None
 
     def persist(self, key: bytes, block: torch.Tensor) -> None:
         if self.disk is not None:
             self.disk.put(key, block)
+        if self.remote is not None:
+            self.remote.put(key, block)
 
     def fetch(self, key: bytes) -> tuple[torch.Tensor, str] | None:
-        """(block, "host" or "disk"), or None: `get` for the store's blocks."""
+        """(block, "host", "disk" or "remote"), or None: `get` for the store's blocks."""
         return self.get(key, self.block_shape, self.dtype)
 
     def loaded(self, sources: list[str]) -> None:
@@ -203,24 +249,29 @@ class TieredBlocks:
             self.num_loaded[source] += 1
 
     def put(self, key: bytes, block: torch.Tensor) -> None:
+        """A block evicted from the device pool (the remote tier has it already)."""
         if self.host is not None:
             self.host.put(key, block)
         elif self.disk is not None:
             self.disk.put(key, block)
 
     def get(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
-        """(block, "host" or "disk"), or None. A disk hit is kept in host memory too."""
+        """(block, its tier), or None. A disk or remote hit is kept in host memory too."""
         if self.host is not None:
             block = self.host.get(key)
             if block is not None:
                 return block, "host"
-        if self.disk is not None:
-            block = self.disk.get(key, shape, dtype)
+        for name, tier in (("disk", self.disk), ("remote", self.remote)):
+            block = tier.get(key, shape, dtype) if tier is not None else None
             if block is not None:
                 if self.host is not None:
                     self.host.put(key, block)
-                return block, "disk"
+                return block, name
         return None
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
 
     def stats(self) -> dict:
         out = {}
@@ -234,4 +285,9 @@ class TieredBlocks:
             out["disk_reads"], out["disk_rejected"] = disk.num_reads, disk.num_rejected
             out["disk_hits"], out["disk_evictions"] = self.num_loaded["disk"], disk.num_evictions
             out["disk_write_errors"] = disk.num_write_errors
+        if self.remote is not None:
+            remote = self.remote
+            out["remote_pending_writes"] = remote.pending_writes
+            out["remote_hits"] = self.num_loaded["remote"]
+            out.update({f"remote_op_{op}": n for op, n in remote.ops.items()})
         return out

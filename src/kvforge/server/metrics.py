@@ -72,16 +72,30 @@ class _EngineCollector:
 
 
 def _tier_metrics(stats: dict):
-    """Blocks held by, and traffic of, the host and disk tiers (when configured)."""
+    """Blocks held by, and traffic of, the host, disk and remote tiers (when configured).
+    The remote tier's blocks are the server's to count (Redis `INFO keyspace`); its
+    operations are what this replica asked of it."""
     blocks = GaugeMetricFamily(
         "kvforge_cache_tier_blocks", "Prefix-cache blocks held by a lower tier.", labels=["tier"]
     )
     ops = CounterMetricFamily(
         "kvforge_cache_tier_operations",
         "Blocks a lower tier took in (put), gave back to the device (hit), evicted, or "
-        "refused (reject: a bad file; write_error: a failed write).",
+        "refused (reject: a bad file or value; write_error: a failed write). The remote "
+        "tier's: hit and miss per lookup, read_error, write_error, and dropped (not written: "
+        "its queue was full, or the server down).",
         labels=["tier", "op"],
     )
+    pending = GaugeMetricFamily(
+        "kvforge_cache_tier_pending_writes",
+        "Blocks queued to be written to a lower tier, not yet sent.",
+        labels=["tier"],
+    )
+    if "remote_pending_writes" in stats:
+        pending.add_metric(["remote"], stats["remote_pending_writes"])
+        for key, value in stats.items():
+            if key.startswith("remote_op_"):
+                ops.add_metric(["remote", key.removeprefix("remote_op_")], value)
     for tier in ("host", "disk"):
         if f"{tier}_blocks" not in stats:
             continue
@@ -93,6 +107,7 @@ def _tier_metrics(stats: dict):
             ops.add_metric([tier, op], stats[f"{tier}_{key}"])
     yield blocks
     yield ops
+    yield pending
 
 
 def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
