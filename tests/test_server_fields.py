@@ -291,8 +291,15 @@ def test_tokenizer_routes_in_vllms_shapes(server, offline):
     assert answer == {"tokens": tok.encode("héllo"), "count": 7, "max_model_len": 4096}
     bare = _post(server, "/tokenize", {"prompt": "hi", "add_special_tokens": False}).json()
     assert bare["tokens"] == [104, 105]
-    chat = _post(server, "/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
-    assert chat["tokens"] == tok.encode("<|user|>\nhi\n<|assistant|>\n", add_special_tokens=False)
+    messages = [{"role": "user", "content": "hi"}]
+    chat = _post(server, "/tokenize", {"messages": messages}).json()
+    # the ids /v1/chat/completions computes for these messages: a router hashes them
+    assert chat["tokens"] == tok.encode("<|user|>\nhi\n<|assistant|>\n")
+    body = {"model": MODEL, "messages": messages, "max_tokens": 1}
+    usage = _post(server, "/v1/chat/completions", body).json()["usage"]
+    assert chat["count"] == usage["prompt_tokens"]
+    bare = _post(server, "/tokenize", {"messages": messages, "add_special_tokens": False})
+    assert bare.json()["tokens"] == chat["tokens"][1:]  # without the BOS token
     assert _post(server, "/detokenize", {"tokens": answer["tokens"]}).json() == {
         "prompt": "<s>héllo"
     }

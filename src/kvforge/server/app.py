@@ -230,7 +230,9 @@ def build_app(
             prompt = await asyncio.to_thread(
                 chat_prompt, tokenizer, messages, body.add_generation_prompt
             )
-            tokens = await asyncio.to_thread(tokenize, prompt, bool(body.add_special_tokens))
+            # by default the very ids /v1/chat/completions computes (a router hashes them)
+            add = body.add_special_tokens is not False
+            tokens = await asyncio.to_thread(tokenize, prompt, add)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": limits.max_model_len}
 
     @app.post("/detokenize", dependencies=[Depends(check_key)])
