@@ -60,8 +60,13 @@ class Tiers:
         self.writes_through = writes_through
         self.loaded_sources: list[str] = []
 
-    def fetch(self, key):
-        return self.blocks.get(key)
+    def fetch_run(self, keys):
+        found = []
+        for key in keys:
+            if key not in self.blocks:
+                break
+            found.append(self.blocks[key])
+        return found
 
     def loaded(self, sources):
         self.loaded_sources += sources

@@ -176,28 +176,33 @@ def _pending_writes(url: str) -> float:
     raise AssertionError("no kvforge_cache_tier_pending_writes gauge")
 
 
-def test_two_served_replicas_share_a_2k_prompt(redis_url):
+@pytest.mark.parametrize(
+    ("model", "served_name"),
+    [("random", "kvforge-builtin-untrained"),
+     pytest.param("smollm2-135m-instruct", "smollm2-135m-instruct", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_two_served_replicas_share_a_2k_prompt(redis_url, model, served_name):
     """The replica that never saw a 2K-token prompt finds ≥ 90% of it cached, through the
     shared tier, and answers with the same tokens."""
     words = ["tiers", "replicas", "blocks", "prefixes", "routers", "events"]
-    prompt = " ".join(words[i % len(words)] + str(i) for i in range(300))[:2040]
-    args = ("--model", "random", "--device", "cpu", "--kv-memory", "32MiB",
+    text = " ".join(words[i % len(words)] + str(i) for i in range(1200))
+    args = ("--model", model, "--device", "cpu", "--kv-memory", "160MiB",
             "--kv-remote", redis_url)  # fmt: skip
-    body = {"model": "kvforge-builtin-untrained", "prompt": prompt, "max_tokens": 8,
-            "temperature": 0, "ignore_eos": True}  # fmt: skip
     with served(*args) as (_, a), served(*args) as (_, b):
-        first = httpx.post(f"{a}/v1/completions", json=body, timeout=120).json()
-        deadline = time.monotonic() + 30
+        ids = httpx.post(f"{a}/tokenize", json={"prompt": text}).json()["tokens"][:2048]
+        body = {"model": served_name, "prompt": ids, "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        first = httpx.post(f"{a}/v1/completions", json=body, timeout=300).json()
+        deadline = time.monotonic() + 60
         while _pending_writes(a) > 0:  # written through in the background
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        second = httpx.post(f"{b}/v1/completions", json=body, timeout=120).json()
+        second = httpx.post(f"{b}/v1/completions", json=body, timeout=300).json()
         metrics = httpx.get(f"{b}/metrics").text
-    n = first["usage"]["prompt_tokens"]
-    assert n >= 2000
+    assert first["usage"]["prompt_tokens"] == len(ids) == 2048
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached == (n - 1) // 16 * 16 and cached >= 0.9 * n
+    assert cached == 2047 // 16 * 16 >= 0.9 * 2048
     assert second["choices"][0]["text"] == first["choices"][0]["text"]
     assert f'kvforge_cache_tier_operations_total{{op="hit",tier="remote"}} {cached // 16}.0' \
         in metrics  # fmt: skip

@@ -67,8 +67,9 @@ class CachedSequence(Protocol):
 class LowerTiers(Protocol):
     """The prefix cache's lower tiers, as the manager sees them (kvcache.tiers)."""
 
-    def fetch(self, key: bytes) -> tuple[Any, str] | None:
-        """(a block's contents, "host", "disk" or "remote"), or None."""
+    def fetch_run(self, keys: list[bytes]) -> list[tuple[Any, str]]:
+        """(contents, "host", "disk" or "remote") of the leading blocks of `keys` that the
+        tiers hold, up to the first they do not."""
 
     def loaded(self, sources: list[str]) -> None:
         """Blocks from these tiers were loaded into the pool."""
@@ -258,11 +259,9 @@ class KVCacheManager:
             device.append(block_id)
         lower: list[tuple[bytes, Any, str]] = []
         if self.tiers is not None:
-            for key in keys[len(device) :]:
-                found = self.tiers.fetch(key)
-                if found is None:
-                    break
-                lower.append((key, *found))
+            rest = keys[len(device) :]
+            found = self.tiers.fetch_run(rest)  # the leading ones: at most all of them
+            lower = [(key, *hit) for key, hit in zip(rest[: len(found)], found, strict=True)]
         return device, lower
 
     # --- after a pass ----------------------------------------------------------------

@@ -86,23 +86,32 @@ class RemoteTier:
 
     def get(self, key: bytes, shape, dtype: torch.dtype) -> torch.Tensor | None:
         """The block, or None: absent, unreachable, or not exactly the block asked for."""
+        found = self.get_many([key], shape, dtype)
+        return found[0] if found else None
+
+    def get_many(self, keys: list[bytes], shape, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The leading blocks of `keys` the server holds, whole and matching, up to the
+        first it does not (absent, unreachable, anything else under the key): one MGET."""
+        if not keys:
+            return []
         if time.monotonic() < self._down_until:
             self.ops["miss"] += 1
-            return None
+            return []
         try:
-            data = self._client.get(PREFIX + key.hex().encode())
+            values = self._client.mget([PREFIX + key.hex().encode() for key in keys])
         except self._errors:
             self._went_down("read_error")
-            return None
-        if data is None:
-            self.ops["miss"] += 1
-            return None
-        block = decode_block(data, key, shape, dtype)
-        if block is None:
-            self.ops["reject"] += 1  # computed again, and written again over it
-            return None
-        self.ops["hit"] += 1
-        return block
+            return []
+        blocks = []
+        for key, data in zip(keys, values, strict=True):
+            block = None if data is None else decode_block(data, key, shape, dtype)
+            if block is None:
+                # a reject is computed again, and written again over the bad value
+                self.ops["miss" if data is None else "reject"] += 1
+                break
+            self.ops["hit"] += 1
+            blocks.append(block)
+        return blocks
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued write was sent (or failed); False if time ran out."""

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 MAGIC = b"KVFORGE-BLOCK-1\n"
+REMOTE_RUN = 16  # blocks asked of the remote tier in one round trip
 SUFFIX = ".kvblock"
 
 
@@ -238,9 +239,29 @@ class TieredBlocks:
         if self.remote is not None:
             self.remote.put(key, block)
 
-    def fetch(self, key: bytes) -> tuple[torch.Tensor, str] | None:
-        """(block, "host", "disk" or "remote"), or None: `get` for the store's blocks."""
-        return self.get(key, self.block_shape, self.dtype)
+    def fetch_run(self, keys: list[bytes]) -> list[tuple[torch.Tensor, str]]:
+        """(block, "host", "disk" or "remote") of the leading `keys` the tiers hold, up to
+        the first they do not. The remote tier is asked for runs of blocks in one round
+        trip each (`RemoteTier.get_many`), not one block at a time."""
+        found: list[tuple[torch.Tensor, str]] = []
+        shape, dtype = self.block_shape, self.dtype
+        while len(found) < len(keys):
+            key = keys[len(found)]
+            local = self._get_local(key, shape, dtype)
+            if local is not None:
+                found.append(local)
+                continue
+            if self.remote is None:
+                break
+            asked = keys[len(found) : len(found) + REMOTE_RUN]
+            run = self.remote.get_many(asked, shape, dtype)  # the leading ones it holds
+            for k, block in zip(asked[: len(run)], run, strict=True):
+                if self.host is not None:
+                    self.host.put(k, block)
+                found.append((block, "remote"))
+            if len(run) < REMOTE_RUN:
+                break
+        return found
 
     def loaded(self, sources: list[str]) -> None:
         """Count blocks a request actually loaded (a lookup whose request then waited
@@ -257,16 +278,27 @@ class TieredBlocks:
 
     def get(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
         """(block, its tier), or None. A disk or remote hit is kept in host memory too."""
+        found = self._get_local(key, shape, dtype)
+        if found is None and self.remote is not None:
+            block = self.remote.get(key, shape, dtype)
+            if block is not None:
+                if self.host is not None:
+                    self.host.put(key, block)
+                found = block, "remote"
+        return found
+
+    def _get_local(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
+        """(block, "host" or "disk"), or None. A disk hit is kept in host memory too."""
         if self.host is not None:
             block = self.host.get(key)
             if block is not None:
                 return block, "host"
-        for name, tier in (("disk", self.disk), ("remote", self.remote)):
-            block = tier.get(key, shape, dtype) if tier is not None else None
+        if self.disk is not None:
+            block = self.disk.get(key, shape, dtype)
             if block is not None:
                 if self.host is not None:
                     self.host.put(key, block)
-                return block, name
+                return block, "disk"
         return None
 
     def close(self) -> None:
