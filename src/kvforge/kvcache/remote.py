@@ -79,7 +79,7 @@ class RemoteTier:
         size = block.numel() * block.element_size()
         with self._lock:
             if self._pending_bytes + size > self.max_pending_bytes:
-                self.ops["dropped"] += 1
+                self.ops["dropped"] += 1  # under the lock: the writer counts drops too
                 return
             self._pending_bytes += size
         self._queue.put((key, block))
@@ -134,7 +134,8 @@ class RemoteTier:
             key, block = item
             try:
                 if time.monotonic() < self._down_until:
-                    self.ops["dropped"] += 1
+                    with self._lock:
+                        self.ops["dropped"] += 1
                     continue
                 try:
                     self._client.set(PREFIX + key.hex().encode(), encode_block(key, block))
