@@ -223,6 +223,35 @@ def test_tiers_announce_their_copies_with_their_medium(endpoints, tmp_path):
     llm.engine.kv_events.close()
 
 
+def test_blocks_loaded_from_an_earlier_disk_are_announced_with_their_host_copy(endpoints, tmp_path):
+    """A new engine over a disk an earlier one filled: a prompt's blocks load from disk
+    into host memory on their way to the pool. The pool's copy is announced, then the
+    disk's and the host's, each with the block's parent and tokens; nothing unannounced
+    is removed."""
+    endpoint, _ = endpoints
+    prompt = [256, *range(65, 65 + 8)]  # 9 tokens: 2 full blocks
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=8,
+        disk_cache_dir=str(tmp_path)).generate([prompt], params)  # fmt: skip
+    llm = LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=8,
+              host_cache_memory=2 * llm_block_bytes(), disk_cache_dir=str(tmp_path),
+              kv_events_endpoint=endpoint)  # fmt: skip
+    with _subscriber(endpoint) as sub:
+        assert llm.generate([prompt], params)[0].metrics.cached_tokens_disk == 8
+        events = [e for _, b in _receive(sub) for e in b.events]
+    llm.engine.kv_events.close()
+    stored = [(e.medium, e.block_hashes, e.parent_block_hash, e.token_ids)
+              for e in events if isinstance(e, BlockStored)]  # fmt: skip
+    gpu = stored[0]
+    assert gpu[0] == "GPU" and gpu[2] is None and gpu[3] == prompt[:8]
+    first, second = gpu[1]
+    assert stored[1:] == [("STORAGE", [first], None, prompt[:4]),
+                          ("CPU", [first], None, prompt[:4]),
+                          ("STORAGE", [second], first, prompt[4:8]),
+                          ("CPU", [second], first, prompt[4:8])]  # fmt: skip
+    assert not [e for e in events if isinstance(e, BlockRemoved)]
+
+
 def llm_block_bytes() -> int:
     """The bytes of one KV block of the random model at BLOCK tokens, fp32."""
     probe = LLM(model="random", device="cpu", block_size=BLOCK, num_blocks=2)

@@ -67,6 +67,22 @@ def test_a_second_engine_loads_every_full_block_the_first_computed(redis_url):
     assert _remote(b).ops["put"] == computed - usable // BLOCK  # only what it computed
 
 
+def test_a_request_waiting_for_blocks_does_not_fetch_its_prefix_again(redis_url):
+    """Two prompts whose blocks are in Redis, on a pool that holds one at a time: the
+    second waits steps for the first to finish, and asks Redis for its prefix once."""
+    a = _llm(redis_url)
+    prompts = [PROMPT, PROMPT.upper()]
+    expected = [o.token_ids for o in a.generate(prompts, PARAMS)]
+    assert _remote(a).flush()
+    b = _llm(redis_url, num_blocks=31)  # 110 tokens + 4: 29 blocks a request
+    out = b.generate(prompts, PARAMS)
+    assert [o.token_ids for o in out] == expected
+    per_prompt = (len(out[0].prompt_token_ids) - 1) // BLOCK
+    assert [o.metrics.cached_tokens_remote for o in out] == [per_prompt * BLOCK] * 2
+    assert b.kv_stats()["remote_hits"] == 2 * per_prompt  # blocks loaded
+    assert _remote(b).ops["hit"] == 2 * per_prompt  # blocks fetched: each once
+
+
 def test_salts_models_and_codecs_never_share(redis_url):
     _generate(_llm(redis_url), cache_salt="tenant-a")
     stored = len(_keys(redis_url))
@@ -134,12 +150,14 @@ def test_redis_killed_mid_run_leaves_requests_succeeding():
 
 
 def test_a_full_redis_refuses_writes_and_requests_go_on():
-    with redis_server("--maxmemory", "1mb", "--maxmemory-policy", "noeviction") as url:
+    with redis_server("--maxmemory", "1", "--maxmemory-policy", "noeviction") as url:
         llm = _llm(url)
         local = _llm(None).generate([PROMPT], PARAMS)[0]
         assert _generate(llm).token_ids == local.token_ids
         remote = _remote(llm)
-        assert remote.ops["write_error"] >= 1  # OOM: Redis says no
+        assert remote.ops["write_error"] == remote.ops["put"] + remote.ops["write_error"] > 0
+        # a refused write is not an outage: every block was tried, none dropped
+        assert remote.ops["dropped"] == 0 and remote.ops["read_error"] == 0
 
 
 def test_an_absent_server_is_a_miss_not_an_error():
@@ -156,6 +174,7 @@ def test_an_absent_server_is_a_miss_not_an_error():
     [
         ("http://127.0.0.1:6379", "kv_remote must be a redis://HOST:PORT/DB or valkey://"),
         ("127.0.0.1:6379", "kv_remote must be a redis://HOST:PORT/DB or valkey://"),
+        ("redis://127.0.0.1:6379/0?decode_responses=true", "kv_remote takes no \\?options"),
     ],
 )
 def test_bad_urls_are_refused_by_name(url, message):

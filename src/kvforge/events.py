@@ -24,7 +24,8 @@ tier (a block evicted from the pool and kept in host memory is removed from "GPU
 stored as "CPU"), "STORAGE" the disk tier (written through as computed); each with the
 block's own parent and token ids. The shared remote tier is not announced: every replica
 reads it alike, so it tells a router nothing about where to send a request. Blocks a
-disk tier holds from an earlier process are announced when a request loads them.
+disk tier holds from an earlier process are announced when a request loads them (the
+pool's copy, then the disk's and the host's).
 
 A replay socket (ZeroMQ ROUTER) answers `["", start sequence]` with every buffered
 batch from there, `[identity, "", topic, seq, payload]` each, then the end marker
@@ -87,13 +88,17 @@ class KVEvents:
     A block that moves to a lower tier is announced again with that tier's medium, with
     its parent and token ids as first stored: they are remembered while some medium
     holds the block (and until the end of the step it left the last one in, so that a
-    block evicted from the pool and spilled to host memory in the same step is known)."""
+    block evicted from the pool and spilled to host memory in the same step is known).
+    A tier may take a block before the cache announces it (one loaded from disk or the
+    remote tier is kept in host memory on the way): that copy is announced right after
+    the block itself. A medium is told removed only of what it announced."""
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self._events: list[KVCacheEvent] = []
         self._known: dict[bytes, tuple[bytes | None, list[int], set[str]]] = {}
         self._left: list[bytes] = []  # blocks no medium holds now: forgotten at `take`
+        self._early: dict[bytes, set[str]] = {}  # tiers holding blocks not announced yet
 
     def stored(self, keys: list[bytes], parent: bytes | None, token_ids: list[int],
                tier: str = "device") -> None:  # fmt: skip
@@ -109,22 +114,35 @@ class KVEvents:
             media.add(tier)
             self._known[key] = (keys[i - 1] if i else parent, token_ids[i * bs : (i + 1) * bs],
                                 media)  # fmt: skip
+        for key in keys:
+            for early in sorted(self._early.pop(key, ())):
+                self.copied(key, early)
 
     def copied(self, key: bytes, tier: str) -> None:
         """A block the cache announced is now held by `tier` too ("host", "disk")."""
         known = self._known.get(key)
-        if known is not None and tier not in known[2]:
+        if known is None:
+            self._early.setdefault(key, set()).add(tier)
+        elif tier not in known[2]:
             self.stored([key], known[0], known[1], tier)
 
     def removed(self, keys: list[bytes], tier: str = "device") -> None:
-        if keys:
-            self._events.append(BlockRemoved([block_hash(k) for k in keys], MEDIUM[tier]))
-            for key in keys:
-                known = self._known.get(key)
-                if known is not None:
-                    known[2].discard(tier)
-                    if not known[2]:
-                        self._left.append(key)
+        gone = []
+        for key in keys:
+            known = self._known.get(key)
+            if known is None or tier not in known[2]:  # never announced there
+                early = self._early.get(key)
+                if early is not None:
+                    early.discard(tier)
+                    if not early:
+                        del self._early[key]
+                continue
+            gone.append(key)
+            known[2].discard(tier)
+            if not known[2]:
+                self._left.append(key)
+        if gone:
+            self._events.append(BlockRemoved([block_hash(k) for k in gone], MEDIUM[tier]))
 
     def cleared(self) -> None:
         self._events.append(AllBlocksCleared())

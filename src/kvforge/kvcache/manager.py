@@ -195,13 +195,18 @@ class KVCacheManager:
         if seq.swapped:
             return self._admit_swapped(seq, cap)
         bs = self.block_size
-        device, lower = self._prefix_hits(seq)
+        device, rest = self._device_hits(seq)
+        reused = sum(1 for b in device if self.pool.ref_count(b) == 0)
+        # lower-tier hits never need fewer new blocks than none would: when even that does
+        # not fit, do not fetch them (a request waiting for blocks would fetch them again
+        # at each step)
+        if self._blocks_needed(seq, len(device), 0, cap) + reused > self.pool.num_free:
+            return None
+        lower = self._lower_hits(rest)
         cached = (len(device) + len(lower)) * bs
         num_new = min(seq.num_tokens - cached, cap)
         # new blocks (lower-tier hits included), plus device hits that leave the free queue
-        needed = -(-(cached + num_new) // bs) - len(device) + self._window_needed(seq)
-        reused = sum(1 for b in device if self.pool.ref_count(b) == 0)
-        if needed + reused > self.pool.num_free:
+        if self._blocks_needed(seq, len(device), len(lower), cap) + reused > self.pool.num_free:
             return None
         self.pool.take(device)
         loaded = self.pool.allocate(len(lower))
@@ -243,10 +248,16 @@ class KVCacheManager:
         self.register(seq)
         return Admission(num_new, self.allocate_slots(seq, num_new))
 
-    def _prefix_hits(self, seq: CachedSequence) -> tuple[list[int], list[tuple[bytes, Any, str]]]:
-        """The longest cached prefix of the request — at most all but its last token, which
-        is always computed, to sample from: device blocks, then (key, contents, source) of
-        blocks found in lower tiers after the last device hit."""
+    def _blocks_needed(self, seq: CachedSequence, device: int, lower: int, cap: int) -> int:
+        """New blocks an admission takes with `device` and `lower` cached blocks found."""
+        cached = (device + lower) * self.block_size
+        num_new = min(seq.num_tokens - cached, cap)
+        return -(-(cached + num_new) // self.block_size) - device + self._window_needed(seq)
+
+    def _device_hits(self, seq: CachedSequence) -> tuple[list[int], list[bytes]]:
+        """The longest cached prefix of the request on the device — at most all but its
+        last token, which is always computed, to sample from: its blocks, and the keys of
+        the request's later full blocks, which the lower tiers may hold."""
         if seq.cache_seed is None:
             return [], []
         usable = min(seq.num_tokens - 1, seq.prefix_hit_limit)
@@ -257,12 +268,14 @@ class KVCacheManager:
             if block_id is None:
                 break
             device.append(block_id)
-        lower: list[tuple[bytes, Any, str]] = []
-        if self.tiers is not None:
-            rest = keys[len(device) :]
-            found = self.tiers.fetch_run(rest)  # the leading ones: at most all of them
-            lower = [(key, *hit) for key, hit in zip(rest[: len(found)], found, strict=True)]
-        return device, lower
+        return device, keys[len(device) :]
+
+    def _lower_hits(self, keys: list[bytes]) -> list[tuple[bytes, Any, str]]:
+        """(key, contents, source) of the leading `keys` the lower tiers hold."""
+        if self.tiers is None or not keys:
+            return []
+        found = self.tiers.fetch_run(keys)  # the leading ones: at most all of them
+        return [(key, *hit) for key, hit in zip(keys[: len(found)], found, strict=True)]
 
     # --- after a pass ----------------------------------------------------------------
 

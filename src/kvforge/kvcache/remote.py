@@ -15,8 +15,9 @@ Best effort, always: writes leave the engine's step at once (a bounded queue dra
 one thread; when it is full the block is dropped, counted); a read that fails, times
 out or returns anything but a whole, matching block is a miss, counted, never an error
 and never wrong output — and the block, computed again, is written again. After a
-connection error the tier stays quiet for `retry_after` seconds (every read a miss, no
-wait), so a Redis that is down costs one timeout, not one per block. Eviction is
+connection error or a timeout the tier stays quiet for `retry_after` seconds (every read
+a miss, no wait), so a Redis that is down costs one timeout, not one per block; other
+errors (a full server refusing a write) are counted and the next call tries again. Eviction is
 Redis's own (`maxmemory` with `maxmemory-policy allkeys-lru`).
 """
 
@@ -42,6 +43,8 @@ def redis_url(url: str) -> str:
         raise ValueError(
             f"kv_remote must be a redis://HOST:PORT/DB or valkey://HOST:PORT/DB URL, got {url!r}"
         )
+    if parts.query or parts.fragment:  # client options (decode_responses, timeouts) are ours
+        raise ValueError(f"kv_remote takes no ?options, got {url!r}")
     scheme = {"valkey": "redis", "valkeys": "rediss"}.get(parts.scheme, parts.scheme)
     return urlunsplit((scheme, *parts[1:]))
 
@@ -57,7 +60,9 @@ class RemoteTier:
         self._client = redis.Redis.from_url(
             redis_url(url), socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
-        self._errors = (redis.RedisError, OSError)
+        # the server unreachable or too slow: stay quiet a while (any other error, such as
+        # a full server refusing a write, is counted and the next call tries again)
+        self._outages = (redis.ConnectionError, redis.TimeoutError, OSError)
         self.retry_after = retry_after
         self.max_pending_bytes = max_pending_bytes
         self.ops = dict.fromkeys(OPS, 0)
@@ -71,8 +76,8 @@ class RemoteTier:
 
     @property
     def pending_writes(self) -> int:
-        """Blocks queued for writing, not yet sent."""
-        return self._queue.qsize()
+        """Blocks queued for writing whose write has not finished."""
+        return self._queue.unfinished_tasks
 
     def put(self, key: bytes, block: torch.Tensor) -> None:
         """Queue `block` (a copy the caller no longer writes to) for writing."""
@@ -99,12 +104,15 @@ class RemoteTier:
             return []
         try:
             values = self._client.mget([PREFIX + key.hex().encode() for key in keys])
-        except self._errors:
-            self._went_down("read_error")
+        except Exception as exc:  # whatever the client raises: a miss, counted
+            self._failed("read_error", exc)
             return []
         blocks = []
         for key, data in zip(keys, values, strict=True):
-            block = None if data is None else decode_block(data, key, shape, dtype)
+            try:
+                block = None if data is None else decode_block(data, key, shape, dtype)
+            except Exception:  # anything at all under the key is a miss, never an error
+                block = None
             if block is None:
                 # a reject is computed again, and written again over the bad value
                 self.ops["miss" if data is None else "reject"] += 1
@@ -125,9 +133,10 @@ class RemoteTier:
         self._writer.join(timeout=5)
         self._client.close()
 
-    def _went_down(self, op: str) -> None:
+    def _failed(self, op: str, exc: Exception) -> None:
         self.ops[op] += 1
-        self._down_until = time.monotonic() + self.retry_after
+        if isinstance(exc, self._outages):
+            self._down_until = time.monotonic() + self.retry_after
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -140,8 +149,8 @@ class RemoteTier:
                 try:
                     self._client.set(PREFIX + key.hex().encode(), encode_block(key, block))
                     self.ops["put"] += 1
-                except self._errors:  # down, slow, or full (OOM with no eviction policy)
-                    self._went_down("write_error")
+                except Exception as exc:  # down, slow, full (OOM, no eviction policy)...
+                    self._failed("write_error", exc)
             finally:
                 with self._lock:
                     self._pending_bytes -= block.numel() * block.element_size()

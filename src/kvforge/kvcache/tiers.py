@@ -133,6 +133,8 @@ class DiskTier:
             self._remove(name)
             return None
         self._lru.move_to_end(name)
+        if self.events is not None:  # one an earlier process wrote is news to the router
+            self.events.copied(key, "disk")
         with contextlib.suppress(OSError):  # gone meanwhile: the block was read whole
             os.utime(self._path(name))  # the file time is the LRU order across restarts
         self.num_reads += 1

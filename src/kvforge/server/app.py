@@ -54,7 +54,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[p.ChatMessage] | None = Field(default=None, min_length=1)
-    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    add_special_tokens: bool | None = None  # default True: the ids a completion would use
     add_generation_prompt: bool = True
 
 
