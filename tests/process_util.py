@@ -9,13 +9,18 @@ import time
 import httpx
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (whoever binds it next gets it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def served(*args: str, timeout_s: float = 120):
     """`kvforge serve ARGS` on a free port until /health answers; yields (process, base
     URL); the process is stopped afterwards. Its output is kept for the failure message."""
-    with socket.socket() as probe:  # a free port (the server binds it right after)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # the server binds it right after
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvforge", "serve", "--port", str(port), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

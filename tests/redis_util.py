@@ -3,20 +3,15 @@
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import time
 
 import pytest
 import redis
 
+from process_util import free_port
+
 SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ definitions (`vllm/distributed/kv_events.py`), not imported from kvforge. A scri
 sequence of requests gives exact events: hashes, parents, token ids, evictions."""
 
 import contextlib
-import socket
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 import zmq
 
 from kvforge import LLM, SamplingParams
-from process_util import served
+from process_util import free_port, served
 
 BLOCK = 4
 
@@ -62,15 +61,9 @@ class KVEventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
 DECODER = msgspec.msgpack.Decoder(KVEventBatch)
 
 
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture()
 def endpoints():
-    return f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+    return f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
 
 
 def _receive(sub, timeout_s: float = 5.0) -> list[tuple[int, KVEventBatch]]:

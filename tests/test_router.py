@@ -12,7 +12,6 @@ interpreter, and is skipped when there is none."""
 
 import contextlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from process_util import served
+from process_util import free_port, served
 
 BLOCK = 16
 MODEL = "kvforge-builtin-untrained"
@@ -51,17 +50,11 @@ pytestmark = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _router(workers: dict[str, tuple[str, str]], log: Path, timeout_s: float = 120):
     """vllm-router with kv_aware over `workers` (URL: (events, replay endpoint)) until it
     is ready with all of them; yields its URL and its Prometheus URL."""
-    port, prom = _port(), _port()
+    port, prom = free_port(), free_port()
     args = [ROUTER, "--policy", "kv_aware", "--worker-urls", *workers,
             "--kv-event-block-size", str(BLOCK), "--kv-event-model", MODEL,
             "--host", "127.0.0.1", "--port", str(port),
@@ -100,7 +93,7 @@ def cluster(tmp_path_factory):
     with contextlib.ExitStack() as stack:
         workers = {}
         for _ in range(2):
-            events, replay = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+            events, replay = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
             _, url = stack.enter_context(served(
                 *REPLICA, "--kv-events-endpoint", events, "--kv-events-replay-endpoint", replay
             ))  # fmt: skip

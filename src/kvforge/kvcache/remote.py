@@ -3,7 +3,7 @@ replica pointed at the same server reads and writes, so that a prefix one replic
 computed is loaded, not recomputed, by the others.
 
     device pool ──every computed block──▶ queue ──writer thread──▶ SET kvforge:<key hex>
-    device pool ◀──a prefix hit below the host and disk tiers── GET kvforge:<key hex>
+    device pool ◀──a prefix hit below the host and disk tiers── MGET kvforge:<key hex> ...
 
 Keys are the prefix cache's chained keys (`prefix_cache`): they name the model, the
 codec (with its rotation and skipped layers), the block size and the request's salt,
@@ -88,11 +88,6 @@ class RemoteTier:
                 return
             self._pending_bytes += size
         self._queue.put((key, block))
-
-    def get(self, key: bytes, shape, dtype: torch.dtype) -> torch.Tensor | None:
-        """The block, or None: absent, unreachable, or not exactly the block asked for."""
-        found = self.get_many([key], shape, dtype)
-        return found[0] if found else None
 
     def get_many(self, keys: list[bytes], shape, dtype: torch.dtype) -> list[torch.Tensor]:
         """The leading blocks of `keys` the server holds, whole and matching, up to the

@@ -249,7 +249,7 @@ class TieredBlocks:
         shape, dtype = self.block_shape, self.dtype
         while len(found) < len(keys):
             key = keys[len(found)]
-            local = self._get_local(key, shape, dtype)
+            local = self._local(key, shape, dtype)
             if local is not None:
                 found.append(local)
                 continue
@@ -278,18 +278,7 @@ class TieredBlocks:
         elif self.disk is not None:
             self.disk.put(key, block)
 
-    def get(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
-        """(block, its tier), or None. A disk or remote hit is kept in host memory too."""
-        found = self._get_local(key, shape, dtype)
-        if found is None and self.remote is not None:
-            block = self.remote.get(key, shape, dtype)
-            if block is not None:
-                if self.host is not None:
-                    self.host.put(key, block)
-                found = block, "remote"
-        return found
-
-    def _get_local(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
+    def _local(self, key: bytes, shape, dtype) -> tuple[torch.Tensor, str] | None:
         """(block, "host" or "disk"), or None. A disk hit is kept in host memory too."""
         if self.host is not None:
             block = self.host.get(key)
