@@ -24,3 +24,8 @@ def positive_int(name: str, value: object, error: type[KVForgeError] = KVForgeEr
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise error(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+class EngineDeadError(KVForgeError):
+    """The engine cannot run another step (a tensor-parallel rank is gone): every request
+    in flight has ended with this error, and a server stops."""

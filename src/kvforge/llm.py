@@ -7,6 +7,7 @@ and the paged KV store the planner sizes. `LLM` drives it until every request ha
 finished.
 """
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -87,6 +88,15 @@ class LLM:
     cache's lowest tier, shared by every replica pointed at it: each computed block is
     written through in the background and any replica loads it instead of recomputing it
     (`kvcache.remote`). Best effort: an absent or slow server is a miss, never an error.
+
+    `tensor_parallel_size` N: split every layer across N ranks (`engine.parallel`): N
+    processes on this machine, started here (a CPU's cores split between them), or the
+    processes torchrun started. Each rank holds its share of the weights and of the KV
+    heads (num_kv_heads / N each; with fewer KV heads than ranks, one replicated), so a
+    rank's KV bytes per token are the planner's `bytes_per_token_per_rank`; `kv_memory` is
+    each rank's. N must divide the query heads and the MLP, and divide or be divided by the
+    KV heads (`planner.tensor_parallel_sizes`). Use `with LLM(...)` or `close()` to stop the
+    ranks before the object goes.
     """
 
     def __init__(
@@ -116,6 +126,7 @@ class LLM:
         kv_exact_sinks: bool = False,
         kv_events_endpoint: str | None = None,
         kv_events_replay_endpoint: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.config = EngineConfig.create(
             model=model,
@@ -143,8 +154,11 @@ class LLM:
             kv_exact_sinks=kv_exact_sinks,
             kv_events_endpoint=kv_events_endpoint,
             kv_events_replay_endpoint=kv_events_replay_endpoint,
+            tensor_parallel_size=tensor_parallel_size,
         )
         self.engine, self.model_name = build_engine(self.config)
+        # the other tensor-parallel ranks stop with this object (or at exit), or at close()
+        self._finalizer = weakref.finalize(self, self.engine.close)
         self.device = self.engine.device
         self.tokenizer = self.engine.tokenizer
         self.enable_prefix_caching = self.engine.enable_prefix_caching
@@ -221,6 +235,16 @@ class LLM:
 
     def kv_stats(self) -> dict:
         return self.engine.kv_stats()
+
+    def close(self) -> None:
+        """Stop the engine's other tensor-parallel ranks; the LLM cannot run after."""
+        self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _refused(prompt: Prompt, error: str) -> RequestOutput:

@@ -86,6 +86,52 @@ def pool_size(
     return blocks
 
 
+def tensor_parallel_problem(spec: ModelSpec, size: int) -> str | None:
+    """Why `size` ranks cannot split this model's layers (None: they can). Each rank takes
+    num_attention_heads / size query heads and intermediate_size / size MLP channels, so
+    both must divide; its KV heads are num_kv_heads / size, or, with fewer KV heads than
+    ranks, the one KV head its query heads read, stored on size / num_kv_heads ranks
+    (replicated, as vLLM does): so one of the two must divide the other."""
+    heads, kv_heads = spec.num_attention_heads, spec.num_kv_heads
+    if heads % size:
+        return f"its {heads} query heads do not divide by {size}"
+    if spec.intermediate_size is not None and spec.intermediate_size % size:
+        return f"its intermediate_size {spec.intermediate_size} does not divide by {size}"
+    if kv_heads % size and size % kv_heads:
+        return f"its {kv_heads} KV heads and {size} ranks do not divide one another"
+    return None
+
+
+def tensor_parallel_sizes(spec: ModelSpec) -> list[int]:
+    """Every tensor-parallel size this model's layers split into (1 included)."""
+    return [n for n in range(1, spec.num_attention_heads + 1)
+            if tensor_parallel_problem(spec, n) is None]  # fmt: skip
+
+
+def check_tensor_parallel(spec: ModelSpec, size: int) -> None:
+    """PlanError naming the sizes that work when `size` ranks cannot split the model."""
+    positive_int("tensor_parallel_size", size, PlanError)
+    problem = tensor_parallel_problem(spec, size)
+    if problem is not None:
+        allowed = ", ".join(map(str, tensor_parallel_sizes(spec)))
+        raise PlanError(
+            f"tensor_parallel_size {size} cannot split {spec.name}: {problem}; "
+            f"sizes that work: {allowed}"
+        )
+
+
+def rank_spec(spec: ModelSpec, size: int) -> ModelSpec:
+    """One rank's share of the model's attention (what its KV store holds): its query
+    heads, and its KV heads (one, replicated, when there are fewer KV heads than ranks)."""
+    if size == 1:
+        return spec
+    return dataclasses.replace(
+        spec,
+        num_attention_heads=spec.num_attention_heads // size,
+        num_kv_heads=max(1, spec.num_kv_heads // size),
+    )
+
+
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
     """A request's blocks, and the blocks its recent window borrows while it runs."""
     blocks = blocks_per_request(spec, context, block_size) + window_blocks(spec, fmt, block_size)

@@ -10,6 +10,7 @@ import torch
 from kvforge.dtypes import dtype_name
 from kvforge.engine.config import CacheConfig, EngineConfig
 from kvforge.engine.engine import LLMEngine
+from kvforge.engine.parallel import StoreLayout, start_group
 from kvforge.engine.scheduler import SchedulerConfig
 from kvforge.errors import ConfigError, KVForgeError
 from kvforge.kvcache.formats import window_blocks, with_rotation, with_window
@@ -19,6 +20,7 @@ from kvforge.planner import (
     bytes_per_block,
     default_block_size,
     pool_size,
+    rank_spec,
     resolve_kv_format,
 )
 from kvforge.units import parse_bytes
@@ -27,32 +29,71 @@ DEFAULT_CPU_KV_BYTES = 512 * 2**20  # without kv_memory/num_blocks on a CPU
 CUDA_MEMORY_FRACTION = 0.9  # of the free device memory after the weights, on CUDA
 
 
-def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
-    """(the engine, the model's display name) for `config`; KVForgeError naming the
-    problem for a model that cannot be loaded or a cache that cannot be allocated."""
-    from kvforge.models.builtin import BUILTIN_SEED, builtin_model
+def load_shard(config: EngineConfig, device: torch.device, comm=None):
+    """The model `config` names, loaded on `device`: with `comm` (tensor parallelism),
+    cut to its rank's share (`models.tensor_parallel`); then fused and packed for
+    serving. Returns (model, tokenizer or None, the model's catalog entry)."""
+    from kvforge.models.builtin import builtin_model
     from kvforge.models.catalog import find_model
-    from kvforge.models.checkpoint import model_fingerprint
     from kvforge.models.gguf_file import read_gguf
     from kvforge.models.loader import load_model
     from kvforge.models.quantized import apply_weights
+    from kvforge.models.tensor_parallel import shard_model
     from kvforge.models.tokenizer import load_tokenizer
 
-    cache = config.cache
-    device = _resolve_device(config.device)
     ref = find_model(config.model)
+    tokenizer = None
     if ref.kind == "random":
         net, tokenizer = builtin_model(device)
         apply_weights(net, config.weights_dtype, {})
     else:
         source = read_gguf(ref.path) if ref.kind == "gguf" else ref.path
         net = load_model(source, config.compute_dtype, device, config.weights_dtype)
-        try:
-            tokenizer = load_tokenizer(source)
-        except ConfigError as exc:
-            tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
+        if comm is None or comm.rank == 0:
+            try:
+                tokenizer = load_tokenizer(source)
+            except ConfigError as exc:
+                tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
+    if comm is not None:
+        shard_model(net, comm.rank, comm.size, comm.all_reduce)
     net.fuse_projections()
     net.pack_weights()
+    return net, tokenizer, ref
+
+
+def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
+    """(the engine, the model's display name) for `config`; KVForgeError naming the
+    problem for a model that cannot be loaded or a cache that cannot be allocated.
+    With tensor_parallel_size N > 1 the other ranks start first (`engine.parallel`)
+    and load their shares while rank 0, this process, loads its own."""
+    from kvforge.models.catalog import find_model
+
+    device = _resolve_device(config.device)
+    find_model(config.model)  # a bad name is reported before any rank starts
+    size = config.tensor_parallel_size
+    group = start_group(config, device) if size > 1 else None
+    try:
+        return _build(config, device, group)
+    except BaseException:
+        if group is not None and not group.closed:
+            group.abort()
+        raise
+
+
+def _build(config: EngineConfig, device: torch.device, group) -> tuple[LLMEngine, str]:
+    from kvforge.models.builtin import BUILTIN_SEED
+    from kvforge.models.checkpoint import model_fingerprint
+
+    cache = config.cache
+    size = config.tensor_parallel_size
+    try:
+        net, tokenizer, ref = load_shard(config, device, group and group.comm)
+    except KVForgeError as exc:
+        if group is None:
+            raise
+        group.check(str(exc))  # raises it, once every rank has stopped
+    if group is not None:
+        group.check(None)
     model_config = net.config
     weights_dtype = next(net.parameters()).dtype
     model_dtype = dtype_name(weights_dtype)
@@ -61,15 +102,24 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
     else:
         # what computed a cached block: the file, the compute dtype, the weights' format
         model_id = model_fingerprint(ref.path, f"{model_dtype}/{config.weights_dtype}")
+    if size > 1:  # a block's bytes are every rank's share of its heads
+        model_id += f"/tp={size}"
     # int2's recent tokens are kept at the precision the model computes in
     spec = dataclasses.replace(model_config.spec, dtype=model_dtype)
     fmt = resolve_kv_format(spec, cache.kv_dtype, cache.kv_skip_layers)  # range checked here
     fmt = with_rotation(fmt, cache.kv_rotation)
     fmt = with_window(fmt, cache.kv_recent_tokens, cache.kv_exact_sinks)
     block_size = cache.block_size or default_block_size(fmt.name)
-    num_blocks = _pool_size(config, spec, fmt, block_size, device)
-    store = _allocate_store(spec, fmt, num_blocks, block_size, device)
-    tiers = _tiers(cache, bytes_per_block(spec, fmt, block_size), store)
+    share = rank_spec(spec, size)  # each rank's heads; the pool's blocks are the same
+    num_blocks = _pool_size(config, share, fmt, block_size, device)
+    store = _allocate_store(share, fmt, num_blocks, block_size, device)
+    if group is not None:
+        replicas = max(1, size // spec.num_kv_heads)
+        group.kv_replicas = replicas
+        group.share(StoreLayout(share, fmt, num_blocks, block_size, replicas))
+        group.check(None)
+        group.share(True)
+    tiers = _tiers(cache, size * bytes_per_block(share, fmt, block_size), store, size)
     engine = LLMEngine(
         net,
         tokenizer,
@@ -84,6 +134,7 @@ def build_engine(config: EngineConfig) -> tuple[LLMEngine, str]:
         tiers=tiers,
         kv_policy=cache.kv_policy,
         kv_events=_event_publisher(cache),
+        group=group,
     )
     return engine, ref.name
 
@@ -171,8 +222,10 @@ def _memory_blocks(name: str, memory: int | str, block_bytes: int) -> int:
     return size // block_bytes
 
 
-def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore) -> TieredBlocks | None:
-    """The lower tiers of the prefix cache that the options ask for, or None."""
+def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore, ranks: int = 1
+           ) -> TieredBlocks | None:  # fmt: skip
+    """The lower tiers of the prefix cache that the options ask for, or None. With
+    several ranks a tier's block is every rank's share, [ranks, rank's block]."""
     disk_dir, host_memory = cache.disk_cache_dir, cache.host_cache_memory
     disk = None
     if disk_dir is not None:
@@ -191,7 +244,8 @@ def _tiers(cache: CacheConfig, block_bytes: int, store: KVStore) -> TieredBlocks
         remote = RemoteTier(cache.kv_remote)  # connects on first use: a down server is a miss
     if host is None and disk is None and remote is None:
         return None
-    return TieredBlocks(host, disk, store.block_shape, store.dtype, remote)
+    shape = store.block_shape if ranks == 1 else (ranks, *store.block_shape)
+    return TieredBlocks(host, disk, shape, store.dtype, remote)
 
 
 def _allocate_store(spec, fmt, num_blocks: int, block_size: int, device: torch.device

@@ -96,8 +96,11 @@ class EngineConfig:
     # how matmul weights are kept: auto (a GGUF file's own quantization), a float dtype
     # (dense, and the dtype the model computes in), int8 or int4 (see models.quantized)
     weights_dtype: str = "auto"
+    # ranks each layer is split across (engine.parallel); the model must divide by it
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
+        positive_int("tensor_parallel_size", self.tensor_parallel_size)
         if self.weights_dtype not in WEIGHTS_DTYPES:
             raise KVForgeError(
                 f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, "
@@ -144,6 +147,7 @@ class EngineConfig:
         kv_exact_sinks: bool = False,
         kv_events_endpoint: str | None = None,
         kv_events_replay_endpoint: str | None = None,
+        tensor_parallel_size: int = 1,
     ) -> "EngineConfig":
         """The configs `LLM(**kwargs)` asks for (the same names and defaults)."""
         policy = make_policy(kv_policy, kv_budget)  # first: its errors come first
@@ -170,7 +174,7 @@ class EngineConfig:
             kv_events_replay_endpoint=kv_events_replay_endpoint,
         )
         return cls(model, dtype, device, cache, max_num_batched_tokens, max_num_seqs,
-                   preemption_mode, seed, weights_dtype)  # fmt: skip
+                   preemption_mode, seed, weights_dtype, tensor_parallel_size)  # fmt: skip
 
     @property
     def compute_dtype(self) -> str:

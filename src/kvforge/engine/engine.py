@@ -61,9 +61,12 @@ class LLMEngine:
         tiers: TieredBlocks | None = None,
         kv_policy: KVPolicy | None = None,
         kv_events=None,
+        group=None,
     ) -> None:
         """`kv_events`: a `kvforge.events.EventPublisher` that each step's KV cache events
-        (blocks the prefix cache stores and evicts) go out on, in vLLM's format."""
+        (blocks the prefix cache stores and evicts) go out on, in vLLM's format.
+        `group`: the tensor-parallel group (`engine.parallel`) the model and `store` are
+        rank 0's shares of."""
         self.tokenizer = tokenizer
         self.kv_policy = kv_policy  # every request's, unless it names its own
         self.last_score_peak_kv_tokens = 0  # the most tokens the last `score` held
@@ -90,7 +93,8 @@ class LLMEngine:
             kv_events.publish([AllBlocksCleared()])  # a new engine holds no block
         self.pool = self.manager.pool
         self.scheduler = Scheduler(self.manager, scheduler_config)
-        self.runner = ModelRunner(model, store, device, self.tiers)
+        self.runner = ModelRunner(model, store, device, self.tiers, group)
+        self.tensor_parallel_size = 1 if group is None else group.size
         self.pruner = Pruner(store, self.manager)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
@@ -315,17 +319,26 @@ class LLMEngine:
     # --- the cache ------------------------------------------------------------------
 
     def kv_stats(self) -> dict:
+        ranks = self.tensor_parallel_size
         return {
             **self.manager.stats(self.scheduler.running),
-            "bytes_per_token": self.store.bytes_per_token,
+            "tensor_parallel_size": ranks,
+            "bytes_per_token": self.store.bytes_per_token * ranks,  # every rank's heads
+            "bytes_per_token_per_rank": self.store.bytes_per_token,
             "kv_skip_layers": list(self.store.format.skip_layers),
-            "kv_bytes_allocated": self.store.bytes_allocated,
+            "kv_bytes_allocated": self.store.bytes_allocated * ranks,
+            "kv_bytes_allocated_per_rank": self.store.bytes_allocated,
             "kv_recent_tokens": self.store.format.residual_tokens or None,
             "kv_exact_sinks": bool(self.store.format.sink_blocks),
             "window_blocks_per_request": self.manager.window_blocks,
             "max_num_seqs": self.scheduler.config.max_num_seqs,
             **(self.tiers.stats() if self.tiers is not None else {}),
         }
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank)."""
+        if self.runner.group is not None:
+            self.runner.group.close()
 
     @property
     def prefix_cache_queries(self) -> int:

@@ -83,9 +83,10 @@ class CopyBlocks:
 @dataclass(frozen=True)
 class RotateKeys:
     """Re-rotate the keys at `slots` to `offset` positions after where they were first
-    computed (streaming's sinks moving along). `saved` holds their keys as first
-    computed: read from the store the first time (`state.moved_keys` is None) and kept
-    there, reused after."""
+    computed (streaming's sinks moving along). Their keys as first computed are read
+    from the store at the first move and kept, for as long as `state` lives, by the
+    runner (each rank its own heads'), so rounding and re-quantization never accumulate
+    over a long run."""
 
     slots: list[int]
     offset: int

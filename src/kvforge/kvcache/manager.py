@@ -317,7 +317,7 @@ class KVCacheManager:
 
     def rotate_keys(self, seq: CachedSequence, n: int, offset: int, state: Any) -> None:
         """Re-rotate the keys of the request's first `n` cached tokens by `offset`
-        positions (from their keys as first computed, kept in `state.moved_keys`)."""
+        positions (from their keys as first computed, kept while `state` lives)."""
         slots = [seq.block_table.slot(i) for i in range(n)]
         self.ops.append(RotateKeys(slots, offset, state))
 

@@ -49,10 +49,6 @@ class PolicyState:
 
     scores: torch.Tensor | None = None  # [held] float32: attention each token received
     prefilled: bool = False  # the pass that computed the last prompt token has run
-    # keys of the tokens a policy moves (streaming's sinks) as first stored, at positions
-    # 0..n-1: [layers, kv_heads, n, D] in the model's dtype; each move re-rotates these,
-    # so rounding and re-quantization never accumulate over a long run
-    moved_keys: torch.Tensor | None = None
 
     def grow(self, held: int) -> None:
         """Scores for tokens added since the last update start at zero."""

@@ -351,11 +351,13 @@ class LlamaForCausalLM(nn.Module):
         """Pack every matmul weight for the CPU's oneDNN (see `Linear.pack_weight`); a tied
         LM head stays plain, since the embedding lookup reads the same tensor. Returns how
         many weights were packed (0 off the CPU or outside float32)."""
-        tied_head = self.config.tie_word_embeddings and hasattr(self, "lm_head")
+        head = getattr(self, "lm_head", None)
+        table = getattr(self.model.embed_tokens, "weight", None)
+        shared = head is not None and table is not None and head.weight is table
         return sum(
             module.pack_weight()
             for module in self.modules()
-            if isinstance(module, Linear) and not (tied_head and module is self.lm_head)
+            if isinstance(module, Linear) and not (shared and module is head)
         )
 
     def rotate_keys(self, keys: torch.Tensor, delta: int) -> torch.Tensor:

@@ -88,6 +88,19 @@ class QuantizedWeight:
         m = None if self.m is None else self.m[ids]
         return QuantizedWeight(self.format, self.qs[ids], self.d[ids], m)
 
+    def columns(self, start: int, end: int) -> "QuantizedWeight":
+        """Input columns [start, end) of every row (a row-parallel shard); both ends must
+        fall on group boundaries, since each group of 32 shares its scale."""
+        if start % GROUP or end % GROUP:
+            raise ConfigError(
+                f"a shard of input columns {start}:{end} splits a quantization group of "
+                f"{GROUP}: tensor parallelism needs shards of whole groups"
+            )
+        g0, g1 = start // GROUP, end // GROUP
+        qs = self.qs[:, start:end] if self.format == "int8" else self.qs[:, g0:g1]
+        m = None if self.m is None else self.m[:, g0:g1].contiguous()
+        return QuantizedWeight(self.format, qs.contiguous(), self.d[:, g0:g1].contiguous(), m)
+
     @staticmethod
     def cat(parts: list["QuantizedWeight"]) -> "QuantizedWeight":
         """The parts' rows one after another (fused projections)."""
