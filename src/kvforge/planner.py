@@ -132,6 +132,23 @@ def rank_spec(spec: ModelSpec, size: int) -> ModelSpec:
     )
 
 
+def rank_weights_share(spec: ModelSpec, size: int) -> float:
+    """The share of the model's parameters one rank holds (1.0 at one rank): its share of
+    every layer's matmuls (its KV heads' k/v, replicated ones included), the embedding and
+    norms whole, and its rows of the LM head (a tied head's rows are a copy). Llama family;
+    other families are counted as 1/size."""
+    total = spec.parameter_count()
+    if size == 1 or total is None or spec.architecture not in LLAMA_FAMILY:
+        return 1.0 if size == 1 else 1 / size
+    share, h, d = rank_spec(spec, size), spec.hidden_size, spec.head_dim
+    q, kv, inter = share.num_attention_heads * d, share.num_kv_heads * d, spec.intermediate_size
+    attention = 2 * h * q + 2 * h * kv + (q + 2 * kv if spec.qkv_bias else 0)
+    attention += (h if spec.o_bias else 0) + (2 * d if spec.qk_norm else 0)
+    layer = attention + 3 * h * inter // size + 2 * h
+    head_rows = ceil(spec.vocab_size / size)
+    return (spec.num_layers * layer + spec.vocab_size * h + head_rows * h + h) / total
+
+
 def bytes_per_request(spec: ModelSpec, fmt: KVFormat, block_size: int, context: int) -> int:
     """A request's blocks, and the blocks its recent window borrows while it runs."""
     blocks = blocks_per_request(spec, context, block_size) + window_blocks(spec, fmt, block_size)
@@ -247,6 +264,17 @@ class Plan:
     max_context_single_request: int | None
     fits: bool | None
     gqa_saving_factor: float
+    # tensor parallelism: the KV and memory figures above are the whole group's (every
+    # rank's heads; weights_bytes is the model's own); memory_bytes and kv_bytes_per_rank
+    # are each rank's budget
+    tensor_parallel_size: int = 1
+    kv_heads_per_rank: int = 0
+    kv_replicas: int = 1  # ranks that store each KV head
+    bytes_per_token_per_rank: int | float = 0
+    bytes_per_block_per_rank: int = 0
+    kv_bytes_per_rank: int = 0
+    weights_bytes_per_rank: int | None = None
+    memory_required_bytes_per_rank: int | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -268,8 +296,13 @@ def plan_kv(
     kv_skip_layers: Sequence[int] = (),
     kv_recent_tokens: int | None = None,
     kv_exact_sinks: bool = False,
+    tensor_parallel_size: int = 1,
 ) -> Plan:
     """Plan `batch` requests of `context` tokens (default: the model's maximum).
+
+    `tensor_parallel_size` N: the model split across N ranks (`rank_spec`); the memory
+    budgets are each rank's, the pool's blocks are every rank's (one block = each rank's
+    share of its heads), and the byte figures are given per rank and for the group.
 
     With `memory_bytes` (the device budget) the KV pool gets what the weights
     and `reserve_bytes` leave over; with `kv_memory_bytes` it gets that much, as
@@ -281,13 +314,19 @@ def plan_kv(
     """
     context = spec.max_position_embeddings if context is None else _positive("context", context)
     _positive("batch", batch)
+    ranks = tensor_parallel_size
+    check_tensor_parallel(spec, ranks)
+    whole, spec = spec, rank_spec(spec, ranks)  # the KV math below is one rank's
     fmt = resolve_kv_format(spec, kv_dtype, kv_skip_layers)
     fmt = with_window(fmt, kv_recent_tokens, kv_exact_sinks)
     block_size = default_block_size(fmt.name) if block_size is None else block_size
     _positive("block size", block_size)
     if isinstance(reserve_bytes, bool) or not isinstance(reserve_bytes, int) or reserve_bytes < 0:
         raise PlanError(f"reserve must be a non-negative number of bytes, got {reserve_bytes!r}")
-    weights = weights or resolve_weights(spec)
+    weights = weights or resolve_weights(whole)
+    rank_weights = None
+    if weights.num_bytes is not None:
+        rank_weights = ceil(weights.num_bytes * rank_weights_share(whole, ranks))
     warnings = []
     if context > spec.max_position_embeddings:
         warnings.append(f"context {context} exceeds the model's max_position_embeddings "
@@ -297,8 +336,8 @@ def plan_kv(
     request_bytes = bytes_per_request(spec, fmt, block_size, context)
     kv_bytes_batch = batch * request_bytes
     memory_required = None
-    if weights.num_bytes is not None:
-        memory_required = weights.num_bytes + reserve_bytes + kv_bytes_batch
+    if rank_weights is not None:
+        memory_required = rank_weights + reserve_bytes + kv_bytes_batch
 
     capacity_blocks = capacity_tokens = max_requests = longest = fits = None
     kv_bytes_total = kv_bytes_batch
@@ -315,10 +354,11 @@ def plan_kv(
                 f"cannot count the parameters of {spec.name} (architecture "
                 f"{spec.architecture!r}) from its config: give --params or a checkpoint directory"
             )
-        kv_bytes_total = memory_bytes - weights.num_bytes - reserve_bytes
+        kv_bytes_total = memory_bytes - rank_weights - reserve_bytes
         if kv_bytes_total <= 0:
+            whose = f" (a rank's share of {ranks})" if ranks > 1 else ""
             raise PlanError(
-                f"weights ({weights.num_bytes:,} B at {weights.dtype}) plus reserve "
+                f"weights ({rank_weights:,} B at {weights.dtype}{whose}) plus reserve "
                 f"({reserve_bytes:,} B) need more than the memory budget ({memory_bytes:,} B)"
             )
     if kv_memory_bytes is not None and reserve_bytes:
@@ -338,17 +378,20 @@ def plan_kv(
         longest = max_context(spec, fmt, block_size, kv_bytes_total)
         fits = batch <= max_requests
         if not fits:
+            each = " per rank" if ranks > 1 else ""
             warnings.append(
-                f"{batch} requests of {context} tokens need {kv_bytes_batch:,} B of KV cache; "
-                f"the budget leaves {kv_bytes_total:,} B ({max_requests} requests fit)"
+                f"{batch} requests of {context} tokens need {kv_bytes_batch:,} B of KV "
+                f"cache{each}; the budget leaves {kv_bytes_total:,} B ({max_requests} "
+                "requests fit)"
             )
+    token_bytes = as_number(bytes_per_token(spec, fmt, block_size))
 
     return Plan(
         model=spec.name,
-        attention=spec.attention_kind,
+        attention=whole.attention_kind,
         num_layers=spec.num_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_kv_heads=spec.num_kv_heads,
+        num_attention_heads=whole.num_attention_heads,
+        num_kv_heads=whole.num_kv_heads,
         head_dim=spec.head_dim,
         sliding_window=spec.sliding_window,
         max_position_embeddings=spec.max_position_embeddings,
@@ -358,28 +401,36 @@ def plan_kv(
         block_size=block_size,
         context=context,
         batch=batch,
-        bytes_per_token=as_number(bytes_per_token(spec, fmt, block_size)),
-        bytes_per_block=block_bytes,
+        bytes_per_token=token_bytes * ranks,
+        bytes_per_block=block_bytes * ranks,
         tokens_cached_per_request=cached_tokens(spec, context),
         blocks_per_request=blocks_per_request(spec, context, block_size),
         kv_recent_tokens=fmt.residual_tokens or None,
         kv_exact_sinks=bool(fmt.sink_blocks),
         window_blocks_per_request=window_blocks(spec, fmt, block_size),
-        bytes_per_request=request_bytes,
-        kv_bytes_batch=kv_bytes_batch,
+        bytes_per_request=request_bytes * ranks,
+        kv_bytes_batch=kv_bytes_batch * ranks,
         num_params=weights.num_params,
         weights_dtype=weights.dtype,
         weights_bytes=weights.num_bytes,
         memory_bytes=memory_bytes,
         reserve_bytes=reserve_bytes,
-        memory_required_bytes=memory_required,
-        kv_bytes_total=kv_bytes_total,
+        memory_required_bytes=None if memory_required is None else memory_required * ranks,
+        kv_bytes_total=kv_bytes_total * ranks,
         kv_capacity_blocks=capacity_blocks,
         kv_capacity_tokens=capacity_tokens,
         max_concurrent_requests=max_requests,
         max_context_single_request=longest,
         fits=fits,
-        gqa_saving_factor=spec.gqa_saving_factor,
+        gqa_saving_factor=whole.gqa_saving_factor,
+        tensor_parallel_size=ranks,
+        kv_heads_per_rank=spec.num_kv_heads,
+        kv_replicas=max(1, ranks // whole.num_kv_heads),
+        bytes_per_token_per_rank=token_bytes,
+        bytes_per_block_per_rank=block_bytes,
+        kv_bytes_per_rank=kv_bytes_total,
+        weights_bytes_per_rank=rank_weights,
+        memory_required_bytes_per_rank=memory_required,
         warnings=warnings,
     )
 

@@ -94,17 +94,25 @@ def render_plan(plan: Plan, title: str) -> str:
         )
     elif plan.weights_bytes is not None:
         rows.append(("weights", _b(plan.weights_bytes)))
-    if plan.memory_required_bytes is not None:
+    if plan.memory_required_bytes is not None and plan.tensor_parallel_size == 1:
         reserve = f" + reserve {format_bytes(plan.reserve_bytes)}" if plan.reserve_bytes else ""
         rows.append(
             ("memory needed", f"weights{reserve} + batch KV = {_b(plan.memory_required_bytes)}")
         )
+    if plan.tensor_parallel_size > 1:
+        rows += _tensor_parallel_rows(plan)
     if plan.kv_capacity_blocks is not None:
         budget = (
             f"{_b(plan.memory_bytes)} → KV pool {_b(plan.kv_bytes_total)}"
             if plan.memory_bytes is not None
             else f"KV memory {_b(plan.kv_bytes_total)}"
         )
+        if plan.tensor_parallel_size > 1:
+            budget = (
+                f"{_b(plan.memory_bytes)} a rank → KV pool {_b(plan.kv_bytes_per_rank)} a rank"
+                if plan.memory_bytes is not None
+                else f"KV memory {_b(plan.kv_bytes_per_rank)} a rank"
+            ) + f", {_b(plan.kv_bytes_total)} in all"
         rows += [
             ("budget", budget),
             (
@@ -127,6 +135,31 @@ def render_plan(plan: Plan, title: str) -> str:
     lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _tensor_parallel_rows(plan: Plan) -> list[tuple[str, str]]:
+    """Each rank's share and the group's total (the rows above are the group's)."""
+    n = plan.tensor_parallel_size
+    heads = f"{plan.num_attention_heads // n} query heads, {plan.kv_heads_per_rank} KV head"
+    heads += "s" if plan.kv_heads_per_rank != 1 else ""
+    if plan.kv_replicas > 1:
+        heads += f" (each KV head stored on {plan.kv_replicas} ranks: fewer KV heads than ranks)"
+    block = _b(plan.bytes_per_block_per_rank)
+    rank = f"KV {plan.bytes_per_token_per_rank:,} B/token, {block} a block"
+    if plan.weights_bytes_per_rank is not None:
+        rank = f"weights {_b(plan.weights_bytes_per_rank)} · " + rank
+    if plan.memory_required_bytes_per_rank is not None:
+        rank += f" · needs {_b(plan.memory_required_bytes_per_rank)}"
+    total = f"KV {plan.bytes_per_token:,} B/token"
+    if plan.weights_bytes_per_rank is not None:  # the replicated embedding counts each time
+        total = f"weights {_b(plan.weights_bytes_per_rank * n)} · " + total
+    if plan.memory_required_bytes is not None:
+        total += f" · needs {_b(plan.memory_required_bytes)}"
+    return [
+        ("tensor parallel", f"{n} ranks, each {heads}"),
+        ("each rank", rank),
+        (f"all {n} ranks", total),
+    ]
 
 
 def render_comparison(comparison: dict, plan: Plan) -> str:

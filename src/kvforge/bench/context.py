@@ -36,6 +36,8 @@ class BenchContext:
     weights_dtype: str = "auto"  # kvforge's --weights-dtype
     # no --model given: scenarios that compare with llama.cpp run the default model
     default_model: bool = False
+    # kvforge's ranks (--tensor-parallel-size), in the scenarios that time generation
+    tensor_parallel_size: int = 1
 
     def real_model(self, notes: list[str], config: dict | None = None) -> Path:
         """--model if given; else the default model (SmolLM2) when no --model was named

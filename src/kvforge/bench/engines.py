@@ -26,6 +26,7 @@ class KVForgeEngine:
         *,
         device: str,
         weights_dtype: str = "auto",
+        tensor_parallel_size: int = 1,
     ) -> None:
         from kvforge import LLM
 
@@ -33,6 +34,7 @@ class KVForgeEngine:
             model=str(model_path),
             device=device,
             weights_dtype=weights_dtype,
+            tensor_parallel_size=tensor_parallel_size,
             kv_memory=kv_memory,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max(2048, max_num_seqs),

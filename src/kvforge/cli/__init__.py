@@ -5,6 +5,7 @@ and reports a user error as one line on stderr, never a traceback.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "tensor_parallel_size", 1) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        # under torchrun every rank runs this command; rank 0 is the engine, and the
+        # others take their work from it until it stops
+        from kvforge.engine.parallel import run_worker
+
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        if world != args.tensor_parallel_size:
+            print(f"kvforge {args.command}: error: --tensor-parallel-size "
+                  f"{args.tensor_parallel_size} but torchrun started {world} processes",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        run_worker(int(os.environ["RANK"]), args.tensor_parallel_size)
+        return EXIT_OK
     try:
         return args.func(args)
     except KVForgeError as exc:

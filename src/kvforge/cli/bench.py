@@ -5,9 +5,13 @@ import json
 import sys
 from pathlib import Path
 
-from kvforge.cli.options import EXIT_OK, MODEL_HELP, add_weights_dtype_option
+from kvforge.cli.options import EXIT_OK, MODEL_HELP, add_weights_dtype_option, positive_int
 from kvforge.errors import KVForgeError
 from kvforge.models.builtin import RANDOM_MODEL
+
+# the scenarios whose kvforge engine runs tensor-parallel; the others read one rank's
+# model or store (memory, roofline, cache) and refuse --tensor-parallel-size
+PARALLEL_SCENARIOS = ("throughput", "latency", "prefix", "kvquant")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -34,6 +38,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         choices=["cpu", "cuda"],
         help="where kvforge and transformers run (default cpu); llama.cpp stays on the CPU",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        help="ranks kvforge splits the model across in the scenarios that time generation "
+        f"({', '.join(PARALLEL_SCENARIOS)}); default 1",
+    )
     p.add_argument("--out", default="bench-results", help="output folder (default bench-results)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=run)
@@ -56,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
             read_gguf(model_path)  # a bad file fails here, with its reason, not mid-benchmark
         elif not (model_path / "config.json").is_file():
             raise KVForgeError(f"{model_path}: not a checkpoint directory (no config.json)")
+    if args.tensor_parallel_size > 1 and args.scenario not in PARALLEL_SCENARIOS:
+        raise KVForgeError(
+            f"bench {args.scenario} does not take --tensor-parallel-size; "
+            f"these do: {', '.join(PARALLEL_SCENARIOS)}"
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         raise KVForgeError("--device cuda: torch sees no CUDA device")
     context = BenchContext(
@@ -64,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         weights_dtype=args.weights_dtype,
         default_model=args.model is None,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     report = run_scenario(args.scenario, context)
     paths = save(report, Path(args.out))

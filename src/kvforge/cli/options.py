@@ -113,6 +113,17 @@ def add_weights_dtype_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tensor_parallel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="split each layer across N ranks (processes started here, or torchrun's); N "
+        "must divide the query heads (default 1)",
+    )
+
+
 def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -> None:
     """Model and KV cache options shared by the commands that run the engine
     (`budget_share`: --kv-budget may be a share of each prompt, as eval's is)."""
@@ -126,10 +137,12 @@ def add_engine_options(p: argparse.ArgumentParser, budget_share: bool = False) -
     )
     add_weights_dtype_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_tensor_parallel_option(p)
     p.add_argument(
         "--kv-memory",
         type=byte_size,
-        help="bytes for the KV cache, e.g. 2GiB (default 512MiB on CPU)",
+        help="bytes for the KV cache, e.g. 2GiB (default 512MiB on CPU); each rank's with "
+        "--tensor-parallel-size",
     )
     p.add_argument(
         "--kv-dtype",
@@ -222,6 +235,7 @@ def engine_kwargs(args: argparse.Namespace, **options) -> dict:
         disk_cache_memory=args.disk_cache_memory,
         kv_remote=args.kv_remote,
         preemption_mode=args.preemption_mode,
+        tensor_parallel_size=args.tensor_parallel_size,
         **{"kv_policy": args.kv_policy, "kv_budget": args.kv_budget, **options},
     )
 

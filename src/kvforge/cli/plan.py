@@ -7,6 +7,7 @@ from kvforge.cli.options import (
     EXIT_OK,
     MODEL_HELP,
     add_kv_layout_options,
+    add_tensor_parallel_option,
     byte_size,
     param_count,
     positive_int,
@@ -97,6 +98,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also show MHA vs GQA vs MQA, every KV dtype, and requests that fit at 1K-128K",
     )
+    add_tensor_parallel_option(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=run)
 
@@ -181,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         kv_skip_layers=args.kv_skip_layers,
         kv_recent_tokens=args.kv_recent_tokens,
         kv_exact_sinks=args.kv_exact_sinks,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     comparison = None
     if args.compare:  # without --block-size, each format at its own default

@@ -17,7 +17,6 @@ a 400 and never reaches the loop.
 """
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import queue
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from kvforge.engine.engine import LLMEngine
 from kvforge.engine.request import Request, Status
 from kvforge.engine.sampling import SamplingParams, TokenLogprobs
-from kvforge.errors import KVForgeError
+from kvforge.errors import EngineDeadError, KVForgeError
 from kvforge.kvcache.policy import KVPolicy
 from kvforge.server.metrics import ServerMetrics
 
@@ -143,9 +142,15 @@ class EngineLoop:
                 self.deliver([])
                 continue
             # on an error the engine ends the batch's requests (with their error) and
-            # _publish tells their clients; the loop keeps serving the rest
-            with contextlib.suppress(Exception):
+            # _publish tells their clients; the loop keeps serving the rest, unless the
+            # engine cannot run another step (a tensor-parallel rank is gone)
+            try:
                 self.engine.step()
+            except EngineDeadError as exc:
+                self._end_all(str(exc))
+                raise
+            except Exception:
+                pass
             self._publish()
 
     def _drain_commands(self) -> None:
@@ -192,6 +197,17 @@ class EngineLoop:
         self._waiting = [c for c in self._waiting if c.request_id != request_id]
         if self._tracked.pop(request_id, None) is not None:  # else it has ended already
             self.engine.abort(request_id)
+
+    def _end_all(self, error: str) -> None:
+        """The engine cannot go on: every request still tracked or queued ends with `error`
+        (the failed batch's own, with theirs)."""
+        self._publish()
+        ended = [(rid, t.index) for rid, t in self._tracked.items()]
+        ended += [(c.request_id, c.index) for c in self._waiting]
+        self._tracked.clear()
+        self._waiting.clear()
+        self.deliver([(rid, Delta("", index, finished=True, finish_reason="error", error=error))
+                      for rid, index in ended])  # fmt: skip
 
     def _publish(self) -> None:
         """Each request's new text and tokens; finished requests get their last delta."""

@@ -23,6 +23,7 @@ import contextlib
 import multiprocessing
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +31,7 @@ import time
 import zmq
 import zmq.asyncio
 
-from kvforge.errors import KVForgeError
+from kvforge.errors import EngineDeadError, KVForgeError
 from kvforge.server.async_engine import AddCommand, Delta, EngineLoop, StreamFront
 from kvforge.server.metrics import ServerMetrics, engine_gauges
 
@@ -79,7 +80,13 @@ def _core_main(llm_kwargs: dict, in_addr: str, out_addr: str, torch_threads: int
                 loop.abort(command)
 
     threading.Thread(target=receive, name="kvforge-inbox", daemon=True).start()
-    loop.run()
+    try:
+        loop.run()
+    except EngineDeadError as exc:  # its requests have been told; the server sees us go
+        out.close(linger=1000)
+        print(f"kvforge serve: the engine stopped: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    llm.close()
     out.close(linger=1000)
 
 

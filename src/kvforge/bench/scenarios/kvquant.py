@@ -70,6 +70,7 @@ def run(ctx: BenchContext) -> Report:
         }
         for name in ("short", "long"):
             timing = LLM(model=str(model_path), device=ctx.device, **kv, kv_memory="1GiB",
+                         tensor_parallel_size=ctx.tensor_parallel_size,
                          enable_prefix_caching=False, max_num_seqs=sizes["batch"],
                          max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
             step = decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,

@@ -38,11 +38,11 @@ def _percentile(values: list[float], q: float) -> float:
 class _KVForge:
     name = "kvforge"
 
-    def __init__(self, model_path, device: str, weights_dtype: str) -> None:
+    def __init__(self, model_path, device: str, weights_dtype: str, ranks: int = 1) -> None:
         from kvforge import LLM
 
         self.llm = LLM(model=str(model_path), device=device, kv_memory="256MiB",
-                       weights_dtype=weights_dtype)  # fmt: skip
+                       weights_dtype=weights_dtype, tensor_parallel_size=ranks)  # fmt: skip
         self.device = device
 
     def token_times(self, prompt: list[int], n: int) -> list[float]:
@@ -112,7 +112,7 @@ def run(ctx: BenchContext) -> Report:
     notes = ["p99 of a few samples is close to their maximum"]
     model_path = ctx.real_model(notes)
     vocab_size = model_config(model_path)["vocab_size"]
-    kvforge = _KVForge(model_path, ctx.device, ctx.weights_dtype)
+    kvforge = _KVForge(model_path, ctx.device, ctx.weights_dtype, ctx.tensor_parallel_size)
     engines = [kvforge, _Transformers(model_path, ctx.device)]
     peer = llamacpp_peer(model_path)
     if isinstance(peer, str):

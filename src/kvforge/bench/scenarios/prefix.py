@@ -102,7 +102,8 @@ def run(ctx: BenchContext) -> Report:
 def _engine(model_path, ctx: BenchContext, options: dict):
     from kvforge import LLM
 
-    return LLM(model=str(model_path), device=ctx.device, kv_memory="1GiB", **options)
+    return LLM(model=str(model_path), device=ctx.device, kv_memory="1GiB",
+               tensor_parallel_size=ctx.tensor_parallel_size, **options)  # fmt: skip
 
 
 def _generate(llm, prompts: list[list[int]], max_tokens: int):

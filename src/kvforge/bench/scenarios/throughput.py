@@ -39,7 +39,8 @@ def run(ctx: BenchContext) -> Report:
     vocab_size = model_config(model_path)["vocab_size"]
     batched = QUICK_BATCHED if ctx.quick else BATCHED
     kvforge = KVForgeEngine(model_path, max_num_seqs=max(*sizes["concurrency"], *batched),
-                            device=ctx.device, weights_dtype=ctx.weights_dtype)  # fmt: skip
+                            device=ctx.device, weights_dtype=ctx.weights_dtype,
+                            tensor_parallel_size=ctx.tensor_parallel_size)  # fmt: skip
     engines = [kvforge, *_peers(model_path, ctx.device, notes)]
     warmup = mixed_workload(2, vocab_size, (4, 8), (2, 2), seed=99)
     for engine in engines:
