@@ -117,7 +117,7 @@ def _build(config: EngineConfig, device: torch.device, group) -> tuple[LLMEngine
         replicas = max(1, size // spec.num_kv_heads)
         group.kv_replicas = replicas
         group.share(StoreLayout(share, fmt, num_blocks, block_size, replicas))
-        group.check(None)
+        group.kv_bytes_by_rank = group.check(store.bytes_allocated)
         group.share(True)
     tiers = _tiers(cache, size * bytes_per_block(share, fmt, block_size), store, size)
     engine = LLMEngine(

@@ -328,6 +328,12 @@ class LLMEngine:
             "kv_skip_layers": list(self.store.format.skip_layers),
             "kv_bytes_allocated": self.store.bytes_allocated * ranks,
             "kv_bytes_allocated_per_rank": self.store.bytes_allocated,
+            # as each rank allocated its store (rank 0's is `store`)
+            "kv_bytes_allocated_by_rank": (
+                [self.store.bytes_allocated]
+                if self.runner.group is None
+                else list(self.runner.group.kv_bytes_by_rank)
+            ),
             "kv_recent_tokens": self.store.format.residual_tokens or None,
             "kv_exact_sinks": bool(self.store.format.sink_blocks),
             "window_blocks_per_request": self.manager.window_blocks,

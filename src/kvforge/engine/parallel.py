@@ -33,6 +33,7 @@ import datetime
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,15 +55,21 @@ class Comm:
     def __init__(self, rank: int, size: int, device_group, step_group) -> None:
         self.rank, self.size = rank, size
         self.device_group, self.step_group = device_group, step_group
+        # seconds in all-reduces (the wait for the slowest rank included), and calls:
+        # what benchmarks/tensor_parallel.py reports against the step
+        self.reduce_s, self.reduces = 0.0, 0
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """Sum `tensor` over the ranks, in place."""
+        start = time.perf_counter()
         if tensor.device.type == "cuda" and self.device_group is None:  # gloo: via the host
             host = tensor.cpu()
             dist.all_reduce(host, group=self.step_group)
             tensor.copy_(host)
-            return
-        dist.all_reduce(tensor, group=self.device_group or self.step_group)
+        else:
+            dist.all_reduce(tensor, group=self.device_group or self.step_group)
+        self.reduce_s += time.perf_counter() - start
+        self.reduces += 1
 
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
         """Every rank's `tensor` (same shape and dtype), on the host, at rank 0."""
@@ -123,6 +130,9 @@ class TensorParallelGroup:
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         self.comm = Comm(0, size, None, dist.group.WORLD)
         self.kv_replicas = 1
+        self.kv_bytes_by_rank: list[int] = []  # each rank's KV store, as allocated
+        self.send_s, self.sends = 0.0, 0  # seconds sending plans, and plans sent
+        self.own_threads = torch.get_num_threads()  # this process's, given back at close
         self.error: str | None = None
         self.closed = False
 
@@ -135,21 +145,22 @@ class TensorParallelGroup:
         """Send every rank `message` (setup: `Launch`, `StoreLayout`; None: stop)."""
         dist.broadcast_object_list([message], src=0, group=self.control)
 
-    def check(self, own_error: str | None) -> None:
-        """Every rank's outcome of a setup phase; KVForgeError (and the group stopped)
-        if any failed, rank 0's own error first."""
+    def check(self, own: Any) -> list[Any]:
+        """Every rank's outcome of a setup phase, rank 0's `own` first: a string is an
+        error, raised as KVForgeError (the group stopped) if any rank failed."""
         try:
-            errors = self.comm.gather_object(own_error)
+            results = self.comm.gather_object(own)
         except Exception as exc:  # a rank died while setting up
             self.abort()
             raise KVForgeError(
                 f"a tensor-parallel rank failed while starting ({exc}); its output says why"
             ) from None
-        failed = [e for e in errors if e is not None]
+        failed = [r for r in results if isinstance(r, str)]
         if failed:
             self.share(None)  # the other ranks wait for the next setup message: stop
             self.abort()
             raise KVForgeError(failed[0])
+        return results
 
     def abort(self) -> None:
         """Setup failed: stop the ranks started here (killed if they do not exit) and
@@ -162,8 +173,11 @@ class TensorParallelGroup:
         if self.error is not None:
             raise EngineDeadError(self.error)
         try:
+            start = time.perf_counter()
             plans = [_for_rank(plan, rank) for rank in range(self.size)]
             dist.scatter_object_list([None], plans, src=0, group=self.control)
+            self.send_s += time.perf_counter() - start
+            self.sends += 1
             return worker.run(plans[0], consume)
         except Exception as exc:
             raise self._fail(exc) from None
@@ -199,6 +213,7 @@ class TensorParallelGroup:
                 process.wait()
         with contextlib.suppress(Exception):  # a broken group may not leave cleanly
             dist.destroy_process_group()
+        torch.set_num_threads(self.own_threads)
 
 
 def _free_port() -> int:
@@ -215,6 +230,11 @@ def start_group(config, device: torch.device) -> TensorParallelGroup:
     and starts loading its share of the model."""
     size = config.tensor_parallel_size
     processes: list[subprocess.Popen] = []
+    if dist.is_initialized():
+        raise KVForgeError(
+            "this process runs a tensor-parallel engine already (torch.distributed has one "
+            "group a process): close it first (LLM.close(), or `with LLM(...)`)"
+        )
     if "WORLD_SIZE" in os.environ:
         world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", "0"))
         if world != size or rank != 0:
@@ -240,11 +260,13 @@ def start_group(config, device: torch.device) -> TensorParallelGroup:
                 process.kill()
                 process.wait()
             raise KVForgeError(f"tensor-parallel ranks did not start: {exc}") from None
+    own_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     nccl = device.type == "cuda" and (not processes or torch.cuda.device_count() >= size)
     launch = Launch(config, size, device.type, nccl, threads)
     group = TensorParallelGroup(size, processes, launch)
+    group.own_threads = own_threads
     group.share(launch)
     group.setup(nccl)
     return group
@@ -260,12 +282,20 @@ def _rank_device(launch: Launch, rank: int) -> torch.device:
 def run_worker(rank: int, size: int, init_method: str = "env://") -> None:
     """Rank `rank` (> 0): load its share of the model rank 0 names, allocate its store,
     then execute rank 0's plans until told to stop."""
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
+                            timeout=STEP_TIMEOUT)  # fmt: skip
+    try:
+        _serve_rank(rank, size)
+    finally:
+        with contextlib.suppress(Exception):  # rank 0 may be gone already
+            dist.destroy_process_group()
+
+
+def _serve_rank(rank: int, size: int) -> None:
     from kvforge.engine.build import load_shard
     from kvforge.engine.worker import Worker
     from kvforge.kvcache.store import KVStore
 
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
-                            timeout=STEP_TIMEOUT)  # fmt: skip
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
 
     def receive():
@@ -288,12 +318,12 @@ def run_worker(rank: int, size: int, init_method: str = "env://") -> None:
     layout: StoreLayout | None = receive()
     if layout is None:
         return
-    store, error = None, None
     try:
         store = KVStore(layout.spec, layout.fmt, layout.num_blocks, layout.block_size, device)
+        outcome = store.bytes_allocated
     except (torch.OutOfMemoryError, RuntimeError) as exc:
-        error = f"rank {rank} cannot allocate its KV cache on {device}: {exc}"
-    comm.gather_object(error)
+        outcome = f"rank {rank} cannot allocate its KV cache on {device}: {exc}"
+    comm.gather_object(outcome)
     if receive() is not True:
         return
     worker = Worker(net, store, device, None, comm, layout.kv_replicas)
@@ -301,9 +331,8 @@ def run_worker(rank: int, size: int, init_method: str = "env://") -> None:
         plan = [None]
         dist.scatter_object_list(plan, None, src=0, group=control)
         if plan[0] is None:
-            break
+            return
         worker.run(plan[0])
-    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:
