@@ -54,6 +54,41 @@ def wide_model(folder: Path) -> Path:
     return path
 
 
+def _floor_rank(rank: int, size: int, port: int, width: int, calls: int) -> float:
+    """Seconds per all-reduce of one [1, width] float32 row, nothing else running."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)  # fmt: skip
+    row = torch.ones(1, width)
+    for _ in range(100):
+        dist.all_reduce(row)
+    start = time.perf_counter()
+    for _ in range(calls):
+        dist.all_reduce(row)
+    elapsed = (time.perf_counter() - start) / calls
+    dist.destroy_process_group()
+    return elapsed
+
+
+def all_reduce_floor(size: int, width: int, calls: int = 2000) -> float:
+    """The transport's own cost: gloo all-reduces between `size` processes on loopback."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    others = [subprocess.Popen([sys.executable, __file__, "--floor-rank", str(rank), str(size),
+                                str(port), str(width), str(calls)])
+              for rank in range(1, size)]  # fmt: skip
+    seconds = _floor_rank(0, size, port, width, calls)
+    for process in others:
+        process.wait()
+    return seconds
+
+
 def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     return [(seed * 7919 + i * 104729) % (vocab - 10) + 5 for i in range(n)]
 
@@ -115,6 +150,13 @@ def render(results: dict) -> str:
         "Command: `python benchmarks/tensor_parallel.py --out docs/benchmarks/tensor_parallel`",
         "",
     ]
+    lines += ["## The transport's floor", "",
+              "gloo all-reduces of one row of floats between processes on loopback, nothing "
+              "else running (what a decode step of batch 1 pays per all-reduce at best):", "",
+              "| ranks | row width | µs per all-reduce |", "|---:|---:|---:|"]  # fmt: skip
+    for floor in results["floor"]:
+        lines.append(f"| {floor['ranks']} | {floor['width']} | {1e6 * floor['seconds']:.0f} |")
+    lines.append("")
     for name, rows in results["models"].items():
         base = rows[0]
         lines += [f"## {name}", "", "| ranks | threads/rank | prefill 512 (ms) | decode b1 step "
@@ -144,7 +186,11 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks/tensor_parallel")
     parser.add_argument("--models", default="smollm2,llama-wide")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--floor-rank", nargs=5, help=argparse.SUPPRESS)  # a floor process
     args = parser.parse_args()
+    if args.floor_rank:
+        _floor_rank(*map(int, args.floor_rank))
+        return
     cache = Path(tempfile.gettempdir()) / "kvforge-bench-models"
     cache.mkdir(exist_ok=True)
     plans = {
@@ -152,7 +198,11 @@ def main() -> None:
         "llama-wide": (lambda: str(wide_model(cache)), (1, 2, 4)),
     }
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} "
-               f"cores, Python {sys.version.split()[0]}", "models": {}}  # fmt: skip
+               f"cores, Python {sys.version.split()[0]}", "models": {}, "floor": []}  # fmt: skip
+    for size, width in ((2, 576), (2, 1024), (3, 576), (4, 1024)):
+        seconds = all_reduce_floor(size, width)
+        results["floor"].append({"ranks": size, "width": width, "seconds": seconds})
+        print("floor", results["floor"][-1], flush=True)
     for name in args.models.split(","):
         model, sizes = plans[name]
         model = model() if callable(model) else model

@@ -80,3 +80,21 @@ def test_quantized_codecs_on_cuda():
         agree = sum(a == b for o, f in zip(outs, full, strict=True)
                     for a, b in zip(o.token_ids, f.token_ids, strict=True))  # fmt: skip
         assert agree >= 0.75 * 32, kv_dtype
+
+
+def test_two_ranks_on_cuda_give_one_ranks_tokens():
+    """Tensor parallelism on CUDA: with one GPU both ranks share it and their all-reduces go
+    over gloo (through the host); with two or more each rank has its own and NCCL."""
+    import torch
+
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    with LLM(model="random", device="cuda", kv_memory="8MiB") as one:
+        expected = one.generate(["The cat sat", "hello"], greedy)
+    with LLM(model="random", device="cuda", kv_memory="8MiB", tensor_parallel_size=2) as two:
+        group = two.engine.runner.group
+        assert (group.comm.device_group is not None) == (torch.cuda.device_count() >= 2)
+        got = two.generate(["The cat sat", "hello"], greedy)
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+        stats = two.kv_stats()
+        assert stats["bytes_per_token_per_rank"] * 2 == one.kv_stats()["bytes_per_token"]
+        assert stats["kv_bytes_allocated_by_rank"] == [stats["kv_bytes_allocated_per_rank"]] * 2

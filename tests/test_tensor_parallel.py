@@ -109,6 +109,27 @@ def test_smollm2_at_three_ranks_gives_one_ranks_tokens():
     )
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_weights_are_cut_at_whole_groups(tmp_path, weights):
+    """Each shard of a quantized matmul is a whole number of groups of 32: down_proj's
+    128 inputs are 64 a rank. With 96 (48 a rank) the cut is refused by name."""
+    hf_model("llama-gqa", intermediate_size=128).save_pretrained(tmp_path / "even")
+    with LLM(model=str(tmp_path / "even"), weights_dtype=weights, kv_memory=KV_MEMORY) as one:
+        expected = _greedy(one)
+    with LLM(model=str(tmp_path / "even"), weights_dtype=weights, kv_memory=KV_MEMORY,
+             tensor_parallel_size=2) as two:  # fmt: skip
+        assert _greedy(two) == expected
+        down = two.engine.runner.model.model.layers[0].mlp.down_proj.inner
+        assert down.qweight.shape == (64, 64)  # [hidden, its 64 of the 128 inputs]
+    hf_model("llama-gqa").save_pretrained(tmp_path / "odd")  # intermediate_size 96
+    with pytest.raises(KVForgeError) as refused:
+        LLM(model=str(tmp_path / "odd"), weights_dtype=weights, tensor_parallel_size=2)
+    assert str(refused.value) == (
+        "a shard of input columns 0:48 splits a quantization group of 32: tensor "
+        "parallelism needs shards of whole groups"
+    )
+
+
 # --- every KV codec with each cache feature, at two ranks ---------------------------------
 
 CODECS = ["fp32", "fp16", "bf16", "fp8", "int8", "int4", "int2"]
