@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "tensor_parallel_size", 1) > 1 and int(os.environ.get("RANK", "0")) > 0:
+    engine_command = args.command in ("generate", "chat", "eval", "serve", "bench")
+    rank = int(os.environ.get("RANK", "0"))
+    if engine_command and getattr(args, "tensor_parallel_size", 1) > 1 and rank > 0:
         # under torchrun every rank runs this command; rank 0 is the engine, and the
         # others take their work from it until it stops
         from kvforge.engine.parallel import run_worker

@@ -13,6 +13,7 @@ from kvforge.cli.options import (
     positive_int,
 )
 from kvforge.dtypes import DTYPES
+from kvforge.errors import KVForgeError
 from kvforge.kvcache.formats import KV_FORMATS
 from kvforge.models.checkpoint import resolve_model
 from kvforge.planner import (
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
     )
     comparison = None
+    if args.compare and args.tensor_parallel_size > 1:
+        raise KVForgeError("--compare weighs one rank's levers: leave out --tensor-parallel-size")
     if args.compare:  # without --block-size, each format at its own default
         comparison = compare_levers(spec, plan, own_block_sizes=args.block_size is None)
     if args.json:

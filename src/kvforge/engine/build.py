@@ -38,17 +38,26 @@ def load_shard(config: EngineConfig, device: torch.device, comm=None):
     from kvforge.models.gguf_file import read_gguf
     from kvforge.models.loader import load_model
     from kvforge.models.quantized import apply_weights
-    from kvforge.models.tensor_parallel import shard_model
+    from kvforge.models.tensor_parallel import move_model, shard_model
     from kvforge.models.tokenizer import load_tokenizer
 
     ref = find_model(config.model)
     tokenizer = None
+    dtype, weights = config.compute_dtype, config.weights_dtype
+    target = device
+    if comm is not None and device.type != "cpu":
+        # a rank loads the model into host memory and moves only its share to the device;
+        # what the loader would choose for that device is chosen here (GGUF: bf16, dense)
+        device = torch.device("cpu")
+        if ref.kind == "gguf":
+            dtype = "bf16" if dtype == "auto" else dtype
+            weights = dtype if weights == "auto" else weights
     if ref.kind == "random":
         net, tokenizer = builtin_model(device)
-        apply_weights(net, config.weights_dtype, {})
+        apply_weights(net, weights, {})
     else:
         source = read_gguf(ref.path) if ref.kind == "gguf" else ref.path
-        net = load_model(source, config.compute_dtype, device, config.weights_dtype)
+        net = load_model(source, dtype, device, weights)
         if comm is None or comm.rank == 0:
             try:
                 tokenizer = load_tokenizer(source)
@@ -56,6 +65,8 @@ def load_shard(config: EngineConfig, device: torch.device, comm=None):
                 tokenizer = TokenIdsOnly(str(exc), frozenset(net.config.eos_token_ids))
     if comm is not None:
         shard_model(net, comm.rank, comm.size, comm.all_reduce)
+        if target != device:
+            move_model(net, target)
     net.fuse_projections()
     net.pack_weights()
     return net, tokenizer, ref
@@ -111,7 +122,10 @@ def _build(config: EngineConfig, device: torch.device, group) -> tuple[LLMEngine
     fmt = with_window(fmt, cache.kv_recent_tokens, cache.kv_exact_sinks)
     block_size = cache.block_size or default_block_size(fmt.name)
     share = rank_spec(spec, size)  # each rank's heads; the pool's blocks are the same
-    num_blocks = _pool_size(config, share, fmt, block_size, device)
+    sharing = 1  # ranks on rank 0's GPU (started here, fewer GPUs than ranks)
+    if group is not None and device.type == "cuda" and group.processes:
+        sharing = -(-size // torch.cuda.device_count())
+    num_blocks = _pool_size(config, share, fmt, block_size, device, sharing)
     store = _allocate_store(share, fmt, num_blocks, block_size, device)
     if group is not None:
         replicas = max(1, size // spec.num_kv_heads)
@@ -165,7 +179,8 @@ def _size(name: str, value: int | str) -> int:
     return size
 
 
-def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.device):
+def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.device,
+               sharing: int = 1):  # fmt: skip
     """Blocks in the pool: num_blocks as given, or what kv_memory (default: 512 MiB on a
     CPU, 90% of free memory on CUDA) holds, as the planner sizes it (`planner.pool_size`).
     Either must hold a request's recent window (int4, int2) and a block."""
@@ -183,7 +198,7 @@ def _pool_size(config: EngineConfig, spec, fmt, block_size: int, device: torch.d
         kv_bytes = _size("kv_memory", cache.kv_memory)
     elif device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
-        kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION)
+        kv_bytes = int(free_bytes * CUDA_MEMORY_FRACTION) // sharing
     else:
         kv_bytes = DEFAULT_CPU_KV_BYTES
     return pool_size(spec, fmt, block_size, kv_bytes, config.max_num_seqs,

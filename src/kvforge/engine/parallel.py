@@ -78,9 +78,9 @@ class Comm:
         dist.gather(tensor, parts, dst=0, group=self.step_group)
         return parts
 
-    def gather_object(self, obj: Any) -> list[Any] | None:
+    def gather_object(self, obj: Any, group=None) -> list[Any] | None:
         out = [None] * self.size if self.rank == 0 else None
-        dist.gather_object(obj, out, dst=0, group=self.step_group)
+        dist.gather_object(obj, out, dst=0, group=group or self.step_group)
         return out
 
 
@@ -94,6 +94,7 @@ class Launch:
     device_type: str
     nccl: bool
     threads: int | None  # torch threads of each rank (None: as started)
+    first_device: int = 0  # rank 0's CUDA device; rank r started here takes the r-th after it
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ def _for_rank(plan, rank: int):
     """`plan` as rank `rank` runs it: blocks loaded from a tier cut to its share."""
     if not any(isinstance(op, ops.LoadBlocks) for op in plan.ops):
         return plan
-    cut = [
-        ops.LoadBlocks(op.block_ids, [c[rank] for c in op.contents])
+    cut = [  # copies: a view would carry every rank's bytes when pickled
+        ops.LoadBlocks(op.block_ids, [c[rank].clone() for c in op.contents])
         if isinstance(op, ops.LoadBlocks)
         else op
         for op in plan.ops
@@ -139,7 +140,7 @@ class TensorParallelGroup:
     def setup(self, device_nccl: bool) -> None:
         """Create the all-reduce group (every rank calls this at the same point)."""
         if device_nccl:
-            self.comm.device_group = dist.new_group(backend="nccl")
+            self.comm.device_group = dist.new_group(backend="nccl", timeout=STEP_TIMEOUT)
 
     def share(self, message: Any) -> None:
         """Send every rank `message` (setup: `Launch`, `StoreLayout`; None: stop)."""
@@ -149,7 +150,7 @@ class TensorParallelGroup:
         """Every rank's outcome of a setup phase, rank 0's `own` first: a string is an
         error, raised as KVForgeError (the group stopped) if any rank failed."""
         try:
-            results = self.comm.gather_object(own)
+            results = self.comm.gather_object(own, self.control)  # loading may take long
         except Exception as exc:  # a rank died while setting up
             self.abort()
             raise KVForgeError(
@@ -172,6 +173,8 @@ class TensorParallelGroup:
         """Every rank executes `plan`; rank 0's part is `worker`'s (what it returns)."""
         if self.error is not None:
             raise EngineDeadError(self.error)
+        if self.closed:
+            raise EngineDeadError("the engine was closed; its tensor-parallel ranks are gone")
         try:
             start = time.perf_counter()
             plans = [_for_rank(plan, rank) for rank in range(self.size)]
@@ -179,8 +182,11 @@ class TensorParallelGroup:
             self.send_s += time.perf_counter() - start
             self.sends += 1
             return worker.run(plans[0], consume)
-        except Exception as exc:
-            raise self._fail(exc) from None
+        except BaseException as exc:  # an interrupt too: the other ranks are mid-step
+            dead = self._fail(exc)
+            if isinstance(exc, Exception):
+                raise dead from None
+            raise
 
     def _fail(self, exc: Exception) -> EngineDeadError:
         """The group is broken (a rank is out of step): say why, stop every rank."""
@@ -251,32 +257,51 @@ def start_group(config, device: torch.device) -> TensorParallelGroup:
         for rank in range(1, size):
             command = [sys.executable, "-m", "kvforge.engine.parallel", "--rank", str(rank),
                        "--world-size", str(size), "--init", init]  # fmt: skip
-            processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))
+            # a session of their own: a terminal's Ctrl-C interrupts rank 0 (which then
+            # stops them), not the ranks in the middle of a step
+            processes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL,
+                                              start_new_session=True))  # fmt: skip
         try:
             dist.init_process_group("gloo", init_method=init, rank=0, world_size=size,
                                     timeout=STEP_TIMEOUT)  # fmt: skip
-        except Exception as exc:
+        except BaseException as exc:
             for process in processes:
                 process.kill()
                 process.wait()
+            if not isinstance(exc, Exception):
+                raise
             raise KVForgeError(f"tensor-parallel ranks did not start: {exc}") from None
     own_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    nccl = device.type == "cuda" and (not processes or torch.cuda.device_count() >= size)
-    launch = Launch(config, size, device.type, nccl, threads)
-    group = TensorParallelGroup(size, processes, launch)
-    group.own_threads = own_threads
-    group.share(launch)
-    group.setup(nccl)
-    return group
+    group = None
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        nccl = device.type == "cuda" and (not processes or torch.cuda.device_count() >= size)
+        first = (device.index or 0) if device.type == "cuda" else 0
+        launch = Launch(config, size, device.type, nccl, threads, first)
+        group = TensorParallelGroup(size, processes, launch)
+        group.own_threads = own_threads
+        group.share(launch)
+        group.setup(nccl)
+        return group
+    except BaseException:
+        for process in processes:
+            process.kill()
+            process.wait()
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+        torch.set_num_threads(own_threads)
+        raise
 
 
 def _rank_device(launch: Launch, rank: int) -> torch.device:
+    """A rank's device: under torchrun its LOCAL_RANK's GPU; started here, the rank-th GPU
+    after rank 0's (ranks share GPUs round-robin when there are fewer)."""
     if launch.device_type != "cuda":
         return torch.device("cpu")
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    return torch.device("cuda", local % torch.cuda.device_count())
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return torch.device("cuda", (launch.first_device + rank) % torch.cuda.device_count())
 
 
 def run_worker(rank: int, size: int, init_method: str = "env://") -> None:
@@ -306,7 +331,7 @@ def _serve_rank(rank: int, size: int) -> None:
     launch: Launch = receive()
     if launch.threads is not None:
         torch.set_num_threads(launch.threads)
-    device_group = dist.new_group(backend="nccl") if launch.nccl else None
+    device_group = dist.new_group(backend="nccl", timeout=STEP_TIMEOUT) if launch.nccl else None
     comm = Comm(rank, size, device_group, dist.group.WORLD)
     device = _rank_device(launch, rank)
     net, error = None, None
@@ -314,7 +339,7 @@ def _serve_rank(rank: int, size: int) -> None:
         net = load_shard(launch.config, device, comm)[0]
     except KVForgeError as exc:
         error = str(exc)
-    comm.gather_object(error)
+    comm.gather_object(error, control)
     layout: StoreLayout | None = receive()
     if layout is None:
         return
@@ -323,7 +348,7 @@ def _serve_rank(rank: int, size: int) -> None:
         outcome = store.bytes_allocated
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         outcome = f"rank {rank} cannot allocate its KV cache on {device}: {exc}"
-    comm.gather_object(outcome)
+    comm.gather_object(outcome, control)
     if receive() is not True:
         return
     worker = Worker(net, store, device, None, comm, layout.kv_replicas)

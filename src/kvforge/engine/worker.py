@@ -170,6 +170,8 @@ class Worker:
             if parts is None:
                 return
             blocks = torch.stack(parts, dim=1)  # [n, ranks, rank's block]
+        if len(saves) > 1:  # each its own copy: a tier keeps it (and may pickle it)
+            blocks = [block.clone() for block in blocks]
         for op, block in zip(saves, blocks, strict=True):
             if op.spill:
                 self.tiers.put(op.key, block)

@@ -47,7 +47,7 @@ def setting(llm, policy: tuple[str, int | float] | None = None) -> dict:
         "kv_policy": None if policy is None else policy[0],
         "kv_budget": f"{budget:.0%}" if isinstance(budget, float) else budget,
         "block_size": store.block_size,
-        "bytes_per_token": store.bytes_per_token,
+        "bytes_per_token": store.bytes_per_token * llm.engine.tensor_parallel_size,
     }
 
 
@@ -79,9 +79,10 @@ def use_policy(llm, policy: tuple[str, int | float] | None, tokens: int) -> int 
 
 
 def kv_bytes(llm, tokens: int) -> int:
-    """KV bytes one request of `tokens` tokens holds under this setting."""
+    """KV bytes one request of `tokens` tokens holds under this setting (every rank's)."""
     store = llm.engine.store
-    return bytes_per_request(store.spec, store.format, store.block_size, tokens)
+    ranks = llm.engine.tensor_parallel_size
+    return ranks * bytes_per_request(store.spec, store.format, store.block_size, tokens)
 
 
 # --- perplexity ---------------------------------------------------------------------------

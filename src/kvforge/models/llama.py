@@ -353,7 +353,7 @@ class LlamaForCausalLM(nn.Module):
         many weights were packed (0 off the CPU or outside float32)."""
         head = getattr(self, "lm_head", None)
         table = getattr(self.model.embed_tokens, "weight", None)
-        shared = head is not None and table is not None and head.weight is table
+        shared = table is not None and getattr(head, "weight", None) is table
         return sum(
             module.pack_weight()
             for module in self.modules()

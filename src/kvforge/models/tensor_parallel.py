@@ -25,7 +25,7 @@ from torch import nn
 
 from kvforge.models.linear import Linear
 from kvforge.models.llama import LlamaForCausalLM
-from kvforge.models.quantized import QuantizedLinear
+from kvforge.models.quantized import QuantizedEmbedding, QuantizedLinear
 from kvforge.planner import check_tensor_parallel, rank_spec
 
 
@@ -109,3 +109,18 @@ def shard_model(
                                     all_reduce)  # fmt: skip
     net.lm_head = _rows(net.lm_head, *vocab_range(net.config.vocab_size, rank, size))
     return net
+
+
+def move_model(net: LlamaForCausalLM, device: torch.device) -> None:
+    """Move a rank's share to its device, quantized weights (not parameters) included."""
+    net.to(device)
+    for module in net.modules():
+        if isinstance(module, QuantizedLinear | QuantizedEmbedding):
+            module.qweight = module.qweight.to(device)
+        bias = getattr(module, "bias", None)
+        if (
+            isinstance(module, QuantizedLinear)
+            and bias is not None
+            and not isinstance(bias, nn.Parameter)
+        ):
+            module.bias = bias.to(device)

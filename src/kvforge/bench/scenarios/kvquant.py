@@ -75,6 +75,7 @@ def run(ctx: BenchContext) -> Report:
                          max_num_batched_tokens=sizes["batch"] * (sizes[name] + 1))  # fmt: skip
             step = decode_step_s(timing, sizes["batch"], sizes[name], sizes["steps"], vocab,
                                   ctx.now)  # fmt: skip
+            timing.close()  # its ranks stop before the next engine's start
             row[f"decode_ms_{name}"] = 1000 * step
         rows.append(row)
 

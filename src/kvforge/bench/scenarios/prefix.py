@@ -48,8 +48,8 @@ def run(ctx: BenchContext) -> Report:
         llm = _engine(model_path, ctx, options)
         warm = system + [rng.randrange(3, vocab) for _ in range(sizes["suffix"])]
         _generate(llm, [warm], sizes["output"])  # fills the cache ("on"), the disk ("disk")
-        if name == "disk":
-            llm = _engine(model_path, ctx, options)  # a restart: the device cache is empty
+        if name == "disk":  # a restart: the device cache is empty
+            llm = _restart(llm, model_path, ctx, options)
         ttfts, cached, tokens = [], [], []
         for prompt in prompts:
             out = _generate(llm, [prompt], sizes["output"])[0]
@@ -57,7 +57,8 @@ def run(ctx: BenchContext) -> Report:
             cached.append(out.metrics.cached_tokens)
             tokens.append(out.token_ids)
             if name == "disk":  # every request starts from the disk, as the first one did
-                llm = _engine(model_path, ctx, options)
+                llm = _restart(llm, model_path, ctx, options)
+        llm.close()
         outputs[name] = tokens
         series[name] = (list(range(1, len(ttfts) + 1)), [1000 * t for t in ttfts])
         rows.append(_row("shared prefix", name, ttfts, cached, prompts))
@@ -125,18 +126,28 @@ def _row(workload: str, setting: str, ttfts, cached, prompts) -> dict:
     }
 
 
+def _restart(llm, model_path, ctx, options):
+    """A new engine in place of `llm` (closed first: one tensor-parallel group at a time)."""
+    llm.close()
+    return _engine(model_path, ctx, options)
+
+
 def _throughput(model_path, ctx, options, system, prompts, max_tokens) -> float:
     """Requests/s with every shared-prefix request submitted together (cache warmed)."""
-    llm = _engine(model_path, ctx, options)
-    _generate(llm, [system + prompts[0][len(system) :]], max_tokens)
-    start = ctx.now()
-    _generate(llm, prompts, max_tokens)
-    return len(prompts) / (ctx.now() - start)
+    with _engine(model_path, ctx, options) as llm:
+        _generate(llm, [system + prompts[0][len(system) :]], max_tokens)
+        start = ctx.now()
+        _generate(llm, prompts, max_tokens)
+        return len(prompts) / (ctx.now() - start)
 
 
 def _chat(model_path, ctx, options, system, turns, max_tokens, setting) -> dict:
     """A conversation: each turn sends everything so far plus a new user message."""
-    llm = _engine(model_path, ctx, options)
+    with _engine(model_path, ctx, options) as llm:
+        return _converse(llm, system, turns, max_tokens, setting)
+
+
+def _converse(llm, system, turns, max_tokens, setting) -> dict:
     history, ttfts, cached, prompts = list(system), [], [], []
     for message in turns:
         prompt = history + message
