@@ -30,6 +30,16 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument(
+        "--no-inspect",
+        action="store_true",
+        help="do not serve GET /debug/kv (the KV cache's snapshot as JSON)",
+    )
+    p.add_argument(
+        "--inspect-show-text",
+        action="store_true",
+        help="let /debug/kv show each running request's text (off: prompts can be private)",
+    )
     p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests run at once")
     p.add_argument(
@@ -97,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompts_per_request=args.max_prompts_per_request,
         max_logprobs=args.max_logprobs,
         max_request_bytes=args.max_request_bytes,
+        inspect=not args.no_inspect,
+        inspect_show_text=args.inspect_show_text,
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=2)  # fmt: skip

@@ -64,6 +64,9 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+INSPECT_COOKIE = "kvforge_token"  # where the inspector page keeps the API key
+
+
 def build_app(
     engine,
     model_name: str,
@@ -72,6 +75,8 @@ def build_app(
     max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST,
     max_logprobs: int = MAX_LOGPROBS,
     max_request_bytes: int = MAX_REQUEST_BYTES,
+    inspect: bool = True,
+    inspect_show_text: bool = False,
 ) -> FastAPI:
     """The API over `engine`: a kvforge.LLM (its engine then runs on a thread of this
     process while the app is up) or an `EngineProcess` (`kvforge serve`: the engine in
@@ -124,6 +129,24 @@ def build_app(
                 "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
             )
+
+    async def check_inspect_key(request: Request) -> None:
+        """As `check_key`, or the key as ?token= or in the page's cookie (a browser's
+        EventSource cannot send a header)."""
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = request.query_params.get("token") or request.cookies.get(INSPECT_COOKIE) or ""
+        if secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
+            return
+        if secrets.compare_digest(token.encode(), api_key.encode()):
+            return
+        raise p.APIError(
+            401,
+            "invalid or missing API key: send the header 'Authorization: Bearer <key>' "
+            "or add ?token=<key>",
+            code="invalid_api_key",
+        )
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -205,6 +228,18 @@ def build_app(
     @app.get("/metrics")
     async def prometheus_metrics():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if inspect:
+
+        @app.get("/debug/kv", dependencies=[Depends(check_inspect_key)])
+        async def debug_kv():
+            """The KV cache's snapshot between two steps (schema: `server.inspect`)."""
+            if not aengine.alive:
+                raise p.APIError(503, "the engine is not running")
+            try:
+                return await aengine.snapshot(inspect_show_text)
+            except TimeoutError:
+                raise p.APIError(503, "the engine did not answer within 10 s") from None
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():

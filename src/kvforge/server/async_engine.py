@@ -30,6 +30,7 @@ from kvforge.engine.request import Request, Status
 from kvforge.engine.sampling import SamplingParams, TokenLogprobs
 from kvforge.errors import EngineDeadError, KVForgeError
 from kvforge.kvcache.policy import KVPolicy
+from kvforge.server.inspect import kv_snapshot
 from kvforge.server.metrics import ServerMetrics
 
 
@@ -107,9 +108,13 @@ class EngineLoop:
     deltas, as (request id, Delta), to `deliver` (called after each step, and after
     each wait while idle with an empty list)."""
 
-    def __init__(self, engine: LLMEngine, deliver: Deliver) -> None:
+    def __init__(self, engine: LLMEngine, deliver: Deliver, on_snapshot=None) -> None:
+        """`on_snapshot(snapshot)`: called on the loop's thread, between steps, with the
+        KV cache snapshot `request_snapshot` asked for (`server.inspect`)."""
         self.engine = engine
         self.deliver = deliver
+        self.on_snapshot = on_snapshot
+        self._snapshot: bool | None = None  # asked for: with the requests' text or not
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -130,11 +135,19 @@ class EngineLoop:
         self._stop = True
         self._wake.set()
 
+    def request_snapshot(self, show_text: bool = False) -> None:
+        """Have `on_snapshot` called with the cache's snapshot before the next step."""
+        self._snapshot = bool(self._snapshot) or show_text
+        self._wake.set()
+
     # --- the loop -------------------------------------------------------------------
 
     def run(self) -> None:
         while not self._stop:
             self._drain_commands()
+            if self._snapshot is not None and self.on_snapshot is not None:
+                show_text, self._snapshot = self._snapshot, None
+                self.on_snapshot(kv_snapshot(self.engine, show_text))
             self._start_waiting()
             if not self.engine.has_unfinished:
                 self._wake.wait(timeout=1.0)
@@ -256,6 +269,23 @@ class StreamFront:
         self.num_active = 0
         self._streams: dict[str, RequestStream] = {}
         self._ids = itertools.count()
+        self._snapshots: list[asyncio.Future] = []  # /debug/kv callers waiting
+
+    async def snapshot(self, show_text: bool = False, timeout_s: float = 10.0) -> dict:
+        """The KV cache's snapshot (`server.inspect`), taken between two engine steps."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._snapshots.append(waiter)
+        self._send_snapshot(show_text)
+        return await asyncio.wait_for(waiter, timeout_s)
+
+    def _snapshot_ready(self, snapshot: dict) -> None:  # on the event loop
+        waiters, self._snapshots = self._snapshots, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(snapshot)
+
+    def _send_snapshot(self, show_text: bool) -> None:
+        raise NotImplementedError
 
     def _send_add(self, command: AddCommand) -> None:
         raise NotImplementedError
@@ -331,7 +361,7 @@ class AsyncEngine(StreamFront):
         super().__init__(metrics, max_requests)
         self.engine = engine
         self._event_loop: asyncio.AbstractEventLoop | None = None
-        self._loop = EngineLoop(engine, self._deliver)
+        self._loop = EngineLoop(engine, self._deliver, self._on_snapshot)
         self._thread = threading.Thread(target=self._loop.run, name="kvforge-engine", daemon=True)
 
     def start(self) -> None:
@@ -351,6 +381,12 @@ class AsyncEngine(StreamFront):
 
     def _send_abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
+
+    def _send_snapshot(self, show_text: bool) -> None:
+        self._loop.request_snapshot(show_text)
+
+    def _on_snapshot(self, snapshot: dict) -> None:  # on the engine thread
+        self._event_loop.call_soon_threadsafe(self._snapshot_ready, snapshot)
 
     def _deliver(self, deltas: list[tuple[str, Delta]]) -> None:  # on the engine thread
         if deltas:  # one wake-up of the event loop per step carries every delta

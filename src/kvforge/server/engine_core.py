@@ -66,7 +66,10 @@ def _core_main(llm_kwargs: dict, in_addr: str, out_addr: str, torch_threads: int
         message = ("deltas", deltas, engine_gauges(engine))
         out.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
-    loop = EngineLoop(engine, deliver)
+    def send_snapshot(snapshot: dict) -> None:
+        out.send(pickle.dumps(("snapshot", snapshot), protocol=pickle.HIGHEST_PROTOCOL))
+
+    loop = EngineLoop(engine, deliver, send_snapshot)
 
     def receive() -> None:  # the inbox's own thread: commands reach the loop between steps
         while True:
@@ -76,6 +79,8 @@ def _core_main(llm_kwargs: dict, in_addr: str, out_addr: str, torch_threads: int
                 return
             if isinstance(command, AddCommand):
                 loop.add(command)
+            elif isinstance(command, tuple) and command[0] == "snapshot":
+                loop.request_snapshot(command[1])
             else:
                 loop.abort(command)
 
@@ -175,9 +180,16 @@ class EngineProcess(StreamFront):
         if self.alive:
             self._send(request_id)
 
+    def _send_snapshot(self, show_text: bool) -> None:
+        self._send(("snapshot", show_text))
+
     async def _receive(self) -> None:
         while True:
-            _, deltas, gauges = pickle.loads(await self._inbox.recv())
+            message = pickle.loads(await self._inbox.recv())
+            if message[0] == "snapshot":
+                self._snapshot_ready(message[1])
+                continue
+            _, deltas, gauges = message
             self.gauges_now = gauges
             if deltas:
                 self._dispatch(deltas)
