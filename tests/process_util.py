@@ -1,12 +1,14 @@
 """Starting `kvforge serve` as a real process on a free loopback port, for tests."""
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
 import time
 
 import httpx
+import pytest
 
 
 def free_port() -> int:
@@ -40,3 +42,14 @@ def served(*args: str, timeout_s: float = 120):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def require_program(path: str, package: str) -> None:
+    """Skip the test when Debian's `package` (`path`) is missing; fail it under CI, which
+    installs it (as make test does)."""
+    if os.path.exists(path):
+        return
+    message = f"{path} is not installed (apt-get install {package}; make test does)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

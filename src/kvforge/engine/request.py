@@ -21,6 +21,7 @@ class RequestMetrics:
     """Times in seconds; token counts of the finished request."""
 
     arrival_s: float
+    scheduled_s: float | None = None  # first admitted to the running batch
     first_token_s: float | None = None
     finish_s: float | None = None
     prompt_tokens: int = 0

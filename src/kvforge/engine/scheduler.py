@@ -24,6 +24,7 @@ that could never fit alone is refused at `add`, so one request can always
 make progress: no deadlock.
 """
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -137,6 +138,8 @@ class Scheduler:
             admitted = self.manager.admit(request, self._cap(request, budget), first)
             if admitted is None:
                 break
+            if request.metrics.scheduled_s is None:
+                request.metrics.scheduled_s = time.perf_counter()
             if first and request.cache_seed is not None:
                 m = request.metrics
                 m.cached_tokens = admitted.cached

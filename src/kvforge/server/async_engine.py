@@ -50,6 +50,7 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    queue_s: float | None = None  # the last delta: arrival to first scheduled, in the engine
 
     def merged(self, later: "Delta") -> "Delta":
         """This delta and a later one of the same request, as one."""
@@ -253,6 +254,7 @@ class EngineLoop:
                     prompt_tokens=m.prompt_tokens,
                     completion_tokens=len(r.output_token_ids),
                     cached_tokens=m.cached_tokens,
+                    queue_s=None if m.scheduled_s is None else m.scheduled_s - m.arrival_s,
                 )
             out.append((request_id, delta))
         self.deliver(out)
@@ -337,6 +339,9 @@ class StreamFront:
             if delta.finished:
                 del self._streams[request_id]
                 self.num_active -= 1
+                self.metrics.e2e.observe(now - stream.arrival_s)
+                if delta.queue_s is not None:
+                    self.metrics.queue_time.observe(delta.queue_s)
             stream.queue.put_nowait(delta)
 
     def _observe_token(self, stream: RequestStream, now: float) -> None:

@@ -22,6 +22,7 @@ def engine_gauges(engine) -> dict:
     return {
         "blocks_total": pool.num_blocks,
         "blocks_free": pool.num_free,
+        "blocks_cached": pool.num_cached_free,
         "blocks_window": engine.manager.num_window_blocks,
         "running": len(scheduler.running),
         "waiting": len(scheduler.waiting),
@@ -52,6 +53,11 @@ class _EngineCollector:
             g["blocks_window"],
         )
         yield _gauge("kvforge_kv_blocks_free", "KV blocks free.", g["blocks_free"])
+        yield _gauge(
+            "kvforge_kv_blocks_cached",
+            "Free KV blocks still holding a prefix (reused until evicted).",
+            g["blocks_cached"],
+        )
         yield _gauge("kvforge_kv_blocks_total", "KV blocks in the pool.", total)
         yield _gauge("kvforge_num_requests_running", "Requests in the running batch.", g["running"])
         yield _gauge("kvforge_num_requests_waiting", "Requests waiting to run.", g["waiting"])
@@ -139,6 +145,18 @@ class ServerMetrics:
             "kvforge_inter_token_latency_seconds",
             "Time between consecutive tokens of a request.",
             buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            "kvforge_e2e_request_latency_seconds",
+            "Arrival to the last token (or the error) of a request.",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "kvforge_request_queue_time_seconds",
+            "Arrival at the engine to first being scheduled.",
+            buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
         self.http_errors = Counter(
