@@ -32,6 +32,16 @@ from kvforge.kvcache.tiers import TieredBlocks
 
 
 @dataclass(frozen=True)
+class DecodeStep:
+    """The last step that only decoded (one new token per request): what the KV cache
+    inspector sets against the memory-bandwidth floor (`kvforge.roofline`)."""
+
+    seconds: float  # the whole step: schedule, forward pass, sampling, bookkeeping
+    batch: int
+    kv_tokens: int  # cached tokens the step's attention read, over the batch
+
+
+@dataclass(frozen=True)
 class StepEvent:
     """One request's progress in one step: its new token (None mid-prefill)."""
 
@@ -106,6 +116,7 @@ class LLMEngine:
         )  # fmt: skip
         self.limits.check_policy(kv_policy)
         self.requests: dict[str, Request] = {}
+        self.last_decode: DecodeStep | None = None
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(seed)
         self.device = device
@@ -233,6 +244,7 @@ class LLMEngine:
     # --- the loop -------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
+        start = time.perf_counter()
         step = self.scheduler.schedule()
         try:
             token_ids = self.runner.run(step)
@@ -248,6 +260,10 @@ class LLMEngine:
         self.runner.execute(self.manager.take_ops())  # registered, pruned, freed
         if self.kv_events is not None and self.manager.events is not None:
             self.kv_events.publish(self.manager.events.take())
+        batch = step.scheduled
+        if batch and all(item.num_new_tokens == 1 for item in batch):
+            kv_tokens = sum(item.request.num_kv_tokens for item in batch)
+            self.last_decode = DecodeStep(time.perf_counter() - start, len(batch), kv_tokens)
         return events
 
     def _update(self, batch, token_ids: list[int | None]) -> list[StepEvent]:

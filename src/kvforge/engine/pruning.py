@@ -50,8 +50,10 @@ class Pruner:
             bs = self.store.block_size
             keep = whole_blocks(keep, held, bs, policy.budget, policy.pinned)
             moved = -(-moved // bs) * bs  # the sinks' whole block moves along
+        positions = state.positions(held, r.num_dropped)
         if not self.manager.compact(r, keep, rewritten=moved):
             return
+        state.kept = [positions[i] for i in keep]  # what the inspector shows as kept
         if state.scores is not None:
             state.scores = state.scores[keep]
         if moved and r.num_dropped:

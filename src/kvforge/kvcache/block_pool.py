@@ -50,6 +50,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._key_of: dict[int, bytes] = {}  # cached block -> its key
         self._block_of: dict[bytes, int] = {}  # key -> the block holding it
+        self._parent_of: dict[int, bytes | None] = {}  # cached block -> the key before it
         self.num_evictions = 0
         self.on_evict: Callable[[int, bytes], None] | None = None
 
@@ -81,8 +82,13 @@ class BlockPool:
     def key_of(self, block_id: int) -> bytes | None:
         return self._key_of.get(block_id)
 
-    def cache(self, block_id: int, key: bytes) -> bool:
-        """Record that the used block `block_id` holds the K/V of `key`.
+    def parent_of(self, block_id: int) -> bytes | None:
+        """The key of the block before this cached one in its prefix (None: the first)."""
+        return self._parent_of.get(block_id)
+
+    def cache(self, block_id: int, key: bytes, parent: bytes | None = None) -> bool:
+        """Record that the used block `block_id` holds the K/V of `key` (`parent`: the key
+        of the block before it in its prefix, None for a first block).
 
         A key already held by another block keeps that block, and a block holds
         one key: either way nothing changes and the answer is False.
@@ -94,6 +100,7 @@ class BlockPool:
             return False
         self._block_of[key] = block_id
         self._key_of[block_id] = key
+        self._parent_of[block_id] = parent
         return True
 
     def take(self, block_ids: Iterable[int]) -> None:
@@ -113,6 +120,7 @@ class BlockPool:
         if key is None:
             return
         del self._block_of[key]
+        del self._parent_of[block_id]
         self.num_evictions += 1
         if self.on_evict is not None:
             self.on_evict(block_id, key)

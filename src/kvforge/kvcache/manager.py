@@ -213,8 +213,10 @@ class KVCacheManager:
         sources = [source for _, _, source in lower]
         if lower:
             self.ops.append(LoadBlocks(loaded, [contents for _, contents, _ in lower]))
-            for block_id, (key, _, _) in zip(loaded, lower, strict=True):
-                self.pool.cache(block_id, key)
+            keys = seq.block_keys
+            for i, (block_id, (key, _, _)) in enumerate(zip(loaded, lower, strict=True)):
+                at = len(device) + i
+                self.pool.cache(block_id, key, keys[at - 1] if at else None)
             self.tiers.loaded(sources)
             self._announce(seq, len(device), len(device) + len(lower))
         if cached:
@@ -290,7 +292,7 @@ class KVCacheManager:
         run = None  # the first block of the current run of newly cached ones
         for i in range(max(seq.num_registered_blocks, table.num_freed), full):
             block_id, key = table.block_ids[i], seq.block_keys[i]
-            if self.pool.cache(block_id, key):
+            if self.pool.cache(block_id, key, seq.block_keys[i - 1] if i else None):
                 run = i if run is None else run
                 if persist:
                     self.ops.append(SaveBlock(block_id, key, spill=False))

@@ -49,6 +49,14 @@ class PolicyState:
 
     scores: torch.Tensor | None = None  # [held] float32: attention each token received
     prefilled: bool = False  # the pass that computed the last prompt token has run
+    # the positions (in the request's tokens) of the first len(kept) cached tokens, those
+    # the last compaction kept; the cached tokens after them came later, in order
+    kept: list[int] | None = None
+
+    def positions(self, held: int, dropped: int) -> list[int]:
+        """The position of each of the `held` cached tokens (`dropped` evicted so far)."""
+        kept = self.kept or []
+        return kept + list(range(dropped + len(kept), dropped + held))
 
     def grow(self, held: int) -> None:
         """Scores for tokens added since the last update start at zero."""

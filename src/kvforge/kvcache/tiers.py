@@ -183,6 +183,9 @@ class HostTier:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._blocks
+
     def put(self, key: bytes, block: torch.Tensor) -> None:
         if key in self._blocks:
             self._blocks.move_to_end(key)

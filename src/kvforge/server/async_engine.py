@@ -30,7 +30,7 @@ from kvforge.engine.request import Request, Status
 from kvforge.engine.sampling import SamplingParams, TokenLogprobs
 from kvforge.errors import EngineDeadError, KVForgeError
 from kvforge.kvcache.policy import KVPolicy
-from kvforge.server.inspect import kv_snapshot
+from kvforge.server.inspect import KVInspector
 from kvforge.server.metrics import ServerMetrics
 
 
@@ -116,6 +116,7 @@ class EngineLoop:
         self.deliver = deliver
         self.on_snapshot = on_snapshot
         self._snapshot: bool | None = None  # asked for: with the requests' text or not
+        self._inspector: KVInspector | None = None  # made at the first snapshot asked for
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
@@ -148,7 +149,8 @@ class EngineLoop:
             self._drain_commands()
             if self._snapshot is not None and self.on_snapshot is not None:
                 show_text, self._snapshot = self._snapshot, None
-                self.on_snapshot(kv_snapshot(self.engine, show_text))
+                self._inspector = self._inspector or KVInspector(self.engine)
+                self.on_snapshot(self._inspector.snapshot(show_text))
             self._start_waiting()
             if not self.engine.has_unfinished:
                 self._wake.wait(timeout=1.0)

@@ -23,6 +23,7 @@ from kvforge.bench.report import Report
 from kvforge.bench.workloads import MEDIUM_LLAMA, TINY_LLAMA, mixed_workload
 from kvforge.models.catalog import model_config
 from kvforge.models.quantized import QuantizedLinear
+from kvforge.roofline import best_time, memory_bandwidth, weights_read
 
 FULL = {
     "model": MEDIUM_LLAMA,
@@ -45,28 +46,11 @@ QUICK = {
 CUDA = {"copy_bytes": 2**30, "gemm": 8192}
 
 
-def _best(fn, now: Callable[[], float], repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = now()
-        fn()
-        times.append(now() - start)
-    return min(times)
-
-
-def memory_bandwidth(num_bytes: int, device: str, now: Callable[[], float]) -> float:
-    """Bytes per second of a large copy on `device` (each byte read once and written once)."""
-    src = torch.ones(num_bytes // 4, device=device)
-    dst = torch.empty_like(src)
-    return 2 * num_bytes / _best(lambda: dst.copy_(src), now)
-
-
 def matmul_rate(size: int, device: str, now: Callable[[], float]) -> float:
     """FLOP/s of one fp32 GEMM of size x size x size on `device`."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    return 2 * size**3 / _best(lambda: a @ b, now)
+    return 2 * size**3 / best_time(lambda: a @ b, now)
 
 
 def decode_step_s(
@@ -87,28 +71,6 @@ def decode_step_s(
         engine.step()
         times.append(now() - start)
     return statistics.median(times)
-
-
-def weights_read(net: torch.nn.Module) -> tuple[int, int]:
-    """(matmul parameters, bytes of weights a batch-1 decode step reads): every matrix it
-    multiplies by — the layers' and the LM head, as stored (dense, transposed or packed
-    outside the parameters, or quantized with scales) — and the vectors (norms, biases).
-    The embedding table is only indexed, unless it is also the (tied) LM head."""
-    itemsize = net.model.norm.weight.element_size()
-    params = total = 0
-    for module in net.modules():
-        if isinstance(module, QuantizedLinear):
-            params += module.out_features * module.in_features
-            total += module.qweight.nbytes
-        elif isinstance(module, torch.nn.Linear):
-            params += module.out_features * module.in_features
-            total += module.out_features * module.in_features * itemsize
-    head_t = getattr(net, "lm_head_t", None)
-    if head_t is not None:
-        params += head_t.numel()
-        total += head_t.numel() * head_t.element_size()
-    vectors = [p for p in net.parameters() if p.dim() == 1]
-    return params, total + sum(v.numel() * v.element_size() for v in vectors)
 
 
 def run(ctx: BenchContext) -> Report:
