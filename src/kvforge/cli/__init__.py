@@ -14,6 +14,7 @@ from kvforge.cli import bench as bench_command
 from kvforge.cli import chat as chat_command
 from kvforge.cli import eval as eval_command
 from kvforge.cli import generate as generate_command
+from kvforge.cli import inspect as inspect_command
 from kvforge.cli import plan as plan_command
 from kvforge.cli import serve as serve_command
 from kvforge.cli.options import EXIT_OK, EXIT_USAGE
@@ -34,13 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_command.add_parser(commands)
     serve_command.add_parser(commands)
     eval_command.add_parser(commands)
+    inspect_command.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    engine_command = args.command in ("generate", "chat", "eval", "serve", "bench")
+    engine_command = args.command in ("generate", "chat", "eval", "serve", "bench", "inspect")
     rank = int(os.environ.get("RANK", "0"))
     if engine_command and getattr(args, "tensor_parallel_size", 1) > 1 and rank > 0:
         # under torchrun every rank runs this command; rank 0 is the engine, and the

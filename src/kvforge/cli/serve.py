@@ -2,6 +2,8 @@
 
 import argparse
 import sys
+import threading
+import time
 
 from kvforge.cli.options import (
     EXIT_OK,
@@ -26,19 +28,25 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "dies, the server answers 503 and exits with code 1.",
         epilog="example: kvforge serve --port 8000 --api-key secret",
     )
+    add_server_options(p)
+    p.add_argument(
+        "--no-inspect",
+        action="store_true",
+        help="do not serve the KV cache inspector (GET /inspect, /debug/kv, /debug/kv/stream)",
+    )
+    p.set_defaults(func=run)
+
+
+def add_server_options(p: argparse.ArgumentParser) -> None:
+    """The options of `kvforge serve`, which `kvforge inspect` shares."""
     add_engine_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free one)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument(
-        "--no-inspect",
-        action="store_true",
-        help="do not serve GET /debug/kv (the KV cache's snapshot as JSON)",
-    )
-    p.add_argument(
         "--inspect-show-text",
         action="store_true",
-        help="let /debug/kv show each running request's text (off: prompts can be private)",
+        help="let the inspector show each running request's text (off: prompts can be private)",
     )
     p.add_argument("--served-model-name", help="the model id clients send (default: --model)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests run at once")
@@ -78,10 +86,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         metavar="tcp://HOST:PORT",
         help="answer replay requests for missed event batches there (ZeroMQ ROUTER)",
     )
-    p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, on_start=None) -> int:
+    """Serve until stopped. `on_start(url, engine)`: called on a thread of its own once
+    the server listens (`kvforge inspect` opens its page and runs its demo there)."""
     import uvicorn
 
     from kvforge.engine.config import EngineConfig
@@ -107,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompts_per_request=args.max_prompts_per_request,
         max_logprobs=args.max_logprobs,
         max_request_bytes=args.max_request_bytes,
-        inspect=not args.no_inspect,
+        inspect=not getattr(args, "no_inspect", False),
         inspect_show_text=args.inspect_show_text,
     )
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -120,6 +129,19 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     engine.on_death = engine_died
-    print(f"kvforge serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"kvforge {args.command}: {name} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)  # fmt: skip
+    if on_start is not None:
+        threading.Thread(target=_when_started, args=(server, on_start, engine),
+                         daemon=True).start()  # fmt: skip
     server.run()
     return EXIT_ENGINE_DIED if engine.exit_code is not None else EXIT_OK
+
+
+def _when_started(server, on_start, engine) -> None:
+    while not server.started:
+        if server.should_exit:
+            return
+        time.sleep(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    on_start(f"http://{host}:{port}", engine)

@@ -3,7 +3,9 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream with
 server-sent events when `stream` is true), GET /v1/models; vLLM's tokenizer routes
 POST /tokenize, POST /detokenize, GET /tokenizer_info; GET /health, GET /metrics
-(Prometheus text). Every error is an OpenAI error object: 400 for a request that is
+(Prometheus text); the KV cache inspector: GET /inspect (a page), GET /debug/kv (its
+JSON snapshot, `server.inspect`) and GET /debug/kv/stream (snapshots as server-sent
+events). Every error is an OpenAI error object: 400 for a request that is
 malformed or can never run (naming the limit), 401 without the API key, 413 for a
 body over max_request_bytes, 429 when the server already holds max_num_seqs +
 max_queue requests, 500 if the engine failed on a request. A request whose client
@@ -18,9 +20,12 @@ prompt, so they take its full KV blocks from the prefix cache.
 import asyncio
 import dataclasses
 import functools
+import html
+import importlib.resources
 import json
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -28,7 +33,7 @@ from typing import Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -65,6 +70,13 @@ class DetokenizeRequest(BaseModel):
 
 
 INSPECT_COOKIE = "kvforge_token"  # where the inspector page keeps the API key
+INSPECT_INTERVALS = (0.1, 10.0)  # seconds between two snapshots of /debug/kv/stream
+INSPECT_PAGE = "static/inspect.html"  # in this package: one file, no outside resource
+
+
+@functools.cache
+def inspect_page() -> str:
+    return importlib.resources.files("kvforge.server").joinpath(INSPECT_PAGE).read_text()
 
 
 def build_app(
@@ -137,6 +149,7 @@ def build_app(
             return
         header = request.headers.get("authorization", "")
         token = request.query_params.get("token") or request.cookies.get(INSPECT_COOKIE) or ""
+        token = urllib.parse.unquote(token)  # the page's cookie is URI-encoded
         if secrets.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
             return
         if secrets.compare_digest(token.encode(), api_key.encode()):
@@ -240,6 +253,43 @@ def build_app(
                 return await aengine.snapshot(inspect_show_text)
             except TimeoutError:
                 raise p.APIError(503, "the engine did not answer within 10 s") from None
+
+        @app.get("/debug/kv/stream", dependencies=[Depends(check_inspect_key)])
+        async def debug_kv_stream(interval: float = 0.25):
+            """The snapshot every `interval` seconds, as server-sent events (`data: {json}`),
+            until the client goes away or the engine stops."""
+            low, high = INSPECT_INTERVALS
+            if not low <= interval <= high:
+                raise p.APIError(400, f"interval must be between {low} and {high} seconds, "
+                                 f"got {interval}", param="interval")  # fmt: skip
+            if not aengine.alive:
+                raise p.APIError(503, "the engine is not running")
+
+            async def events() -> AsyncIterator[str]:
+                yield f"retry: {int(interval * 4000)}\n\n"
+                while aengine.alive:
+                    try:
+                        snapshot = await aengine.snapshot(inspect_show_text)
+                    except TimeoutError:
+                        yield ": the engine did not answer within 10 s\n\n"
+                        continue
+                    yield f"data: {json.dumps(snapshot, separators=(',', ':'))}\n\n"
+                    await asyncio.sleep(interval)
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-store"})  # fmt: skip
+
+        @app.get("/inspect", include_in_schema=False)
+        async def inspect(request: Request):
+            """The inspector page. It holds no data: it reads /debug/kv/stream, with the
+            key from ?token= (kept in a cookie here) or asked for when the stream is
+            refused."""
+            page = inspect_page().replace("__MODEL__", html.escape(model_name))
+            response = HTMLResponse(page, headers={"Cache-Control": "no-store"})
+            token = request.query_params.get("token", "")
+            if api_key is not None and secrets.compare_digest(token.encode(), api_key.encode()):
+                response.set_cookie(INSPECT_COOKIE, token, httponly=True, samesite="strict")
+            return response
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
