@@ -22,7 +22,7 @@ LAYERS = [
     ["attention", "planner"],
     ["models"],
     ["engine"],
-    ["chat_template", "training", "report"],
+    ["chat_template", "training", "report", "roofline"],
     ["llm", "__init__"],
     ["eval", "server", "chat_session"],
     ["bench"],
