@@ -21,6 +21,13 @@ SHOTS = {
     "int2": ["--demo", "shared-prefix", "--kv-dtype", "int2"],
     "streaming": ["--demo", "long", "--kv-policy", "streaming", "--kv-budget", "256"],
 }
+# what the picture must show before it is taken
+READY = {
+    "shared-prefix": "window.kvforge.last && window.kvforge.last.tiers.host_blocks > 0",
+    "int2": "window.kvforge.last && window.kvforge.last.requests.length > 2",
+    "streaming": "window.kvforge.last && window.kvforge.last.requests.some("
+    "(r) => r.regions.dropped.length > 0)",
+}
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]  # fmt: skip
@@ -54,7 +61,7 @@ def main() -> None:
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 page.goto(url)
                 time.sleep(args.seconds)
-                page.wait_for_function("window.kvforge.last && window.kvforge.last.requests.length")
+                page.wait_for_function(READY[name], timeout=300_000)
                 path = Path(args.out) / f"{name}.png"
                 page.screenshot(path=str(path), full_page=True)
                 # a page of flat colours: a 64-colour palette keeps it readable and small
