@@ -212,17 +212,23 @@ def inspector_cost(args, env: dict, texts: list[str]) -> None:
               f"(the engine idle, {blocks} cached blocks, {SNAPSHOTS_ALONE} in a row): "
               f"{snapshot_ms:.1f} engine CPU ms; at 4 a second, "
               f"{snapshot_ms * 4 / 10:.2f}% of one core."]  # fmt: skip
+    write(args, "inspector_cost", lines, {
+        "ratio": ratio, "first_snapshot_cpu_s": first_snapshot_cpu_s,
+        "snapshot_alone_cpu_ms": snapshot_ms, "snapshot_alone_blocks": blocks, "runs": runs,
+    })  # fmt: skip
+
+
+def write(args, name: str, lines: list[str], figures: dict) -> None:
+    """Print the report; with --out, write it as NAME.md and the figures as NAME.json."""
     report = "\n".join(lines)
     print(report)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"clients": args.clients, "max_tokens": args.max_tokens, "device": args.device,
-                "model": args.model, "runs": args.inspector_cost, "ratio": ratio,
-                "first_snapshot_cpu_s": first_snapshot_cpu_s,
-                "snapshot_alone_cpu_ms": snapshot_ms, "snapshot_alone_blocks": blocks}  # fmt: skip
-        (out / "inspector_cost.json").write_text(json.dumps({**meta, "runs": runs}, indent=2))
-        (out / "inspector_cost.md").write_text(report + "\n")
+                "model": args.model}  # fmt: skip
+        (out / f"{name}.json").write_text(json.dumps({**meta, **figures}, indent=2))
+        (out / f"{name}.md").write_text(report + "\n")
 
 
 def drive(url: str, model: str, texts: list[str], max_tokens: int) -> dict:
@@ -303,16 +309,8 @@ def main() -> None:
         cpu = f"{row['client_cpu_s']:.1f} s" if "client_cpu_s" in row else ""
         lines.append(f"| {name} | {row['tokens_per_s']:.1f} | {row['vs_offline']:.2f}× | "
                      f"{ttft} | {cpu} |")  # fmt: skip
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"clients": args.clients, "max_tokens": args.max_tokens, "device": args.device,
-                "model": args.model, "threads": args.threads,
-                "server_threads": served_threads}  # fmt: skip
-        (out / "server_load.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-        (out / "server_load.md").write_text(report + "\n")
+    write(args, "server_load", lines, {"threads": args.threads, "server_threads": served_threads,
+                                       "rows": rows})  # fmt: skip
 
 
 if __name__ == "__main__":
